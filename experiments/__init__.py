@@ -1,0 +1,1 @@
+"""Entrypoints: `python -m experiments.<name> --config=... --workdir=...`."""

@@ -1,0 +1,42 @@
+"""Train a language model with lm_core.
+
+    python -m experiments.train_lm --config=experiments/configs/lm_tiny.py --workdir=DIR [--config.<field>=...]
+
+Every ModelConfig field is a flag (`--config.model.num_heads=8`), so is the mesh
+(`--config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2` shards over 8 devices) and the data source
+(`--config.data.source=files:/path/*.txt`). Writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/,
+DIR/tokenizer.model and DIR/checkpoints/. Rerunning the same command resumes; SIGTERM/Ctrl-C saves and exits.
+Multi-host: set LM_CORE_COORDINATOR=host:port, LM_CORE_NUM_PROCESSES=N, LM_CORE_PROCESS_ID=i on each process.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import flags
+from ml_collections import config_flags
+
+from experiments.cli import run
+from lm_core import distributed
+
+DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lm_tiny.py")
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file (ml_collections).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.", required=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    distributed.initialize()
+    from lm_core.trainer import train
+
+    result = train(_CONFIG.value, _WORKDIR.value)
+    if result.stopped_by_signal:
+        sys.exit(143)
+    print(f"done: step {result.step}, loss {result.last_metrics.get('loss', float('nan')):.4f}, "
+          f"workdir {result.workdir}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,103 @@
+"""Orbax checkpoints of the train state, the data position and the run's config.
+
+A checkpoint directory `workdir/checkpoints/<step>/` holds three items:
+- `state`: the `TrainState` pytree (params, optimizer state, step, RNG), restorable onto any mesh because the
+  caller passes the target shardings;
+- `data`: the data loader's position (JSON), so a resumed run sees exactly the batches it would have seen;
+- `meta`: the model config and anything else the run wants to check before resuming (JSON).
+Orbax writes into a temporary directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoint as the latest; we never fall back to a fresh start when a checkpoint exists but cannot be read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from lm_core.config import ModelConfig
+from lm_core.errors import UserError
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any
+    data: dict[str, Any]
+    meta: dict[str, Any]
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, *, keep: int = 3, save_every: int = 0):
+        self.directory = Path(directory).absolute()
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        return self.save_every > 0 and step % self.save_every == 0
+
+    def save(self, step: int, state: Any, data: dict[str, Any], meta: dict[str, Any], *, wait: bool = False) -> None:
+        """Start saving (asynchronously: training continues while the files are written)."""
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)))
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as error:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
+            raise UserError(f"checkpoint {self.directory / str(step)} is unreadable ({_short(error)}); move it "
+                            "away to start from the previous one") from error
+
+    def restore(self, step: int, abstract_state: Any) -> Restored:
+        """Restore `step` into the structure, dtypes and shardings of `abstract_state` (ShapeDtypeStructs)."""
+        meta = self.read_meta(step)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except Exception as error:  # noqa: BLE001
+            raise UserError(f"checkpoint {self.directory / str(step)} could not be restored ({_short(error)}); "
+                            "it is corrupted or from a different model; move it away to use an older one") from error
+        return Restored(step, restored.state, restored.data, meta)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs with target shardings: what `Checkpointer.restore` needs to place arrays on a mesh."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def check_same_model(saved: dict[str, Any], config: ModelConfig, directory: Path) -> None:
+    """Refuse to resume a checkpoint written for another model, naming the fields that differ."""
+    try:
+        saved_config = ModelConfig.from_dict(saved["model"])
+    except (KeyError, TypeError, UserError) as error:
+        raise UserError(f"checkpoint in {directory} has no readable model config ({error})") from error
+    differing = config.differing_fields(saved_config)
+    if differing:
+        details = ", ".join(f"{name}: checkpoint {getattr(saved_config, name)!r} vs config "
+                            f"{getattr(config, name)!r}" for name in differing)
+        raise UserError(f"{directory} holds a checkpoint of a different model ({details}); use another --workdir "
+                        "or the matching config")
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]

@@ -1,0 +1,120 @@
+"""`ModelConfig`: the shape of a decoder-only transformer, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from lm_core.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NORM_PLACEMENTS = ("pre", "swin")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Llama-style decoder. `head_dim` defaults to d_model // num_heads, `d_ff` to a SwiGLU-sized 8/3·d."""
+
+    vocab_size: int = 256
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0 means "same as num_heads" (plain multi-head attention)
+    head_dim: int = 0  # 0 means d_model // num_heads
+    d_ff: int = 0  # 0 means the SwiGLU default, 8/3 * d_model rounded up to a multiple of 8
+    max_seq_len: int = 128
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    # "pre": x + attn(norm(x)) (Llama). "swin": x + norm(attn(x)) (Chameleon / MoMa).
+    norm_placement: str = "pre"
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters (f32 master weights with bf16 compute)
+    remat: bool = False  # recompute each block's activations in the backward pass to save memory
+
+    def __post_init__(self) -> None:
+        # Resolve the "0 means default" fields so every reader sees concrete numbers.
+        if self.num_kv_heads == 0:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        problems = []
+        if self.head_dim == 0 and _positive_int(self.num_heads) and _positive_int(self.d_model):
+            if self.d_model % self.num_heads:
+                problems.append(
+                    f"d_model={self.d_model} is not divisible by num_heads={self.num_heads} "
+                    "(or set head_dim explicitly)"
+                )
+            object.__setattr__(self, "head_dim", max(1, self.d_model // self.num_heads))
+        if self.d_ff == 0 and _positive_int(self.d_model):
+            object.__setattr__(self, "d_ff", _swiglu_width(self.d_model))
+        problems += _problems(self)
+        if problems:
+            raise UserError("invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    @property
+    def weights_dtype(self) -> Any:
+        return DTYPES[self.param_dtype]
+
+    @property
+    def num_query_groups(self) -> int:
+        """Query heads that share one key/value head (GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**values)
+
+    def differing_fields(self, other: ModelConfig) -> list[str]:
+        """Names of fields whose values differ, e.g. to explain why a checkpoint does not fit."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [name for name in mine if mine[name] != theirs[name]]
+
+
+def _swiglu_width(d_model: int) -> int:
+    # Llama's rule: a SwiGLU FFN with hidden 8/3·d has the parameters of a 4·d GELU FFN.
+    return max(8, -(-(8 * d_model) // 3 // 8) * 8)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _problems(config: ModelConfig) -> list[str]:
+    problems = []
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
+                 "max_seq_len"):
+        value = getattr(config, name)
+        if not _positive_int(value):
+            problems.append(f"{name}={value!r} must be a positive integer")
+    if problems:
+        return problems
+    if config.num_heads % config.num_kv_heads:
+        problems.append(f"num_kv_heads={config.num_kv_heads} must divide num_heads={config.num_heads}")
+    if config.head_dim % 2:
+        problems.append(f"head_dim={config.head_dim} must be even for rotary embeddings")
+    for name in ("dtype", "param_dtype"):
+        if getattr(config, name) not in DTYPES:
+            problems.append(f"{name}={getattr(config, name)!r} is unknown; valid: {sorted(DTYPES)}")
+    if config.norm_placement not in NORM_PLACEMENTS:
+        problems.append(f"norm_placement={config.norm_placement!r} is unknown; valid: {list(NORM_PLACEMENTS)}")
+    if not config.rope_theta > 0:
+        problems.append(f"rope_theta={config.rope_theta!r} must be positive")
+    if not config.norm_eps > 0:
+        problems.append(f"norm_eps={config.norm_eps!r} must be positive")
+    return problems

@@ -1,0 +1,125 @@
+"""Small building blocks of the decoder: RMSNorm, rotary embeddings, the SwiGLU FFN, the embedding.
+
+Every parameter carries `logical_axes` metadata (names such as "embed", "mlp", "vocab"); `lm_core.sharding`
+maps those names to mesh axes, so no module here knows about devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm_core.config import ModelConfig
+from lm_core.sharding import constrain
+
+Array = jax.Array
+Aux = dict[str, Any]
+
+
+class TokenContext(NamedTuple):
+    """What a layer may need to know about the tokens besides their hidden states."""
+
+    tokens: Array  # [batch, seq] int32 token ids (MoE routes by modality derived from them)
+    positions: Array  # [batch, seq] int32 position of each token inside its document
+    segment_ids: Array  # [batch, seq] int32 document id inside a packed row; 0 marks padding
+
+
+class FeedForward(Protocol):
+    """The FFN seam: called as `ffn(x, context)` and returns `(y, aux)`.
+
+    `aux` is a dict of auxiliary outputs (extra losses, router statistics) collected per layer into the model's
+    output, so a paper package can add losses without the core knowing about them.
+    """
+
+    def __call__(self, x: Array, context: TokenContext) -> tuple[Array, Aux]: ...
+
+
+FFNFactory = Callable[[ModelConfig, int, nnx.Rngs], FeedForward]
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], logical_axes: tuple[str | None, ...],
+          dtype: Any) -> nnx.Param:
+    """A parameter initialised by `init` and annotated with the logical names of its axes."""
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=logical_axes)
+
+
+def fan_in_init(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...]) -> Callable:
+    """Truncated-normal init scaled by 1/sqrt(fan_in), for kernels with several input or output axes."""
+    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
+                                             out_axis=out_axis)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = config.norm_eps
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), config.weights_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        # Normalise in float32: bf16 sums of squares lose too much precision.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding, "rotate half" convention.
+
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq]. Computed in float32 (large positions in bf16
+    would lose their low bits) and cast back.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [head_dim/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """The dense FFN: down(silu(x·gate) * (x·up)). The default `FFNFactory` builds one per layer."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, d_ff: int | None = None):
+        d, ff, dtype = config.d_model, d_ff or config.d_ff, config.weights_dtype
+        self.compute_dtype = config.compute_dtype
+        self.gate = param(rngs, fan_in_init(0, 1), (d, ff), ("embed", "mlp"), dtype)
+        self.up = param(rngs, fan_in_init(0, 1), (d, ff), ("embed", "mlp"), dtype)
+        self.down = param(rngs, fan_in_init(0, 1), (ff, d), ("mlp", "embed"), dtype)
+
+    def __call__(self, x: Array, context: TokenContext | None = None) -> tuple[Array, Aux]:
+        dtype = self.compute_dtype
+        gate = jnp.einsum("bsd,df->bsf", x, self.gate[...].astype(dtype))  # [batch, seq, d_ff]
+        up = jnp.einsum("bsd,df->bsf", x, self.up[...].astype(dtype))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "act_seq", "act_mlp"))
+        return jnp.einsum("bsf,fd->bsd", hidden, self.down[...].astype(dtype)), {}
+
+
+def dense_ffn_factory(config: ModelConfig, layer_index: int, rngs: nnx.Rngs) -> FeedForward:
+    del layer_index  # every layer gets the same dense FFN
+    return SwiGLU(config, rngs=rngs)
+
+
+class Embedding(nnx.Module):
+    """Token embedding; with tied embeddings it also serves as the output layer (`attend`)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.compute_dtype = config.compute_dtype
+        init = nnx.initializers.normal(stddev=1.0 / config.d_model**0.5)
+        self.table = param(rngs, init, (config.vocab_size, config.d_model), ("vocab", "embed"),
+                           config.weights_dtype)
+
+    def __call__(self, tokens: Array) -> Array:
+        # Scale by sqrt(d) so the residual stream starts at unit RMS whatever the width.
+        scale = self.table.shape[1] ** 0.5
+        # Gather from a whole table: a gather from a vocab- or fsdp-sharded table makes XLA replicate it anyway,
+        # with a warning; saying so up front gives it one clean all-gather.
+        table = constrain(self.table[...], (None, None))
+        return (jnp.take(table, tokens, axis=0) * scale).astype(self.compute_dtype)
+
+    def attend(self, hidden: Array) -> Array:
+        return jnp.einsum("bsd,vd->bsv", hidden, self.table[...].astype(self.compute_dtype))

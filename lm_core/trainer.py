@@ -1,0 +1,351 @@
+"""The training loop every experiment shares: config -> data -> sharded state -> steps, eval, logs, checkpoints.
+
+Paper packages customise it through a `TrainTask` (their loss, FFN factory, extra evaluation) instead of
+copying the loop. Rerunning `train` with the same workdir resumes from the latest checkpoint: model, optimizer,
+step, RNG and data position, so an interrupted run ends bit-identical to an uninterrupted one (on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from lm_core import distributed, flops, sharding
+from lm_core.checkpoint import Checkpointer, abstract_like, check_same_model
+from lm_core.config import ModelConfig
+from lm_core.errors import UserError
+from lm_core.layers import FFNFactory
+from lm_core.loss import cross_entropy, next_token_loss
+from lm_core.metrics import MetricsLog, Progress
+from lm_core.model import Transformer
+from lm_core.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from lm_core.train_step import LossFn, TrainState, check_batch_fits, init_train_state, make_train_step
+
+Array = jax.Array
+Batch = dict[str, Array]
+EvalSumsFn = Callable[[nnx.Module, Batch], dict[str, Array]]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field a training entrypoint understands; config files start from this and override."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.steps = 200
+    config.grad_accum_steps = 1
+    config.z_loss = 1e-4
+    config.model = ml_collections.ConfigDict(ModelConfig(vocab_size=1024).to_dict())
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    config.data = ml_collections.ConfigDict(dict(
+        source="builtin",  # builtin | files:<glob> | tfds:<name>[/<config>]
+        data_dir="",  # where TFDS datasets are prepared/read ("" = ~/.cache/lm_core/tfds)
+        tokenizer="sentencepiece",  # sentencepiece (BPE trained at model.vocab_size) | byte
+        tokenizer_seed=0,
+        seq_len=128,
+        global_batch_size=16,
+    ))
+    optimizer = OptimizerConfig()
+    config.optimizer = ml_collections.ConfigDict(dataclasses.asdict(optimizer))
+    config.optimizer.total_steps = 0  # 0 = the run's `steps`
+    config.log_every = 10
+    config.eval_every = 100
+    config.eval_batches = 4
+    config.checkpoint_every = 100
+    config.keep_checkpoints = 3
+    return config
+
+
+@dataclasses.dataclass
+class TrainTask:
+    """What a paper package changes about training; the defaults train a plain language model."""
+
+    loss_fn: LossFn | None = None  # (model, batch, rng) -> (loss, metrics); default: next-token CE + z-loss
+    ffn_factory: FFNFactory | None = None
+    # Extra summed evaluation statistics (model, batch) -> {name: sum}; they are averaged by "tokens".
+    eval_sums_fn: EvalSumsFn | None = None
+    extra_meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    workdir: Path
+    step: int
+    last_metrics: dict[str, Any]
+    model_config: ModelConfig
+    stopped_by_signal: bool = False
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag checked between steps, so the current step finishes and is saved."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequested:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
+    return ModelConfig.from_dict(config.model.to_dict())
+
+
+def optimizer_config_from(config: ml_collections.ConfigDict) -> OptimizerConfig:
+    values = config.optimizer.to_dict()
+    values["total_steps"] = values.get("total_steps") or config.steps
+    try:
+        return OptimizerConfig(**values)
+    except TypeError as error:
+        raise UserError(f"bad optimizer config: {error}") from error
+
+
+def validate_run_config(config: ml_collections.ConfigDict) -> None:
+    for name in ("steps", "log_every", "eval_batches", "keep_checkpoints", "grad_accum_steps"):
+        value = config[name]
+        if not isinstance(value, int) or value <= 0:
+            raise UserError(f"{name}={value!r} must be a positive integer")
+    for name in ("eval_every", "checkpoint_every"):
+        if not isinstance(config[name], int) or config[name] < 0:
+            raise UserError(f"{name}={config[name]!r} must be an integer >= 0 (0 = never)")
+    for name in ("seq_len", "global_batch_size"):
+        if not isinstance(config.data[name], int) or config.data[name] <= 0:
+            raise UserError(f"data.{name}={config.data[name]!r} must be a positive integer")
+    if config.data.tokenizer not in ("sentencepiece", "byte"):
+        raise UserError(f"data.tokenizer={config.data.tokenizer!r} is unknown; valid: sentencepiece, byte")
+    if config.z_loss < 0:
+        raise UserError(f"z_loss={config.z_loss} must be >= 0")
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path, train_texts: Any, model_config: ModelConfig):
+    """The run's tokenizer: the copy in the workdir if there is one (resume), else trained (or taken from the cache).
+
+    The caller saves a newly trained one into the workdir once the run's inputs have all been validated."""
+    from lm_core import tokenizer as tok
+
+    if config.data.tokenizer == "byte":
+        tokenizer = tok.ByteTokenizer()
+    else:
+        saved = workdir / "tokenizer.model"
+        if saved.exists():
+            tokenizer = tok.Tokenizer.load(saved)
+        else:
+            spec = tok.TokenizerSpec(vocab_size=model_config.vocab_size, seed=config.data.tokenizer_seed)
+            tokenizer = tok.train_tokenizer(_iterate(train_texts), spec, cache_dir=tokenizer_cache_dir())
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise UserError(f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's vocabulary "
+                        f"({tokenizer.vocab_size}); use model.vocab_size >= {tokenizer.vocab_size}")
+    return tokenizer
+
+
+def tokenizer_cache_dir() -> Path:
+    """Trained tokenizers are cached here (LM_CORE_CACHE overrides), so a sweep trains each one once."""
+    return Path(os.environ.get("LM_CORE_CACHE", Path.home() / ".cache" / "lm_core")) / "tokenizers"
+
+
+def _iterate(texts: Any) -> Iterator[str]:
+    for i in range(len(texts)):
+        yield texts[i]
+
+
+def make_eval_fn(graphdef: nnx.GraphDef, eval_sums_fn: EvalSumsFn | None) -> Callable:
+    def evaluate(params: nnx.State, batch: Batch) -> dict[str, Array]:
+        model = nnx.merge(graphdef, params)
+        _, metrics = cross_entropy(model(batch["inputs"], positions=batch.get("positions"),
+                                         segment_ids=batch.get("segment_ids")).logits,
+                                   batch["targets"], batch["loss_mask"])
+        sums = {"nll": metrics["nll"], "tokens": metrics["tokens"]}
+        if eval_sums_fn is not None:
+            sums.update(eval_sums_fn(model, batch))
+        return sums
+
+    return jax.jit(evaluate)
+
+
+def summarise_eval(sums: dict[str, float], chars: float) -> dict[str, float]:
+    """Per-token means of the summed statistics, plus bits per character when characters were counted."""
+    tokens = max(sums.pop("tokens"), 1.0)
+    out = {"eval_loss": sums.pop("nll") / tokens}
+    if chars > 0:
+        out["eval_bpc"] = out["eval_loss"] * tokens / (chars * math.log(2))
+    out.update({f"eval_{name}": value / tokens for name, value in sums.items()})
+    return out
+
+
+def _host_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rows = next(iter(batch.values())).shape[0] // jax.process_count()
+    start = jax.process_index() * rows
+    return {name: value[start:start + rows] for name, value in batch.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTask | None = None) -> TrainResult:
+    """Train (or resume) the run described by `config` in `workdir`."""
+    from lm_core.data import LMDataLoader, get_text_source, iter_eval_batches
+
+    task = task or TrainTask()
+    workdir = Path(workdir).absolute()
+    validate_run_config(config)
+    model_config = model_config_from(config)
+    optimizer_config = optimizer_config_from(config)
+    mesh_config = sharding.MeshConfig(**config.mesh.to_dict())
+
+    mesh = sharding.make_mesh(mesh_config)
+    check_batch_fits(mesh, config.data.global_batch_size, config.grad_accum_steps)
+
+    # Everything that can reject the user's input runs before anything is written to the workdir.
+    checkpointer = latest = None
+    if (workdir / "checkpoints").is_dir():
+        checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                    save_every=config.checkpoint_every)
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            check_same_model(checkpointer.read_meta(latest), model_config, workdir)
+    source = get_text_source(config.data.source, data_dir=config.data.data_dir or None)
+    train_texts = source.split("train")
+    tokenizer = load_tokenizer(config, workdir, train_texts, model_config)
+    loader = LMDataLoader(train_texts, tokenizer, seq_len=config.data.seq_len,
+                          global_batch_size=config.data.global_batch_size, seed=config.seed,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+    eval_batches = list(iter_eval_batches(source.split("validation"), tokenizer, config.data.seq_len,
+                                          config.data.global_batch_size, config.eval_batches))
+
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(workdir / "config.json", config.to_dict())
+        if hasattr(tokenizer, "save") and not (workdir / "tokenizer.model").exists():
+            tokenizer.save(workdir / "tokenizer.model")
+    if checkpointer is None:
+        checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                    save_every=config.checkpoint_every)
+    optimizer = make_optimizer(optimizer_config)
+
+    def create_model() -> Transformer:  # Rngs made inside, so init can run under jit
+        return Transformer(model_config, rngs=nnx.Rngs(config.seed), ffn_factory=task.ffn_factory)
+
+    graphdef, state, shardings = init_train_state(create_model, optimizer, mesh, config.seed)
+    if latest is not None:
+        restored = checkpointer.restore(latest, abstract_like(state, shardings))
+        state = restored.state
+        loader.restore(restored.data)
+        print(f"resumed from {checkpointer.directory / str(latest)}", flush=True)
+
+    loss_fn = task.loss_fn or functools.partial(next_token_loss, z_loss_weight=config.z_loss)
+    train_step = make_train_step(graphdef, loss_fn, optimizer, mesh, shardings,
+                                 grad_accum_steps=config.grad_accum_steps)
+    eval_fn = make_eval_fn(graphdef, task.eval_sums_fn)
+    meta = {"model": model_config.to_dict(), "tokenizer_vocab_size": tokenizer.vocab_size, **task.extra_meta}
+
+    start_step = int(state.step)
+    log = MetricsLog(workdir, resume_step=start_step, is_main=jax.process_index() == 0)
+    progress = Progress(config.steps, start_step)
+    flops_per_token = flops.flops_per_token(model_config, config.data.seq_len).training
+    peak, _ = flops.total_peak_flops_per_s()
+    tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    schedule = learning_rate_schedule(optimizer_config)
+
+    def run_eval() -> dict[str, float]:
+        sums: dict[str, float] = {}
+        chars = 0.0
+        for batch in eval_batches:
+            chars += float(np.sum(batch["chars"]))
+            model_batch = {k: v for k, v in batch.items() if k != "chars"}
+            out = eval_fn(state.params, distributed.global_batch(mesh, _host_rows(model_batch)))
+            for name, value in out.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+        return summarise_eval(sums, chars) if sums else {}
+
+    last_row: dict[str, Any] = {}
+    tokens_seen = chars_seen = 0.0
+    window_start, window_steps = time.monotonic(), 0
+    stop_signal = None
+    with StopRequested() as stop:
+        for step in range(start_step + 1, config.steps + 1):
+            host_batch = loader.next()
+            chars_seen += float(np.sum(host_batch.pop("chars")))
+            state, metrics = train_step(state, distributed.global_batch(mesh, host_batch))
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                last_good = checkpointer.latest_step()
+                checkpointer.close()
+                raise FloatingPointError(f"loss became {loss} at step {step}; stopped without saving (last good "
+                                         f"checkpoint: step {last_good}); lower optimizer.learning_rate or "
+                                         "raise z_loss")
+            window_steps += 1
+            tokens_seen += tokens_per_step
+            if step % config.log_every == 0 or step == config.steps:
+                elapsed = max(time.monotonic() - window_start, 1e-9)
+                tokens_per_s = window_steps * tokens_per_step / elapsed
+                last_row = {"step": step, "loss": loss, "tokens_per_s": tokens_per_s,
+                            "mfu": flops.mfu(tokens_per_s, flops_per_token, peak),
+                            "grad_norm": float(metrics["grad_norm"]), "z_loss": float(metrics["z_loss"]),
+                            "learning_rate": float(schedule(step - 1)),
+                            "tokens": int(tokens_seen), "chars": chars_seen}
+                if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                    last_row.update(run_eval())
+                log.write(last_row)
+                progress.print(step, last_row)
+                window_start, window_steps = time.monotonic(), 0
+            if checkpointer.should_save(step) or step == config.steps or stop.signal_name:
+                checkpointer.save(step, state, loader.state(), meta, wait=bool(stop.signal_name))
+            if stop.signal_name:
+                stop_signal = stop.signal_name
+                print(f"received {stop_signal}: saved checkpoint at step {step} in {checkpointer.directory}; "
+                      "rerun the same command to resume", flush=True)
+                break
+    checkpointer.close()
+    log.close()
+    return TrainResult(workdir, int(state.step), last_row, model_config, stopped_by_signal=stop_signal is not None)
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def load_trained_model(workdir: str | Path, ffn_factory: FFNFactory | None = None) -> tuple[Transformer, Any, int]:
+    """(model, tokenizer, step) from a workdir's config, tokenizer and latest checkpoint, on one device."""
+    from lm_core import tokenizer as tok
+
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise UserError(f"{workdir} has no config.json; train first with python -m experiments.train_lm")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    model_config = model_config_from(config)
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    step = checkpointer.latest_step()
+    if step is None:
+        raise UserError(f"{workdir / 'checkpoints'} holds no checkpoint yet")
+    check_same_model(checkpointer.read_meta(step), model_config, workdir)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
+    optimizer = make_optimizer(optimizer_config_from(config))
+    graphdef, state, shardings = init_train_state(
+        lambda: Transformer(model_config, rngs=nnx.Rngs(0), ffn_factory=ffn_factory), optimizer, mesh, 0)
+    restored: TrainState = checkpointer.restore(step, abstract_like(state, shardings)).state
+    checkpointer.close()
+    tokenizer = (tok.ByteTokenizer() if config.data.tokenizer == "byte"
+                 else tok.Tokenizer.load(workdir / "tokenizer.model"))
+    return nnx.merge(graphdef, restored.params), tokenizer, step
+
+
