@@ -36,7 +36,8 @@ from lm_core.train_step import LossFn, TrainState, check_batch_fits, init_train_
 
 Array = jax.Array
 Batch = dict[str, Array]
-EvalSumsFn = Callable[[nnx.Module, Batch], dict[str, Array]]
+# (logits [batch, seq, vocab], batch) -> {name: summed statistic}; the trainer divides each sum by the token count.
+EvalSumsFn = Callable[[Array, Batch], dict[str, Array]]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -73,7 +74,7 @@ class TrainTask:
 
     loss_fn: LossFn | None = None  # (model, batch, rng) -> (loss, metrics); default: next-token CE + z-loss
     ffn_factory: FFNFactory | None = None
-    # Extra summed evaluation statistics (model, batch) -> {name: sum}; they are averaged by "tokens".
+    # Extra summed evaluation statistics (logits, batch) -> {name: sum}, reported per token as eval_<name>.
     eval_sums_fn: EvalSumsFn | None = None
     extra_meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -171,12 +172,11 @@ def _iterate(texts: Any) -> Iterator[str]:
 def make_eval_fn(graphdef: nnx.GraphDef, eval_sums_fn: EvalSumsFn | None) -> Callable:
     def evaluate(params: nnx.State, batch: Batch) -> dict[str, Array]:
         model = nnx.merge(graphdef, params)
-        _, metrics = cross_entropy(model(batch["inputs"], positions=batch.get("positions"),
-                                         segment_ids=batch.get("segment_ids")).logits,
-                                   batch["targets"], batch["loss_mask"])
+        logits = model(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")).logits
+        _, metrics = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         sums = {"nll": metrics["nll"], "tokens": metrics["tokens"]}
         if eval_sums_fn is not None:
-            sums.update(eval_sums_fn(model, batch))
+            sums.update(eval_sums_fn(logits, batch))
         return sums
 
     return jax.jit(evaluate)

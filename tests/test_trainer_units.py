@@ -1,0 +1,47 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm_core.errors import UserError
+from lm_core.model import Transformer
+from lm_core.trainer import default_config, make_eval_fn, summarise_eval, validate_run_config
+from tests.helpers import random_batch, tiny_config
+
+
+def test_summarise_eval_hand_values():
+    out = summarise_eval({"nll": 10.0, "tokens": 5.0, "unigram_nll": 2.5}, chars=20.0)
+    assert out["eval_loss"] == 2.0
+    assert out["eval_bpc"] == pytest.approx(10.0 / (20.0 * math.log(2)))
+    assert out["eval_unigram_nll"] == 0.5
+
+
+def test_eval_fn_sums_and_extra_statistics():
+    model = Transformer(tiny_config(), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(0, batch=2, seq=8).items()}
+    batch["loss_mask"] = batch["loss_mask"].at[:, -3:].set(0.0)
+    evaluate = make_eval_fn(graphdef, lambda logits, b: {"top1": jnp.sum(
+        (jnp.argmax(logits, -1) == b["targets"]) * b["loss_mask"])})
+    sums = evaluate(params, batch)
+    logits = model(batch["inputs"]).logits
+    log_probs = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    nll = -np.take_along_axis(np.asarray(log_probs), np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    assert float(sums["tokens"]) == 10.0
+    assert float(sums["nll"]) == pytest.approx(float(np.sum(nll[:, :5])), rel=1e-5)
+    assert 0 <= float(sums["top1"]) <= 10
+
+
+def test_run_config_validation():
+    config = default_config()
+    validate_run_config(config)
+    config.eval_every = -1
+    with pytest.raises(UserError, match="eval_every=-1"):
+        validate_run_config(config)
+    config = default_config()
+    config.data.tokenizer = "wordpiece"
+    with pytest.raises(UserError, match="data.tokenizer='wordpiece'"):
+        validate_run_config(config)
