@@ -17,12 +17,21 @@ def fail(message: str) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def one_line(error: Exception) -> str:
+    """A config file's error arrives as "Error whilst parsing config file:" + a traceback whose last line is the
+    reason; keep the first and last lines."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return repr(error)
+    return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except (flags.Error, KeyError, ValueError, TypeError, AttributeError) as error:
         # absl would print the whole usage and exit 1; a user wants the one line that names the bad flag.
-        fail(str(error).strip().splitlines()[0] if str(error).strip() else repr(error))
+        fail(one_line(error))
         raise  # unreachable: fail() exits
 
 

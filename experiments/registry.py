@@ -15,6 +15,7 @@ SCALES = ("demo", "tiny", "small")
 
 REPRODUCTION_MODULES = [
     "experiments.lm_report",
+    "experiments.vocab_scaling.reproduce",
 ]
 
 

@@ -1,0 +1,30 @@
+"""The paper's sweep design (Tao et al. 2024) for GPU/TPU meshes: its Llama model family, V list and budgets.
+
+Command (a TPU/GPU pod; shard with the mesh flags, e.g. --config.mesh.fsdp=-1 --config.mesh.data=1):
+    python -m experiments.vocab_scaling.sweep --config=experiments/configs/vocab_sweep_paper.py --workdir=DIR \
+        --config.data.source=tfds:<a large English corpus>
+Expected: the paper's Approach 1-3 constants (within fitting noise) and its table, e.g. V_opt ~ 62K for N_nv = 7B.
+The budgets here span the paper's range; the full grid is thousands of GPU-days — trim groups/budgets to fit.
+"""
+
+from experiments.configs.vocab_sweep_tiny import get_config as tiny_config
+
+
+def get_config():
+    config = tiny_config("tiny")
+    config.data.seq_len = 2048
+    config.data.global_batch_size = 512
+    config.model.dtype = "bfloat16"
+    config.optimizer.learning_rate = 4e-4
+    config.optimizer.final_lr_fraction = 0.1
+    config.log_every = 100
+    config.eval_batches = 50
+    # (name, d_model, num_layers, num_heads, d_ff): the paper's table "Model family used for the sweeps"
+    config.sweep.groups = (("33M", 512, 8, 8, 2048), ("85M", 768, 12, 12, 2048), ("151M", 768, 16, 12, 3072),
+                           ("302M", 1024, 18, 16, 4096), ("631M", 1536, 20, 24, 4800),
+                           ("1130M", 2048, 22, 32, 5632))
+    config.sweep.vocab_sizes = (4096, 6144, 8192, 10240, 16384, 24576, 32768, 48128, 64512, 96256)
+    config.sweep.budgets = (2.2e17, 1e18, 5e18, 2e19, 1e20)
+    config.sweep.min_steps = 200
+    config.sweep.evals_per_run = 20
+    return config

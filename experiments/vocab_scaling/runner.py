@@ -1,0 +1,162 @@
+"""The vocabulary sweep's machinery: tokenizers and f(V), the run plan, training each run, collecting points.
+
+`run_sweep(config, workdir)` is what `python -m experiments.vocab_scaling.sweep` and the registered reproduction
+call; `experiments.vocab_scaling.report` turns the collected points into fits, plots and REPORT.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lm_core.errors import UserError
+from lm_core.metrics import format_seconds, read_metrics
+from vocab_scaling.sweep import ModelGroup, PlannedRun, isoflop_points, plan_sweep
+from vocab_scaling.tokenization_curve import PAPER_F, FCurve, fit_tokens_per_char, measure_tokens_per_char
+from vocab_scaling.unigram_loss import unigram_distribution, unigram_sums
+
+POINT_COLUMNS = ["name", "group", "N_nv", "V", "d", "N_v", "budget", "step", "C", "H", "D", "L_u", "loss", "bpc",
+                 "final"]
+
+
+def parse_groups(specs: Sequence[Sequence[Any]]) -> list[ModelGroup]:
+    """Groups from config tuples (name, d_model, num_layers, num_heads, d_ff)."""
+    groups = []
+    for spec in specs:
+        if len(spec) != 5:
+            raise UserError(f"sweep group {spec!r} must be (name, d_model, num_layers, num_heads, d_ff)")
+        groups.append(ModelGroup(str(spec[0]), *(int(x) for x in spec[1:])))
+    return groups
+
+
+def vocabulary_tokenizers(config: ml_collections.ConfigDict, vocab_sizes: Sequence[int], train_texts: Sequence[str]
+                          ) -> dict[int, Any]:
+    """One cached sentencepiece tokenizer per V, trained exactly as the trainer will train it (same spec)."""
+    from lm_core import tokenizer as tok
+    from lm_core.trainer import tokenizer_cache_dir
+
+    texts = [train_texts[i] for i in range(len(train_texts))]
+    return {v: tok.train_tokenizer(texts, tok.TokenizerSpec(vocab_size=v, seed=config.data.tokenizer_seed),
+                                   cache_dir=tokenizer_cache_dir()) for v in vocab_sizes}
+
+
+def measure_f(tokenizers: dict[int, Any], texts: Sequence[str]) -> tuple[dict[int, float], FCurve]:
+    """Tokens per character on held-out text for each V, and the fitted f(V) (the paper's f with < 3 sizes)."""
+    held_out = [texts[i] for i in range(len(texts))]
+    measured = {v: measure_tokens_per_char(t, held_out) for v, t in sorted(tokenizers.items())}
+    if len(measured) < 3:
+        return measured, PAPER_F
+    return measured, fit_tokens_per_char(list(measured), list(measured.values()))
+
+
+def log_unigram(tokenizer: Any, train_texts: Sequence[str], cache: Path) -> np.ndarray:
+    """log p_unigram over the tokenized training split (unseen ids count 1), cached per tokenizer."""
+    if cache.exists():
+        return np.load(cache)
+    ids = [np.asarray(tokenizer.encode(train_texts[i]), np.int64) for i in range(len(train_texts))]
+    distribution = unigram_distribution(ids, tokenizer.vocab_size)
+    values = np.log(distribution).astype(np.float32)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npy")
+    np.save(tmp, values)
+    tmp.replace(cache)
+    return values
+
+
+def unigram_eval_fn(log_p: np.ndarray):
+    """The trainer's extra evaluation statistic: Σ (nll + log p_unigram(target)), i.e. L_u once divided by tokens."""
+    table = jnp.asarray(log_p)
+
+    def sums(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        nll = log_z - jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+        return unigram_sums(nll, batch["targets"], batch["loss_mask"], table)
+
+    return sums
+
+
+def run_config(base: ml_collections.ConfigDict, planned: PlannedRun) -> ml_collections.ConfigDict:
+    """The lm_core training config of one planned run."""
+    config = copy.deepcopy(base)
+    config.unlock()
+    model = planned.group.model_config(planned.vocab_size, base.data.seq_len)
+    config.model.update(model.to_dict())
+    config.steps = planned.steps
+    config.optimizer.total_steps = planned.steps
+    config.optimizer.warmup_steps = max(1, int(base.sweep.warmup_fraction * planned.steps))
+    evals = max(1, int(base.sweep.evals_per_run))
+    config.eval_every = max(1, planned.steps // evals)
+    config.checkpoint_every = config.eval_every
+    config.log_every = max(1, min(config.log_every, config.eval_every))
+    del config["sweep"]
+    return config
+
+
+def train_run(base: ml_collections.ConfigDict, planned: PlannedRun, run_dir: Path, log_p: np.ndarray
+              ) -> list[dict[str, float]]:
+    """Train one run (or resume it) and return its (C, L_u, ...) points along training."""
+    from lm_core.trainer import TrainTask, train
+
+    result_file = run_dir / "result.json"
+    if not result_file.exists():
+        train(run_config(base, planned), run_dir, TrainTask(eval_sums_fn=unigram_eval_fn(log_p)))
+        rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
+        tmp = result_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"run": planned.as_row(), "eval_rows": rows}, indent=1))
+        tmp.replace(result_file)
+    return json.loads(result_file.read_text())["eval_rows"]
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """Everything `python -m experiments.vocab_scaling.sweep` does; returns the path of REPORT.md."""
+    from experiments.vocab_scaling.report import write_report
+    from lm_core.data import get_text_source
+
+    workdir = workdir.absolute()
+    groups = parse_groups(config.sweep.groups)
+    vocab_sizes = sorted(int(v) for v in config.sweep.vocab_sizes)
+    budgets = sorted(float(c) for c in config.sweep.budgets)
+    source = get_text_source(config.data.source, data_dir=config.data.data_dir or None)
+    train_texts, validation_texts = source.split("train"), source.split("validation")
+
+    print(f"training {len(vocab_sizes)} tokenizers (cached) and measuring f(V)", flush=True)
+    tokenizers = vocabulary_tokenizers(config, vocab_sizes, train_texts)
+    measured, f_curve = measure_f(tokenizers, validation_texts)
+    tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    plan = plan_sweep(groups, vocab_sizes, budgets, f_curve, tokens_per_step=tokens_per_step,
+                      min_steps=config.sweep.min_steps)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    points: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for index, planned in enumerate(plan, start=1):
+        done = index - 1
+        eta = (time.monotonic() - started) / done * (len(plan) - done) if done else math.nan
+        print(f"== run {index} of {len(plan)}: {planned.name} (N_nv={planned.n_nv:,}, V={planned.vocab_size}, "
+              f"C={planned.flops_budget:.2e}, {planned.steps} steps) | sweep ETA {format_seconds(eta)}", flush=True)
+        log_p = log_unigram(tokenizers[planned.vocab_size], train_texts,
+                            workdir / "unigram" / f"V{planned.vocab_size}.npy")
+        rows = train_run(config, planned, workdir / "runs" / planned.name, log_p)
+        run_points = isoflop_points(rows, planned.n_nv, planned.vocab_size, planned.group.d_model, f_curve)
+        for i, point in enumerate(run_points):
+            points.append({**planned.as_row(), **point, "N_v": planned.n_v, "final": int(i == len(run_points) - 1)})
+    write_points(workdir / "results.csv", points)
+    return write_report(workdir, config, plan, points, measured, f_curve)
+
+
+def write_points(path: Path, points: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=POINT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(points)
