@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from lm_core import distributed, flops, sharding
@@ -76,6 +77,14 @@ class TrainTask:
     ffn_factory: FFNFactory | None = None
     # Extra summed evaluation statistics (logits, batch) -> {name: sum}, reported per token as eval_<name>.
     eval_sums_fn: EvalSumsFn | None = None
+    # Builds the trained module from (model config, seed); default: Transformer(config, ffn_factory=...).
+    # It must create its nnx.Rngs inside (it runs under jit so parameters are born sharded).
+    create_model: Callable[[ModelConfig, int], nnx.Module] | None = None
+    # Applied to a fresh (not resumed) state, e.g. to load pretrained weights into part of the model.
+    initialize: Callable[[TrainState], TrainState] | None = None
+    make_optimizer: Callable[[OptimizerConfig], optax.GradientTransformation] | None = None
+    training_flops_per_token: float | None = None  # for MFU when the module is not one plain Transformer
+    # Saved with every checkpoint and compared on resume (a mismatch is refused, naming the key).
     extra_meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -219,7 +228,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
                                     save_every=config.checkpoint_every)
         latest = checkpointer.latest_step()
         if latest is not None:
-            check_same_model(checkpointer.read_meta(latest), model_config, workdir)
+            saved_meta = checkpointer.read_meta(latest)
+            check_same_model(saved_meta, model_config, workdir)
+            check_same_meta(saved_meta, task.extra_meta, workdir)
     source = get_text_source(config.data.source, data_dir=config.data.data_dir or None)
     train_texts = source.split("train")
     tokenizer = load_tokenizer(config, workdir, train_texts, model_config)
@@ -237,9 +248,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
     if checkpointer is None:
         checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     save_every=config.checkpoint_every)
-    optimizer = make_optimizer(optimizer_config)
+    optimizer = (task.make_optimizer or make_optimizer)(optimizer_config)
 
-    def create_model() -> Transformer:  # Rngs made inside, so init can run under jit
+    def create_model() -> nnx.Module:  # Rngs made inside, so init can run under jit
+        if task.create_model is not None:
+            return task.create_model(model_config, config.seed)
         return Transformer(model_config, rngs=nnx.Rngs(config.seed), ffn_factory=task.ffn_factory)
 
     graphdef, state, shardings = init_train_state(create_model, optimizer, mesh, config.seed)
@@ -248,6 +261,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
         state = restored.state
         loader.restore(restored.data)
         print(f"resumed from {checkpointer.directory / str(latest)}", flush=True)
+    elif task.initialize is not None:
+        state = task.initialize(state)
 
     loss_fn = task.loss_fn or functools.partial(next_token_loss, z_loss_weight=config.z_loss)
     train_step = make_train_step(graphdef, loss_fn, optimizer, mesh, shardings,
@@ -258,7 +273,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
     start_step = int(state.step)
     log = MetricsLog(workdir, resume_step=start_step, is_main=jax.process_index() == 0)
     progress = Progress(config.steps, start_step)
-    flops_per_token = flops.flops_per_token(model_config, config.data.seq_len).training
+    flops_per_token = (task.training_flops_per_token
+                       or flops.flops_per_token(model_config, config.data.seq_len).training)
     peak, _ = flops.total_peak_flops_per_s()
     tokens_per_step = config.data.global_batch_size * config.data.seq_len
     schedule = learning_rate_schedule(optimizer_config)
@@ -315,6 +331,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
     checkpointer.close()
     log.close()
     return TrainResult(workdir, int(state.step), last_row, model_config, stopped_by_signal=stop_signal is not None)
+
+
+def check_same_meta(saved: dict[str, Any], expected: dict[str, Any], workdir: Path) -> None:
+    differing = [key for key, value in expected.items() if _jsonable(saved.get(key)) != _jsonable(value)]
+    if differing:
+        details = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {expected[key]!r}" for key in differing)
+        raise UserError(f"{workdir} holds a checkpoint of a different setup ({details}); use another --workdir")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
 
 
 def _write_json_atomically(path: Path, value: Any) -> None:

@@ -45,3 +45,11 @@ def test_run_config_validation():
     config.data.tokenizer = "wordpiece"
     with pytest.raises(UserError, match="data.tokenizer='wordpiece'"):
         validate_run_config(config)
+
+
+def test_extra_meta_mismatch_is_refused(tmp_path):
+    from lm_core.trainer import check_same_meta
+
+    check_same_meta({"aux": {"layers": 2}}, {"aux": {"layers": 2}}, tmp_path)
+    with pytest.raises(UserError, match="aux: checkpoint"):
+        check_same_meta({"aux": {"layers": 2}}, {"aux": {"layers": 3}}, tmp_path)
