@@ -1,0 +1,41 @@
+"""Timing helpers shared by the benchmarks: compile once, warm up, report the median of repeats."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `run()` (blocked until its outputs are ready) over `repeats` calls after warm-up."""
+    for _ in range(warmup):
+        jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory where the backend reports it (GPU/TPU), else the process's peak resident memory."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def emit(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        json.dump(result, sys.stdout)
+        print()
+    else:
+        print("\n".join(lines))

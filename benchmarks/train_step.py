@@ -1,0 +1,88 @@
+"""Training-step throughput and MFU of the `bench` model, against this machine's matmul FLOP/s.
+
+    python -m benchmarks.train_step [--json] [--steps=10] [--dtype=float32|bfloat16] [--remat]
+
+The bench model: 4 layers, d_model=256, 4 heads, seq 256, batch 8, vocabulary 4096, f32 (SwiGLU d_ff from the
+8/3 rule). MFU = model FLOPs per second (lm_core.flops, 6N-style analytic count incl. attention) divided by the
+matmul FLOP/s measured in this same process (CPU) or the device's published peak (GPU/TPU). Prints ratios, never
+asserts timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import emit, median_seconds, peak_memory_bytes
+from lm_core import flops, loss, optim
+from lm_core import train_step as ts
+from lm_core.config import ModelConfig
+from lm_core.model import Transformer
+from lm_core.sharding import MeshConfig, make_mesh
+
+
+def bench_config(dtype: str = "float32", remat: bool = False) -> ModelConfig:
+    return ModelConfig(vocab_size=4096, d_model=256, num_layers=4, num_heads=4, max_seq_len=256,
+                       tie_embeddings=False, dtype=dtype, remat=remat)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--remat", action="store_true")
+    args = parser.parse_args()
+
+    config = bench_config(args.dtype, args.remat)
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    optimizer = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0))
+    graphdef, state, shardings = ts.init_train_state(lambda: Transformer(config, rngs=nnx.Rngs(0)), optimizer,
+                                                     mesh, seed=0)
+    step = ts.make_train_step(graphdef, loss.next_token_loss, optimizer, mesh, shardings)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "loss_mask": np.ones((args.batch, args.seq), np.float32)}
+
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], out = step(holder["state"], batch)
+        return out
+
+    step_s = median_seconds(one_step, repeats=args.steps)
+    tokens_per_s = args.batch * args.seq / step_s
+    flops_per_token = flops.flops_per_token(config, args.seq).training
+    peak, peak_source = flops.peak_flops_per_s()
+    matmul = flops.measure_matmul_flops_per_s() if jax.default_backend() == "cpu" else peak
+    result = {
+        "tokens_per_s": tokens_per_s, "step_s": step_s, "mfu": flops.mfu(tokens_per_s, flops_per_token, peak),
+        "model_flops_per_s": tokens_per_s * flops_per_token, "matmul_flops_per_s": matmul,
+        "peak_flops_per_s": peak, "peak_source": peak_source, "compile_s": compile_s,
+        "peak_memory_bytes": peak_memory_bytes(), "d_ff": config.d_ff, "dtype": args.dtype,
+        "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+        "params": flops.param_counts(config).total, "flops_per_token": flops_per_token,
+    }
+    emit(result, args.json, [
+        f"bench model: 4 layers, d=256, d_ff={config.d_ff}, V=4096, seq {args.seq}, batch {args.batch}, {args.dtype}",
+        f"step {step_s * 1e3:.1f} ms (median of {args.steps}), {tokens_per_s:,.0f} tokens/s, compile {compile_s:.1f} s",
+        f"model FLOP/s {result['model_flops_per_s'] / 1e9:.1f} G vs peak {peak / 1e9:.1f} G ({peak_source})",
+        f"MFU {100 * result['mfu']:.1f}%   (target >= 50%)",
+        f"peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB",
+    ])
+
+
+if __name__ == "__main__":
+    main()
