@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.steps = 200
     config.grad_accum_steps = 1
     config.z_loss = 1e-4
+    config.loss_chunk_tokens = 0  # > 0: output layer + loss in token chunks (large vocabularies; saves memory)
     config.model = ml_collections.ConfigDict(ModelConfig(vocab_size=1024).to_dict())
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
     config.data = ml_collections.ConfigDict(dict(
@@ -264,7 +265,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
     elif task.initialize is not None:
         state = task.initialize(state)
 
-    loss_fn = task.loss_fn or functools.partial(next_token_loss, z_loss_weight=config.z_loss)
+    loss_fn = task.loss_fn or functools.partial(next_token_loss, z_loss_weight=config.z_loss,
+                                                chunk_tokens=config.loss_chunk_tokens)
     train_step = make_train_step(graphdef, loss_fn, optimizer, mesh, shardings,
                                  grad_accum_steps=config.grad_accum_steps)
     eval_fn = make_eval_fn(graphdef, task.eval_sums_fn)
