@@ -1,0 +1,13 @@
+"""KV Prediction for improved time to first token (Horton et al. 2024, arXiv 2410.08391).
+
+A small auxiliary model A reads the prompt; a linear KV predictor P maps A's per-layer K,V to the cache of a
+large FROZEN base model B, which then generates. Modules, one idea each:
+
+- `auxiliary`: the aux model (canonical or layer-pruned from the base) and the (base, aux) sanity checks;
+- `layer_map`: which aux layer predicts which base layer;
+- `predictor`: `KVPredictor`, the per-layer linear K and V maps;
+- `model`: `KVPModel` (B + A + P) and its training forward pass;
+- `loss`: the 3-term objective `kvp_loss(model, batch, rng)`;
+- `optim`: `freeze_base` / `make_kvp_optimizer`, optimizers that only update A and P;
+- `inference`: the TTFT path (`generate_kvp`) and its analytic FLOPs (`ttft_flops`).
+"""
