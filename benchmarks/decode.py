@@ -1,0 +1,88 @@
+"""Decode throughput at batch 1 and 8 against the memory-bandwidth bound.
+
+    python -m benchmarks.decode [--json] [--new_tokens=64] [--prompt=128]
+
+Each decode step must read every parameter and the filled part of the KV cache once, so tokens/s can be at most
+bandwidth / bytes-per-step (x batch). We measure this machine's copy bandwidth in the same process (a large array
+copy: read + write) and report achieved tokens/s as a fraction of that bound (target >= 60% at batch 1).
+Model: the `bench` model of benchmarks/train_step.py (4 layers, d=256, V=4096, f32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import emit, median_seconds
+from benchmarks.train_step import bench_config
+from lm_core.flops import param_counts
+from lm_core.generation import SamplingConfig, decode, left_pad, prefill
+from lm_core.model import Transformer
+
+
+def measure_copy_bandwidth(working_set_bytes: int) -> float:
+    """Bytes per second read + written by an in-place update of an array as large as the decode working set.
+
+    The same size matters: a 20 MiB model may live in the CPU's last-level cache, and then so does the bound.
+    The buffer is donated so each call rewrites the same memory instead of allocating (page faults) anew.
+    """
+    holder = {"x": jnp.ones((working_set_bytes // 4,), jnp.float32)}
+    bump = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+
+    def run():
+        holder["x"] = bump(holder["x"])
+        return holder["x"]
+
+    seconds = median_seconds(run, repeats=20, warmup=3)
+    return 2 * holder["x"].nbytes / seconds
+
+
+def decode_tokens_per_s(model: Transformer, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+    """(tokens/s of the decode loop alone, its mean KV-cache bytes read per step)."""
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(4, model.config.vocab_size, (batch, prompt_len)).tolist()
+    tokens, positions, segments = left_pad(prompts)
+    config = SamplingConfig(max_new_tokens=new_tokens)
+    graphdef, params = nnx.split(model)
+    cache_len = prompt_len + new_tokens
+    logits, cache = prefill(graphdef, params, tokens, positions, segments, cache_len)
+    start_positions = jnp.asarray(positions[:, -1] + 1)
+    run = lambda: decode(graphdef, params, logits, cache, start_positions, jax.random.key(0), config)  # noqa: E731
+    seconds = median_seconds(run, repeats=3)
+    c = model.config
+    # attention reads the whole cache buffer each step (fixed-size, masked): keys + values, all layers
+    cache_bytes = 2 * c.num_layers * batch * cache_len * c.num_kv_heads * c.head_dim * 4
+    return batch * new_tokens / seconds, cache_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=128)
+    args = parser.parse_args()
+    model = Transformer(bench_config().replace(max_seq_len=args.prompt + args.new_tokens), rngs=nnx.Rngs(0))
+    param_bytes = param_counts(model.config).total * 4
+    bandwidth = measure_copy_bandwidth(param_bytes)
+    result: dict = {"copy_bandwidth_bytes_per_s": bandwidth, "param_bytes": param_bytes}
+    lines = [f"bench model, {param_bytes / 2**20:.1f} MiB of parameters; copy bandwidth {bandwidth / 1e9:.1f} GB/s"]
+    start = time.perf_counter()
+    for batch in (1, 8):
+        tokens_per_s, cache_bytes = decode_tokens_per_s(model, batch, args.prompt, args.new_tokens)
+        bound = bandwidth / (param_bytes + cache_bytes) * batch
+        result[f"batch{batch}_tokens_per_s"] = tokens_per_s
+        result[f"batch{batch}_bound_tokens_per_s"] = bound
+        result[f"batch{batch}_fraction_of_bound"] = tokens_per_s / bound
+        lines.append(f"batch {batch}: {tokens_per_s:,.0f} tokens/s, bandwidth bound {bound:,.0f} tokens/s -> "
+                     f"{100 * tokens_per_s / bound:.0f}% of bound" + ("  (target >= 60%)" if batch == 1 else ""))
+    result["wall_s"] = time.perf_counter() - start
+    emit(result, args.json, lines)
+
+
+if __name__ == "__main__":
+    main()
