@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm_core.config import ModelConfig
-from lm_core.layers import RMSNorm, apply_rope, fan_in_init, param
+from lm_core.layers import RMSNorm, apply_rope, dense, fan_in_init, param
 from lm_core.sharding import constrain
 
 Array = jax.Array
@@ -51,8 +51,8 @@ class Attention(nnx.Module):
 
     def project_kv(self, x: Array) -> LayerKV:
         dtype = self.config.compute_dtype
-        keys = jnp.einsum("bsd,dkh->bskh", x, self.key_proj[...].astype(dtype))
-        values = jnp.einsum("bsd,dkh->bskh", x, self.value_proj[...].astype(dtype))
+        keys = dense(x, self.key_proj[...].astype(dtype))  # [batch, seq, kv_heads, hd]
+        values = dense(x, self.value_proj[...].astype(dtype))
         return LayerKV(keys, values)
 
     def keys_for_cache(self, keys: Array, positions: Array) -> Array:
@@ -71,7 +71,7 @@ class Attention(nnx.Module):
         call's segment ids).
         """
         config, dtype = self.config, self.config.compute_dtype
-        queries = jnp.einsum("bsd,dhk->bshk", x, self.query_proj[...].astype(dtype))  # [batch, seq, heads, hd]
+        queries = dense(x, self.query_proj[...].astype(dtype))  # [batch, seq, heads, hd]
         kv = injected_kv if injected_kv is not None else self.project_kv(x)
         keys, values = kv.keys.astype(dtype), kv.values.astype(dtype)
         if config.qk_norm:
@@ -100,7 +100,7 @@ class Attention(nnx.Module):
         mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & (
             segment_ids[:, :, None] == key_segments[:, None, :])  # [batch, q_seq, k_seq]
         out = grouped_query_attention(queries, keys, values, mask)  # [batch, seq, heads, hd]
-        out = jnp.einsum("bshk,hkd->bsd", out, self.out_proj[...].astype(dtype))
+        out = dense(out, self.out_proj[...].astype(dtype), contract=2)
         return out, new_cache, kv
 
 

@@ -6,6 +6,7 @@ maps those names to mesh axes, so no module here knows about devices.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -53,6 +54,24 @@ def fan_in_init(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...])
                                              out_axis=out_axis)
 
 
+def dense(x: Array, kernel: Array, contract: int = 1) -> Array:
+    """x's last `contract` axes times kernel's first `contract` axes, as ONE 2-D matmul.
+
+    [batch, seq, *in] x [*in, *out] -> [batch, seq, *out]. XLA:CPU runs a flattened [tokens, in] @ [in, out] GEMM
+    markedly faster than the equivalent 3-D einsum (benchmarks/train_step.py: ~30% on the FFN), and on
+    accelerators it is the same dot.
+    """
+    lead, inner = x.shape[:-contract], x.shape[x.ndim - contract:]
+    out = kernel.shape[contract:]
+    flat = x.reshape(-1, math.prod(inner)) @ kernel.reshape(math.prod(inner), math.prod(out))
+    return flat.reshape(*lead, *out)
+
+
+def silu(x: Array) -> Array:
+    # x·sigmoid(x) written out: on XLA:CPU it compiles to a faster forward and backward than jax.nn.silu.
+    return x * jax.nn.sigmoid(x)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, config: ModelConfig, *, rngs: nnx.Rngs):
         self.eps = config.norm_eps
@@ -93,10 +112,10 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: Array, context: TokenContext | None = None) -> tuple[Array, Aux]:
         dtype = self.compute_dtype
-        gate = jnp.einsum("bsd,df->bsf", x, self.gate[...].astype(dtype))  # [batch, seq, d_ff]
-        up = jnp.einsum("bsd,df->bsf", x, self.up[...].astype(dtype))
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "act_seq", "act_mlp"))
-        return jnp.einsum("bsf,fd->bsd", hidden, self.down[...].astype(dtype)), {}
+        gate = dense(x, self.gate[...].astype(dtype))  # [batch, seq, d_ff]
+        up = dense(x, self.up[...].astype(dtype))
+        hidden = constrain(silu(gate) * up, ("batch", "act_seq", "act_mlp"))
+        return dense(hidden, self.down[...].astype(dtype)), {}
 
 
 def dense_ffn_factory(config: ModelConfig, layer_index: int, rngs: nnx.Rngs) -> FeedForward:
@@ -122,4 +141,4 @@ class Embedding(nnx.Module):
         return (jnp.take(table, tokens, axis=0) * scale).astype(self.compute_dtype)
 
     def attend(self, hidden: Array) -> Array:
-        return jnp.einsum("bsd,vd->bsv", hidden, self.table[...].astype(self.compute_dtype))
+        return dense(hidden, self.table[...].astype(self.compute_dtype).T)

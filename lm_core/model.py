@@ -19,7 +19,17 @@ from flax import nnx
 from lm_core.attention import Attention, LayerCache, LayerKV
 from lm_core.config import ModelConfig
 from lm_core.kv_cache import KVCache
-from lm_core.layers import Aux, Embedding, FFNFactory, RMSNorm, TokenContext, dense_ffn_factory, fan_in_init, param
+from lm_core.layers import (
+    Aux,
+    Embedding,
+    FFNFactory,
+    RMSNorm,
+    TokenContext,
+    dense,
+    dense_ffn_factory,
+    fan_in_init,
+    param,
+)
 from lm_core.sharding import constrain
 
 Array = jax.Array
@@ -120,7 +130,7 @@ class Transformer(nnx.Module):
         if self.config.tie_embeddings:
             logits = self.embedding.attend(hidden)
         else:
-            logits = jnp.einsum("bsd,dv->bsv", hidden, self.output[...].astype(self.config.compute_dtype))
+            logits = dense(hidden, self.output[...].astype(self.config.compute_dtype))
         return constrain(logits.astype(jnp.float32), ("batch", "act_seq", "act_vocab"))
 
     def output_matrix(self) -> Array:
