@@ -49,7 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1
     config.z_loss = 1e-4
     config.loss_chunk_tokens = 0  # > 0: output layer + loss in token chunks (large vocabularies; saves memory)
-    config.model = ml_collections.ConfigDict(ModelConfig(vocab_size=1024).to_dict())
+    # Derived fields stay 0 ("from the other fields") so a config that changes d_model or num_heads gets a
+    # matching head_dim, d_ff and num_kv_heads instead of the defaults' resolved values.
+    config.model = ml_collections.ConfigDict(dict(ModelConfig(vocab_size=1024).to_dict(), head_dim=0, d_ff=0,
+                                                  num_kv_heads=0))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
     config.data = ml_collections.ConfigDict(dict(
         source="builtin",  # builtin | files:<glob> | tfds:<name>[/<config>]

@@ -53,3 +53,13 @@ def test_extra_meta_mismatch_is_refused(tmp_path):
     check_same_meta({"aux": {"layers": 2}}, {"aux": {"layers": 2}}, tmp_path)
     with pytest.raises(UserError, match="aux: checkpoint"):
         check_same_meta({"aux": {"layers": 2}}, {"aux": {"layers": 3}}, tmp_path)
+
+
+def test_default_config_derives_head_dim_from_the_final_sizes():
+    from lm_core.trainer import model_config_from
+
+    config = default_config()
+    config.model.d_model = 128
+    config.model.num_heads = 4
+    model = model_config_from(config)
+    assert model.head_dim == 32 and model.num_kv_heads == 4 and model.d_ff == 344
