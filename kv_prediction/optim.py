@@ -3,12 +3,9 @@
 `KVPModel.frozen_base()` already makes the base's gradients exactly zero; this is the second half. Without it
 AdamW's decoupled weight decay would still shrink the base, and its moments would double the base's memory.
 
-`freeze_base(optimizer)` runs `optimizer` on a view of the parameter tree in which every base leaf (paths "base/...")
-is an EMPTY array of the same rank, and returns all-zero updates for the base. So gradient clipping and weight
-decay see only A and P, the base holds no optimizer state, and the state keeps the parameters' tree structure.
-That last point is why this is not `optax.multi_transform` (`set_to_zero` for the base): multi_transform puts
-`optax.MaskedNode`s into the state, which `lm_core.train_step.init_train_state` cannot yet pair with parameter
-shardings (`optax.tree_map_params` without a MaskedNode-aware `is_leaf`).
+`freeze_base(optimizer)` is `optax.multi_transform`: `optimizer` for every parameter outside "base/...", and
+`set_to_zero` for the base, whose optimizer state is an empty `optax.MaskedNode` (no memory, nothing to
+checkpoint).
 
 `trainable_filter` is the same split as an NNX filter, e.g. `nnx.Optimizer(model, tx, wrt=trainable_filter)` or
 `nnx.state(model, trainable_filter)`.
@@ -19,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -39,34 +35,17 @@ def is_frozen_path(path: tuple) -> bool:
     return bool(path) and _key_name(path[0]) == BASE
 
 
-def without_base(tree: Any) -> Any:
-    """`tree` with every base leaf replaced by an empty array of the same rank and dtype (no memory)."""
-
-    def empty_if_frozen(path: tuple, leaf: Any) -> Any:
-        if not is_frozen_path(path):
-            return leaf
-        return jnp.zeros((0,) * len(leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(empty_if_frozen, tree)
-
-
 def freeze_base(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`optimizer` on A and P; a zero update and no optimizer state for every base parameter."""
+    """`optimizer` on A and P; a zero update and no optimizer state (an empty MaskedNode) for every base parameter.
 
-    def init(params: optax.Params) -> optax.OptState:
-        return optimizer.init(without_base(params))
+    Clipping and weight decay therefore see only the trainable parameters, as if the base were not there.
+    """
 
-    def update(grads: optax.Updates, state: optax.OptState, params: optax.Params | None = None
-               ) -> tuple[optax.Updates, optax.OptState]:
-        trainable_params = None if params is None else without_base(params)
-        updates, state = optimizer.update(without_base(grads), state, trainable_params)
+    def labels(params: optax.Params) -> optax.Params:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if is_frozen_path(path) else "trainable", params)
 
-        def zero_if_frozen(path: tuple, update: jax.Array, grad: jax.Array) -> jax.Array:
-            return jnp.zeros_like(grad) if is_frozen_path(path) else update
-
-        return jax.tree_util.tree_map_with_path(zero_if_frozen, updates, grads), state
-
-    return optax.GradientTransformation(init, update)
+    return optax.multi_transform({"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def make_kvp_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:

@@ -57,9 +57,11 @@ def init_train_state(create_model: Callable[[], nnx.Module], optimizer: optax.Gr
         return nnx.split(create_model(), nnx.Param)[1]
 
     # Optimizer moments are sharded like their parameters; scalars (step counts) are replicated.
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding,
-                                          jax.eval_shape(optimizer.init, abstract_params), shardings,
-                                          transform_non_params=lambda _: replicated(mesh))
+    # Parameters an optimizer leaves alone (optax.multi_transform / masked) appear as empty MaskedNodes.
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, abstract_params), shardings,
+        transform_non_params=lambda x: x if isinstance(x, optax.MaskedNode) else replicated(mesh),
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     with jax.set_mesh(mesh):
         params = jax.jit(create_params, out_shardings=shardings)()
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)

@@ -141,7 +141,7 @@ def test_normalized_keys_ignore_the_scale_invisible_under_qk_norm():
 
 
 def test_training_moves_only_aux_and_predictor():
-    # On a data x fsdp x tensor mesh: the base's empty optimizer placeholders must take its shardings too.
+    # On a data x fsdp x tensor mesh, with the base's optimizer state an empty MaskedNode.
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
     optimizer = make_kvp_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10))
     create = lambda: lp_model(qk_norm=True, num_layers=2)

@@ -1,0 +1,1 @@
+"""KV prediction entrypoints: train, evaluate, ttft, and the registered reproduction."""
