@@ -16,6 +16,7 @@ SCALES = ("demo", "tiny", "small")
 REPRODUCTION_MODULES = [
     "experiments.lm_report",
     "experiments.vocab_scaling.reproduce",
+    "experiments.kv_prediction.reproduce",
 ]
 
 

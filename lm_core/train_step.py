@@ -59,7 +59,8 @@ def init_train_state(create_model: Callable[[], nnx.Module], optimizer: optax.Gr
     # Optimizer moments are sharded like their parameters; scalars (step counts) are replicated.
     # Parameters an optimizer leaves alone (optax.multi_transform / masked) appear as empty MaskedNodes.
     opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, abstract_params), shardings,
+        optimizer, lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding,
+        jax.eval_shape(optimizer.init, abstract_params), shardings,
         transform_non_params=lambda x: x if isinstance(x, optax.MaskedNode) else replicated(mesh),
         is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     with jax.set_mesh(mesh):

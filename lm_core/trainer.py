@@ -355,10 +355,15 @@ def _write_json_atomically(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
-def load_trained_model(workdir: str | Path, ffn_factory: FFNFactory | None = None) -> tuple[Transformer, Any, int]:
-    """(model, tokenizer, step) from a workdir's config, tokenizer and latest checkpoint, on one device."""
+def load_trained_model(workdir: str | Path, task: TrainTask | None = None) -> tuple[Any, Any, int]:
+    """(model, tokenizer, step) from a workdir's config, tokenizer and latest checkpoint, on one device.
+
+    `task` must build the same module and optimizer as the run did (its create_model / ffn_factory /
+    make_optimizer), since the checkpoint holds that module's parameters and that optimizer's state.
+    """
     from lm_core import tokenizer as tok
 
+    task = task or TrainTask()
     workdir = Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
@@ -371,9 +376,14 @@ def load_trained_model(workdir: str | Path, ffn_factory: FFNFactory | None = Non
         raise UserError(f"{workdir / 'checkpoints'} holds no checkpoint yet")
     check_same_model(checkpointer.read_meta(step), model_config, workdir)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
-    optimizer = make_optimizer(optimizer_config_from(config))
-    graphdef, state, shardings = init_train_state(
-        lambda: Transformer(model_config, rngs=nnx.Rngs(0), ffn_factory=ffn_factory), optimizer, mesh, 0)
+    optimizer = (task.make_optimizer or make_optimizer)(optimizer_config_from(config))
+
+    def create_model() -> nnx.Module:
+        if task.create_model is not None:
+            return task.create_model(model_config, 0)
+        return Transformer(model_config, rngs=nnx.Rngs(0), ffn_factory=task.ffn_factory)
+
+    graphdef, state, shardings = init_train_state(create_model, optimizer, mesh, 0)
     restored: TrainState = checkpointer.restore(step, abstract_like(state, shardings)).state
     checkpointer.close()
     tokenizer = (tok.ByteTokenizer() if config.data.tokenizer == "byte"

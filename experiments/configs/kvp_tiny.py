@@ -36,7 +36,7 @@ def get_config(variant: str = "tiny"):
         continuation_tokens=32,
         ttft_prompt_len=256,
         ttft_batch=1,
-        ttft_repeats=5,
+        ttft_repeats=20,
     ))
     if variant == "demo":
         config.steps = 120

@@ -1,0 +1,61 @@
+"""The KV-prediction entrypoints end to end at micro size, and their one-line errors."""
+
+import json
+import os
+import pydoc_data.topics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = ["--config.model.vocab_size=264", "--config.model.d_model=32", "--config.model.num_layers=4",
+         "--config.model.num_heads=2", "--config.model.num_kv_heads=2", "--config.model.d_ff=64",
+         "--config.model.max_seq_len=64", "--config.data.tokenizer=byte", "--config.data.seq_len=32",
+         "--config.data.global_batch_size=4", "--config.steps=6", "--config.kvp.steps=4", "--config.log_every=2",
+         "--config.kvp.eval_documents=2", "--config.kvp.prompt_tokens=16", "--config.kvp.continuation_tokens=8",
+         "--config.kvp.ttft_prompt_len=32", "--config.kvp.ttft_repeats=2"]
+
+
+def entrypoint(name, *args, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, "-m", f"experiments.kv_prediction.{name}", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_train_evaluate_ttft_micro(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, text in sorted(pydoc_data.topics.topics.items())[:12]:
+        (corpus / f"{name}.txt").write_text(text)
+    common = [f"--config.data.source=files:{corpus}/*.txt", *MICRO, "--config.kvp.variants=('lp0.50','c32x1')"]
+    workdir = tmp_path / "kvp"
+    trained = entrypoint("train", f"--workdir={workdir}", *common)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    for run in ("base", "kvp_lp0.50", "aux_lp0.50", "kvp_c32x1", "aux_c32x1"):
+        assert (workdir / run / "checkpoints").is_dir(), run
+    evaluated = entrypoint("evaluate", f"--workdir={workdir}", "--json", *common)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    rows = json.loads(evaluated.stdout.strip().splitlines()[-1])["rows"]
+    assert [(r["model"], r["kind"]) for r in rows] == [("base", "base only"), ("lp0.50", "aux only"),
+                                                       ("lp0.50", "KVP"), ("c32x1", "aux only"), ("c32x1", "KVP")]
+    assert (workdir / "REPORT.md").exists() and (workdir / "pareto_flops.png").exists()
+    timed = entrypoint("ttft", f"--workdir={workdir}", "--variant=lp0.50", "--prompt_len=32", "--repeats=2",
+                       "--json", *common)
+    assert timed.returncode == 0, timed.stderr[-3000:]
+    report = json.loads(timed.stdout.strip().splitlines()[-1])
+    for key in ("base_ttft_s", "aux_ttft_s", "kvp_ttft_s", "flops_reduction", "measured_reduction"):
+        assert report[key] > 0
+
+
+def test_ttft_without_a_workdir_and_bad_input():
+    timed = entrypoint("ttft", "--variant=c64x2", "--prompt_len=64", "--repeats=1", "--json")
+    assert timed.returncode == 0, timed.stderr[-3000:]
+    assert json.loads(timed.stdout.strip().splitlines()[-1])["flops_reduction"] > 1
+    for args, fragment in [(["--variant=lp1.5"], "lp1.5"), (["--variant=c512x2"], "not smaller than the base"),
+                           (["--prompt_len=100000"], "max_seq_len")]:
+        result = entrypoint("ttft", *args)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
