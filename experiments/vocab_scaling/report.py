@@ -14,6 +14,7 @@ import numpy as np
 
 from experiments.plots import line_plot
 from lm_core.errors import UserError
+from lm_core.flops import training_flops
 from vocab_scaling import approaches
 from vocab_scaling.sweep import PlannedRun
 from vocab_scaling.tokenization_curve import PAPER_F, FCurve
@@ -176,13 +177,19 @@ def write_report(workdir: Path, config: ml_collections.ConfigDict, plan: Sequenc
         f"Fitted f(V) = {f_curve.a:.5f}·ln²V {f_curve.b:+.5f}·lnV {f_curve.c:+.5f} "
         f"(paper: {PAPER_F.a:.5f}, {PAPER_F.b:+.5f}, {PAPER_F.c:+.5f}).", "", "![f(V)](f_of_v.png)", "",
         "## Runs (final evaluation)", "",
-        "| run | N_nv | V | budget C | steps | L_u | loss/token | bits/char |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "C is the paper's convention, 6 (N_nv + V·d) · H · f(V) with the characters H actually trained; "
+        "lm_core's exact analytic count (attention scores and the untied output layer included, input embedding "
+        "excluded) is shown next to it.", "",
+        "| run | N_nv | V | budget C | C trained | lm_core FLOPs | steps | L_u | loss/token | bits/char |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by_name = {run.name: run for run in plan}
     for p in sorted(finals, key=lambda p: (p["N_nv"], p["budget"], p["V"])):
-        lines.append(f"| {p['name']} | {p['N_nv']:,} | {p['V']} | {p['budget']:.2e} | {by_name[p['name']].steps} | "
-                     f"{p['L_u']:.4f} | {p['loss']:.4f} | {p['bpc']:.4f} |")
+        run = by_name[p["name"]]
+        exact = training_flops(run.group.model_config(run.vocab_size, config.data.seq_len), config.data.seq_len,
+                               p["D"])
+        lines.append(f"| {p['name']} | {p['N_nv']:,} | {p['V']} | {p['budget']:.2e} | {p['C']:.2e} | {exact:.2e} | "
+                     f"{run.steps} | {p['L_u']:.4f} | {p['loss']:.4f} | {p['bpc']:.4f} |")
     lines += ["", "![IsoFLOP curves](isoflop.png)", "", "## Best vocabulary per group and budget", "",
               "| group | budget C | best V by L_u | best V by bits/char |", "|---|---:|---:|---:|"]
     for group in sorted({p["group"] for p in finals}):
