@@ -3,8 +3,9 @@
 Command:
     python -m experiments.vocab_scaling.sweep --config=experiments/configs/vocab_sweep_tiny.py --workdir=runs/vocab
 Variants: `vocab_sweep_tiny.py:demo` (2 groups x 3 V x 1 budget, ~2 min, used by `make demo`).
-Expected (2 CPU cores, ~25 min): 3 model groups (N_nv ~0.1M-0.8M) x V in {512 ... 8192} x 3 budgets; at each
-budget L_u is lowest at an intermediate V for most curves; fitted constants and predictions in DIR/REPORT.md.
+Expected (2 CPU cores, ~13 min measured): 3 model groups (N_nv ~0.1M-0.8M) x V in {512 ... 8192} x 3 budgets,
+27 runs; the best V by L_u moves up with the budget (512 -> 1024 from 3e11 to 1e12 FLOPs), bits per character
+prefer larger V; Approaches 1 and 2 fit, Approach 3 usually does not at this size (all in DIR/REPORT.md).
 Tiny models do not reproduce the paper's constants (see the report); the paper's own coefficients do
 (python -m experiments.vocab_scaling.predict --nnv=7e9).
 """

@@ -8,7 +8,7 @@ sees follow from its budget C = 6 (N_nv + V·d) H f(V)); (3) train every run wit
 unigram-normalised loss L_u and bits per character on the validation split along the way; (4) fit Approaches 1-3
 on our points and write DIR/REPORT.md with IsoFLOP curves, the f(V) plot, fitted constants and predictions next
 to the paper's. Rerunning skips finished runs (an interrupted run resumes from its checkpoint).
-Configs: vocab_sweep_tiny.py (~25 min on 2 CPU cores; `:demo` ~2 min), vocab_sweep_small.py, vocab_sweep_paper.py.
+Configs: vocab_sweep_tiny.py (~13 min on 2 CPU cores; `:demo` ~2 min), vocab_sweep_small.py, vocab_sweep_paper.py.
 """
 
 from __future__ import annotations
