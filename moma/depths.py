@@ -1,15 +1,24 @@
 """Staged mixture-of-depths (MoD): on alternating layers only the top c_d of the batch's tokens are processed.
 
-A sigmoid router scores every token; the layer (attention AND FFN) runs on the chosen tokens only, as one short
-sequence that keeps their positions and documents (rows and packed documents become distinct segments, so no
-token sees another row or document); the others skip the layer on the residual path. The chosen tokens' residual
-update is scaled by their router score so the router learns which tokens deserve the layer. Like expert choice,
-the top-k looks at the whole batch, so it is non-causal; causal inference needs auxiliary routers.
+A sigmoid router scores every token; the layer (attention AND FFN, i.e. a whole lm_core `Block`) runs on the
+chosen tokens only, gathered into one short sequence that keeps their order, positions and documents (each row's
+documents become distinct segments, so no token sees another row or document and attention stays causal in the
+original order); the others skip the layer on the residual path, bit for bit unchanged. The chosen tokens' residual
+update is scaled by their router score, which is how the router gets a gradient. Like expert choice, the top-k spans
+the whole batch, so it is non-causal; causal inference needs auxiliary routers (later).
+
+The FFN seam cannot express "skip attention too", so MoD wraps whole blocks: `build_moma_model` builds an lm_core
+`Transformer` and replaces blocks 0, 2, 4, ... by `MoDBlock`s around them (the wrapped block's parameters move
+under `blocks/<i>/block/...`). Static shapes: the sub-sequence has ceil(c_d · T) slots (T = batch · seq); with
+padding only ceil(c_d · n_real) of them are valid, the rest run with segment id 0 and an update weight of 0.
+Cost and sharding note: the sub-sequence is ONE row of c_d · T tokens, so its attention is O((c_d · T)^2) and it
+is not split over the batch mesh axes; fine at research scale, a per-row variant would be needed beyond that.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,52 +26,88 @@ from flax import nnx
 
 from lm_core.attention import LayerCache, LayerKV
 from lm_core.config import ModelConfig
-from lm_core.layers import Aux, TokenContext, dense, param
+from lm_core.layers import Aux, TokenContext, dense, fan_in_init, param
 from lm_core.model import Block, Transformer
 from moma.experts import moma_ffn_factory
-from moma.variants import MoMaConfig
+from moma.variants import MoMaConfig, check_fits_model
 
 Array = jax.Array
 
 
+class Selection(NamedTuple):
+    index: Array  # [slots] int32 flat token index, ascending (original order)
+    weight: Array  # [slots] float32 router score, 0 for invalid slots
+    valid: Array  # [slots] bool: within the budget ceil(c_d · n_real) and a real token
+
+
+def mod_layers(num_layers: int) -> tuple[int, ...]:
+    """The MoD layers of a staged model: every other layer, starting at layer 0."""
+    return tuple(range(0, num_layers, 2))
+
+
+def select_tokens(scores: Array, real: Array, capacity: float) -> Selection:
+    """The top ceil(capacity · n_real) real tokens by score ([tokens] in), sorted back into token order."""
+    slots = max(1, math.ceil(capacity * scores.shape[0]))
+    top, index = jax.lax.top_k(jnp.where(real, scores, -1.0), slots)  # sigmoid scores >= 0 beat padding's -1
+    budget = jnp.ceil(capacity * jnp.sum(real, dtype=jnp.float32))
+    valid = (jnp.arange(slots) < budget) & (top >= 0)
+    order = jnp.argsort(index)  # causal attention needs the original order
+    return Selection(index[order].astype(jnp.int32), jnp.where(valid, top, 0.0)[order], valid[order])
+
+
+def selected_context(context: TokenContext, selection: Selection) -> TokenContext:
+    """[1, slots] context of the selected tokens: their ids and positions, one segment per (row, document).
+
+    Invalid slots get segment 0 (padding), so they neither attend to nor are seen by real tokens, and MoE layers
+    inside the block do not route them.
+    """
+    seq = context.tokens.shape[1]
+    row = selection.index // seq
+    segments = context.segment_ids.reshape(-1)[selection.index]
+    documents_per_row = jnp.max(context.segment_ids) + 1
+    sub_segments = jnp.where(selection.valid, row * documents_per_row + segments, 0)
+    return TokenContext(context.tokens.reshape(-1)[selection.index][None],
+                        context.positions.reshape(-1)[selection.index][None], sub_segments[None].astype(jnp.int32))
+
+
 class MoDBlock(nnx.Module):
+    """An lm_core `Block` that only the router's top c_d of the batch's tokens go through."""
+
     def __init__(self, block: Block, config: ModelConfig, capacity: float, *, rngs: nnx.Rngs):
         self.block = block
         self.capacity = capacity
-        self.router = param(rngs, nnx.initializers.normal(config.d_model**-0.5), (config.d_model, 1),
-                            ("embed", None), config.weights_dtype)
+        self.compute_dtype = config.compute_dtype
+        self.router = param(rngs, fan_in_init(0, 1), (config.d_model, 1), ("embed", None), config.weights_dtype)
+
+    def scores(self, x: Array) -> Array:
+        """x [tokens, d] -> [tokens] float32 sigmoid(x·w)."""
+        return jax.nn.sigmoid(dense(x, self.router[...].astype(self.compute_dtype))[:, 0].astype(jnp.float32))
 
     def __call__(self, x: Array, context: TokenContext, cache: LayerCache | None, cache_segment_ids: Array | None,
                  cache_index: Array | None, injected_kv: LayerKV | None
                  ) -> tuple[Array, LayerCache | None, LayerKV, Aux]:
+        """Same contract as `Block.__call__`, without cache or injected K,V; the returned K,V are the selected
+        tokens' ([1, slots, kv_heads, head_dim])."""
         if cache is not None or injected_kv is not None:
             raise NotImplementedError("mixture-of-depths layers route over the whole batch; cached decoding and "
                                       "injected K,V need causal auxiliary routers")
         batch, seq, d = x.shape
-        flat = x.reshape(batch * seq, d)
+        flat = x.reshape(batch * seq, d)  # [tokens, d]
         real = context.segment_ids.reshape(-1) != 0
-        scores = jax.nn.sigmoid(dense(flat, self.router[...].astype(x.dtype))[:, 0].astype(jnp.float32))
-        k = max(1, math.ceil(self.capacity * batch * seq))
-        _, chosen = jax.lax.top_k(jnp.where(real, scores, -1.0), k)
-        chosen = jnp.sort(chosen)  # keep the original order so causal attention stays causal
-        row = chosen // seq
-        max_segments = jnp.max(context.segment_ids) + 1
-        segments = context.segment_ids.reshape(-1)[chosen]
-        sub_context = TokenContext(context.tokens.reshape(-1)[chosen][None],
-                                   context.positions.reshape(-1)[chosen][None],
-                                   jnp.where(segments > 0, row * max_segments + segments, 0)[None])
-        selected = flat[chosen][None]  # [1, k, d]
-        processed, _, kv, aux = self.block(selected, sub_context, None, None, None, None)
-        update = (processed[0] - selected[0]) * scores[chosen][:, None].astype(x.dtype)
-        out = flat.at[chosen].add(update).reshape(batch, seq, d)
-        aux = dict(aux, mod_selected_fraction=jnp.sum(real[chosen]) / jnp.maximum(jnp.sum(real), 1))
-        return out, None, kv, aux
+        selection = select_tokens(self.scores(flat), real, self.capacity)
+        selected = jnp.take(flat, selection.index, axis=0)[None]  # [1, slots, d]
+        processed, _, kv, aux = self.block(selected, selected_context(context, selection), None, None, None, None)
+        update = (processed[0] - selected[0]) * selection.weight[:, None].astype(x.dtype)  # [slots, d]
+        out = flat.at[selection.index].add(update).reshape(batch, seq, d)
+        selected_fraction = jnp.sum(selection.valid) / jnp.maximum(jnp.sum(real), 1)
+        return out, None, kv, dict(aux, mod_selected_fraction=selected_fraction)
 
 
 def build_moma_model(model_config: ModelConfig, moma: MoMaConfig, *, rngs: nnx.Rngs) -> Transformer:
-    """An lm_core Transformer with MoMa's FFNs, and MoD on layers 0, 2, 4, ... when the variant asks for it."""
+    """An lm_core Transformer with MoMa's FFN in every layer, and MoD on layers 0, 2, 4, ... when `moma.mod`."""
+    check_fits_model(moma, model_config)
     model = Transformer(model_config, rngs=rngs, ffn_factory=moma_ffn_factory(moma))
     if moma.mod:
-        for index in range(0, model_config.num_layers, 2):
+        for index in mod_layers(model_config.num_layers):
             model.blocks[index] = MoDBlock(model.blocks[index], model_config, moma.mod_capacity, rngs=rngs)
     return model

@@ -2,38 +2,79 @@
 
 Names (the paper's rows): "dense"; "moe_1t1i" (one FFN per modality); "moe_<m>t<n>i", e.g. "moe_4t4i" (m text
 experts, n image experts, expert choice inside each modality's group); "moe_<n>x", e.g. "moe_8x" (expert choice
-over n experts shared by both modalities); a "mod_" prefix adds staged mixture-of-depths.
+over n experts shared by both modalities); a "mod_" prefix adds staged mixture-of-depths ("mod_moe_4t4i",
+"mod_dense").
+
+Modality comes from the token id: ids in `image_token_range` = [lo, hi) are image codes, every other id is text.
+BOI/EOI are deliberately TEXT: they live in the text vocabulary, the text side decides when an image starts (and
+predicts BOI), and keeping them out of the image range keeps the range exactly the VQ codebook. Put them inside
+the range if an experiment wants them routed with the image codes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 
+from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 
+NAME_FIELDS = {"variant", "mod", "text_experts", "image_experts", "mixed_experts"}  # set by the variant name
 VALID_FORMS = "dense, moe_1t1i, moe_<m>t<n>i (e.g. moe_4t4i), moe_<n>x (e.g. moe_8x), each optionally mod_-prefixed"
 
 
 @dataclasses.dataclass(frozen=True)
 class MoMaConfig:
+    """A MoMa variant. A group of ONE expert is a plain modality-specific FFN (no router, gate 1, all its tokens)."""
+
     variant: str = "dense"
     text_experts: int = 0  # experts of the text group (0 with a mixed group or dense)
     image_experts: int = 0
     mixed_experts: int = 0  # "moe_<n>x": one group over all tokens
     capacity_factor: float = 1.0  # c_e = capacity_factor / |group|: on average one expert per token at 1.0
     image_token_range: tuple[int, int] = (0, 0)  # ids in [lo, hi) are image codes; everything else is text
-    mod: bool = False  # staged mixture-of-depths on alternating layers
+    # Static slot sizing (see moma.experts): each group's slot arrays hold at most this fraction of a batch's tokens.
+    # 1.0 never drops a token; with a known data mix (e.g. at most 60% image codes) smaller values cut the wasted
+    # compute of idle slots, and a batch beyond the bound clips each expert's top-k (reported as *_slot_overflow).
+    max_text_fraction: float = 1.0
+    max_image_fraction: float = 1.0
+    router_noise: bool = False  # Gumbel-sigmoid noise on router logits while training (upcycling, moma.experts)
+    mod: bool = False  # staged mixture-of-depths on alternating layers 0, 2, 4, ...
     mod_capacity: float = 0.25  # c_d: fraction of the batch's tokens a MoD layer processes
 
     def __post_init__(self) -> None:
+        problems = self._range_problems()
+        counts = {"text_experts": self.text_experts, "image_experts": self.image_experts,
+                  "mixed_experts": self.mixed_experts}
+        problems += [f"{name}={count!r} must be a non-negative integer" for name, count in counts.items()
+                     if not isinstance(count, int) or count < 0]
+        if self.mixed_experts and (self.text_experts or self.image_experts):
+            problems.append("a mixed group (mixed_experts) excludes text_experts/image_experts")
+        if bool(self.text_experts) != bool(self.image_experts):
+            problems.append(f"text_experts={self.text_experts} and image_experts={self.image_experts} must both "
+                            "be positive (a modality without experts would get no FFN)")
         if not self.capacity_factor > 0:
-            raise UserError(f"capacity_factor={self.capacity_factor} must be > 0 (1.0 = one expert per token)")
-        if not 0 < self.mod_capacity <= 1:
-            raise UserError(f"mod_capacity={self.mod_capacity} must be in (0, 1]")
-        low, high = self.image_token_range
+            problems.append(f"capacity_factor={self.capacity_factor} must be > 0 (1.0 = one expert per token)")
+        for name in ("max_text_fraction", "max_image_fraction", "mod_capacity"):
+            if not 0 < getattr(self, name) <= 1:
+                problems.append(f"{name}={getattr(self, name)} must be in (0, 1]")
+        if problems:
+            raise UserError("invalid MoMa config: " + "; ".join(problems))
+
+    def _range_problems(self) -> list[str]:
+        """Checks image_token_range and normalises it to a hashable (int, int) (config files give lists)."""
+        try:
+            low, high = (operator.index(v) for v in self.image_token_range)
+        except (TypeError, ValueError):
+            return [f"image_token_range={self.image_token_range!r} must be two integers (lo, hi)"]
+        object.__setattr__(self, "image_token_range", (low, high))
         if not 0 <= low <= high:
-            raise UserError(f"image_token_range={self.image_token_range} must be (lo, hi) with 0 <= lo <= hi")
+            return [f"image_token_range={self.image_token_range} must be (lo, hi) with 0 <= lo <= hi"]
+        if self.text_experts and low == high:
+            return [f"variant {self.variant!r} routes by modality but image_token_range={self.image_token_range} "
+                    "is empty; give the image-code ids [lo, hi)"]
+        return []
 
     @property
     def is_dense(self) -> bool:
@@ -41,35 +82,52 @@ class MoMaConfig:
 
     @property
     def groups(self) -> dict[str, int]:
-        """Expert groups by the tokens they serve: {"text": m, "image": n} or {"mixed": n}."""
+        """Expert groups by the tokens they serve: {"text": m, "image": n} or {"mixed": n} ({} when dense)."""
         if self.mixed_experts:
             return {"mixed": self.mixed_experts}
         return {name: count for name, count in (("text", self.text_experts), ("image", self.image_experts))
                 if count}
 
+    def max_fraction(self, group: str) -> float:
+        """The static bound on the share of a batch's tokens that `group` can receive."""
+        return {"text": self.max_text_fraction, "image": self.max_image_fraction}.get(group, 1.0)
+
 
 def parse_variant(name: str, *, image_token_range: tuple[int, int] = (0, 0), capacity_factor: float = 1.0,
-                  mod_capacity: float = 0.25) -> MoMaConfig:
+                  mod_capacity: float = 0.25, **options: object) -> MoMaConfig:
+    """`MoMaConfig` for a variant name; `options` are further MoMaConfig fields (router_noise, max_*_fraction)."""
     mod = name.startswith("mod_")
     body = name[4:] if mod else name
+    settable = {f.name for f in dataclasses.fields(MoMaConfig)} - NAME_FIELDS
+    if unknown := sorted(set(options) - settable):
+        raise UserError(f"unknown MoMa option(s) {unknown}; valid: {sorted(settable)} (the name sets the groups)")
     common = dict(variant=name, capacity_factor=capacity_factor, image_token_range=tuple(image_token_range),
-                  mod=mod, mod_capacity=mod_capacity)
+                  mod=mod, mod_capacity=mod_capacity, **options)
     if body == "dense":
         return MoMaConfig(**common)
-    if match := re.fullmatch(r"moe_(\d+)t(\d+)i", body):
-        text, image = int(match[1]), int(match[2])
-        if text > 0 and image > 0:
-            return MoMaConfig(text_experts=text, image_experts=image, **common)
+    if (match := re.fullmatch(r"moe_(\d+)t(\d+)i", body)) and int(match[1]) > 0 and int(match[2]) > 0:
+        return MoMaConfig(text_experts=int(match[1]), image_experts=int(match[2]), **common)
     if (match := re.fullmatch(r"moe_(\d+)x", body)) and int(match[1]) > 0:
         return MoMaConfig(mixed_experts=int(match[1]), **common)
     raise UserError(f"unknown MoMa variant {name!r}; valid: {VALID_FORMS}")
 
 
 def check_fits_mesh(config: MoMaConfig, expert_axis_size: int) -> None:
-    """Each group's experts are split over the mesh axis `expert`, so every group size must divide evenly."""
-    bad = {group: count for group, count in config.groups.items() if count % expert_axis_size}
-    if bad and expert_axis_size > 1:
+    """Each routed group's experts are split over the mesh axis `expert`, so its size must divide evenly.
+
+    Single-expert groups (1t1i) are replicated and fit any mesh.
+    """
+    if not isinstance(expert_axis_size, int) or expert_axis_size < 1:
+        raise UserError(f"expert mesh axis size {expert_axis_size!r} must be a positive integer")
+    bad = {group: count for group, count in config.groups.items() if count > 1 and count % expert_axis_size}
+    if bad:
         sizes = ", ".join(f"{group} group has {count}" for group, count in bad.items())
         raise UserError(f"variant {config.variant!r} does not fit the mesh's expert axis of size "
                         f"{expert_axis_size} ({sizes} experts); use group sizes divisible by {expert_axis_size} "
                         "or a smaller mesh.expert")
+
+
+def check_fits_model(config: MoMaConfig, model: ModelConfig) -> None:
+    """The image-code range must lie inside the model's vocabulary."""
+    if config.image_token_range[1] > model.vocab_size:
+        raise UserError(f"image_token_range={config.image_token_range} reaches past vocab_size={model.vocab_size}")

@@ -1,0 +1,188 @@
+"""MoMa models: mixture-of-depths blocks, upcycling, training end to end, expert-parallel == single device."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm_core import loss, optim
+from lm_core import train_step as ts
+from lm_core.errors import UserError
+from lm_core.layers import TokenContext
+from lm_core.model import Block
+from lm_core.sharding import MeshConfig, make_mesh
+from moma.depths import MoDBlock, build_moma_model
+from moma.experts import moma_ffn_factory, with_router_noise
+from moma.upcycle import check_upcycle, upcycle_model
+from moma.variants import parse_variant
+from tests.helpers import random_batch, tiny_config
+
+IMAGE_RANGE = (96, 128)
+
+
+def mod_block() -> MoDBlock:
+    """A MoD block around a dense lm_core block whose router looks only at hidden coordinate 0."""
+    config = tiny_config()
+    block = MoDBlock(Block(config, 0, moma_ffn_factory(parse_variant("dense")), rngs=nnx.Rngs(0)), config, 0.25,
+                     rngs=nnx.Rngs(1))
+    block.router[...] = jnp.zeros((64, 1)).at[0, 0].set(10.0)
+    return block
+
+
+def run_mod(block, x, segment_ids):
+    tokens = jnp.ones(segment_ids.shape, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    out, _, _, aux = block(x, TokenContext(tokens, positions, segment_ids), None, None, None, None)
+    return out, aux
+
+
+def changed_tokens(out, x):
+    return np.any(np.asarray(out) != np.asarray(x), axis=-1)  # [batch, seq]
+
+
+def test_mod_processes_the_top_quarter_and_the_rest_pass_through_unchanged():
+    block = mod_block()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 64))
+    segments = jnp.ones((2, 8), jnp.int32)
+    out, aux = run_mod(block, x, segments)
+    out = np.asarray(out)
+    changed = changed_tokens(out, x)
+    expected = np.zeros(16, bool)
+    expected[np.argsort(-np.asarray(x[..., 0]).reshape(-1))[:4]] = True  # c_d = 0.25 of 16 tokens, best scores
+    np.testing.assert_array_equal(changed.reshape(-1), expected)
+    assert float(aux["mod_selected_fraction"]) == 0.25
+    np.testing.assert_array_equal(out[~changed], np.asarray(x)[~changed])  # skipped tokens: bit for bit
+
+    # padding is never selected, even with the best router scores: budget ceil(0.25 * 10 real tokens) = 3
+    padded_segments = segments.at[1, 2:].set(0)
+    padded_x = x.at[1, 2:, 0].set(5.0)
+    out, aux = run_mod(block, padded_x, padded_segments)
+    changed = changed_tokens(out, padded_x)
+    assert changed.sum() == 3 and not changed[1, 2:].any()
+    assert float(aux["mod_selected_fraction"]) == pytest.approx(0.3)
+
+
+def test_mod_attention_is_causal_in_the_original_order_and_per_row():
+    block = mod_block()
+    # router scores rise with position in row 0, so score order is the reverse of token order there
+    scores = jnp.array([[-3, -3, -3, -3, -3, 1, 2, 3], [1.5, -3, -3, -3, -3, -3, -3, -3]], jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 64)).at[..., 0].set(scores)
+    segments = jnp.ones((2, 8), jnp.int32)
+    out = np.asarray(run_mod(block, x, segments)[0])
+    selected = changed_tokens(out, x)
+    assert selected[0, 5:].all() and selected[1, 0] and selected.sum() == 4
+    # move row 0's last token (the best-scored) without touching coordinate 0, so the selection stays the same:
+    # the earlier selected tokens of row 0 and the other row's token must not see it
+    moved = x.at[0, 7, 1:].add(3.0)
+    out_moved = np.asarray(run_mod(block, moved, segments)[0])
+    assert (changed_tokens(out_moved, moved) == selected).all()
+    others = selected.copy()
+    others[0, 7] = False
+    np.testing.assert_allclose(out_moved[others], out[others], atol=1e-6)
+    assert not np.allclose(out_moved[0, 7], out[0, 7])
+
+
+def test_upcycled_experts_are_copies_of_the_modality_ffn():
+    config = tiny_config(num_layers=1)
+    source_moma = parse_variant("moe_1t1i", image_token_range=IMAGE_RANGE)
+    target_moma = parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE, router_noise=True)
+    source = build_moma_model(config, source_moma, rngs=nnx.Rngs(0))
+    upcycled = upcycle_model(source, source_moma, target_moma, rngs=nnx.Rngs(1))
+    fresh = build_moma_model(config, target_moma, rngs=nnx.Rngs(1))
+    for layer in range(config.num_layers):
+        for modality in ("text", "image"):
+            dense_ffn = source.blocks[layer].ffn.groups[modality]
+            experts = upcycled.blocks[layer].ffn.groups[modality]
+            for name in ("gate", "up", "down"):
+                for e in range(4):
+                    np.testing.assert_array_equal(getattr(experts, name)[...][e], getattr(dense_ffn, name)[...][0])
+            np.testing.assert_array_equal(experts.router[...], fresh.blocks[layer].ffn.groups[modality].router[...])
+    np.testing.assert_array_equal(upcycled.embedding.table[...], source.embedding.table[...])
+    np.testing.assert_array_equal(upcycled.blocks[0].attention.query_proj[...],
+                                  source.blocks[0].attention.query_proj[...])
+
+    # at init a token's FFN output is the 1t1i FFN's, times the sum of the gates of the experts that chose it
+    tokens = jnp.array([[5, 100, 7, 120, 9, 101], [110, 3, 111, 4, 112, 6]])
+    context = TokenContext(tokens, jnp.broadcast_to(jnp.arange(6), (2, 6)), jnp.ones((2, 6), jnp.int32))
+    x = jax.random.normal(jax.random.key(3), (2, 6, 64))
+    moe = upcycled.blocks[0].ffn
+    y_source, _ = source.blocks[0].ffn(x, context)
+    y_upcycled, _ = moe(x, context)
+    gate_sums = jnp.zeros(12)
+    for name, eligible in moe.eligible(context).items():
+        if name in moe.groups:
+            _, routing = moe.groups[name](x.reshape(12, 64), eligible)
+            gate_sums = gate_sums.at[routing.token_index.reshape(-1)].add(routing.gate.reshape(-1))
+    np.testing.assert_allclose(y_upcycled.reshape(12, 64), y_source.reshape(12, 64) * gate_sums[:, None],
+                               atol=1e-5)
+
+
+def test_upcycling_errors():
+    one_each = parse_variant("moe_1t1i", image_token_range=IMAGE_RANGE)
+    with pytest.raises(UserError, match="starts from a moe_1t1i model, not 'moe_4t4i'"):
+        check_upcycle(parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE), one_each)
+    with pytest.raises(UserError, match="produces a moe_<m>t<n>i model, not 'moe_8x'"):
+        check_upcycle(one_each, parse_variant("moe_8x"))
+    with pytest.raises(UserError, match="mod differs"):
+        check_upcycle(one_each, parse_variant("mod_moe_4t4i", image_token_range=IMAGE_RANGE))
+
+
+def padded_batch(seed: int, batch: int = 8) -> dict[str, np.ndarray]:
+    """Packed rows of two documents, text and image ids mixed, and 3 padding tokens at the end of row 0."""
+    out = random_batch(seed, batch=batch, seq=16, packed=True)
+    out["segment_ids"][0, -3:] = 0
+    out["loss_mask"][0, -4:] = 0.0
+    return out
+
+
+def test_mod_moma_model_trains():
+    structure = nnx.eval_shape(lambda: build_moma_model(
+        tiny_config(num_layers=4), parse_variant("mod_dense"), rngs=nnx.Rngs(0)))
+    assert [isinstance(b, MoDBlock) for b in structure.blocks] == [True, False, True, False]
+
+    config = tiny_config(norm_placement="swin", qk_norm=True, remat=True)  # Chameleon's stabilisers
+    moma = parse_variant("mod_moe_2t2i", image_token_range=IMAGE_RANGE, router_noise=True)
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    optimizer = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0, learning_rate=1e-2))
+    graphdef, state, shardings = ts.init_train_state(
+        lambda: build_moma_model(config, moma, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
+    loss_fn = with_router_noise(functools.partial(loss.next_token_loss, z_loss_weight=1e-5))
+    step = ts.make_train_step(graphdef, loss_fn, optimizer, mesh, shardings)
+    batch = padded_batch(0, batch=4)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert "aux_loss" not in metrics  # expert choice and MoD add no auxiliary loss
+
+
+def moe_loss_and_grads(mesh_shape, batch):
+    moma = parse_variant("mod_moe_4t4i", image_token_range=IMAGE_RANGE)
+    mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))])
+    optimizer = optim.make_optimizer(optim.OptimizerConfig())
+    graphdef, state, shardings = ts.init_train_state(
+        lambda: build_moma_model(tiny_config(num_layers=1), moma, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
+
+    def compute(params, batch, rng):
+        return ts.loss_and_grads(graphdef, loss.next_token_loss, params, batch, rng)
+
+    fn = jax.jit(compute, in_shardings=(shardings.params, ts.batch_shardings(mesh, batch), None))
+    with jax.set_mesh(mesh):
+        value, _, grads = fn(state.params, batch, state.rng)
+    return float(value), jax.tree.map(np.asarray, grads), grads
+
+
+def test_expert_parallel_loss_and_gradients_equal_single_device():
+    batch = padded_batch(1)
+    expected_loss, expected_grads, _ = moe_loss_and_grads((1, 1, 1, 1), batch)
+    value, grads, sharded = moe_loss_and_grads((2, 1, 1, 4), batch)
+    assert np.isfinite(value) and abs(value - expected_loss) < 1e-5
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4), grads, expected_grads)
+    # the one layer is a MoD block around an MoE block: its experts really are split over the expert axis, and
+    # the MoD router learns through the score that scales the selected tokens' update
+    assert sharded["blocks"][0]["block"]["ffn"]["groups"]["image"]["up"][...].sharding.spec[0] == "expert"
+    assert np.abs(grads["blocks"][0]["router"][...]).sum() > 0

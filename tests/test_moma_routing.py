@@ -1,0 +1,197 @@
+"""MoMa routing: expert choice by hand, gather/scatter == a slow loop, modality separation, variants, FLOPs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm_core.config import ModelConfig
+from lm_core.errors import UserError
+from lm_core.layers import TokenContext
+from moma.experts import (
+    ExpertGroup,
+    ModalityAwareMoE,
+    expert_choice_route,
+    image_token_mask,
+    noisy_routing,
+    with_router_noise,
+)
+from moma.flops import compute_matched_mod_layers, executed_expert_overhead, ffn_layer_flops
+from moma.variants import check_fits_mesh, check_fits_model, parse_variant
+from tests.helpers import tiny_config
+
+IMAGE_RANGE = (96, 128)  # in the 128-token test vocabulary, ids 96..127 are "image codes"
+# two rows of 6: text ids < 96, image ids >= 96, the last position of each row is padding (segment 0)
+TOKENS = jnp.array([[5, 100, 7, 120, 9, 0], [110, 3, 111, 4, 112, 0]])
+SEGMENTS = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]])
+
+
+def context_for(tokens, segment_ids=None):
+    segment_ids = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+    return TokenContext(tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), segment_ids)
+
+
+def swiglu(x, gate, up, down):
+    h = x @ gate
+    return (h * jax.nn.sigmoid(h) * (x @ up)) @ down
+
+
+def test_expert_choice_route_by_hand():
+    scores = jnp.array([[0.9, 0.1], [0.8, 0.7], [0.2, 0.6], [0.95, 0.99], [0.5, 0.5]])
+    eligible = jnp.array([True, True, True, False, True])  # token 3 has the best scores but is not eligible
+    routing = expert_choice_route(scores, eligible, capacity_factor=1.0)
+    # slots = ceil(5 tokens / 2 experts) = 3; budget = ceil(4 eligible / 2) = 2 tokens per expert
+    assert routing.token_index.shape == (2, 3) and float(routing.budget) == 2
+    np.testing.assert_array_equal(routing.valid, [[True, True, False], [True, True, False]])
+    np.testing.assert_array_equal(routing.token_index[:, :2], [[0, 1], [1, 2]])
+    np.testing.assert_allclose(routing.gate, [[0.9, 0.8, 0.0], [0.7, 0.6, 0.0]])
+    # capacity 2: budget 4 = every eligible token, best first; token 3 never
+    routing = expert_choice_route(scores, eligible, capacity_factor=2.0)
+    np.testing.assert_array_equal(np.where(routing.valid, routing.token_index, -1),
+                                  [[0, 1, 4, 2, -1], [1, 2, 4, 0, -1]])
+    # static slots for at most 40% of the batch: ceil(0.4 * 5 / 2) = 1 slot, so each expert keeps its best token
+    routing = expert_choice_route(scores, eligible, capacity_factor=1.0, max_fraction=0.4)
+    np.testing.assert_array_equal(routing.token_index, [[0], [1]])
+    np.testing.assert_allclose(routing.gate, [[0.9], [0.7]])
+
+
+def reference_group(group: ExpertGroup, x, eligible):
+    """Slow and obvious: loop over experts, rank eligible tokens by sigmoid score, add gate * FFN_j(x)."""
+    x, eligible = np.asarray(x), np.asarray(eligible)
+    scores = np.asarray(jax.nn.sigmoid(x @ np.asarray(group.router[...])))
+    budget = int(np.ceil(group.capacity_factor * eligible.sum() / group.num_experts))
+    out = np.zeros(x.shape, np.float32)
+    for e in range(group.num_experts):
+        for t in [t for t in np.argsort(-scores[:, e], kind="stable") if eligible[t]][:budget]:
+            out[t] += scores[t, e] * np.asarray(swiglu(x[t], group.gate[...][e], group.up[...][e],
+                                                       group.down[...][e]))
+    return out
+
+
+@pytest.mark.parametrize("capacity_factor", [1.0, 2.0, 0.5])
+def test_gather_scatter_group_equals_reference_loop(capacity_factor):
+    group = ExpertGroup(tiny_config(), 4, capacity_factor=capacity_factor, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (24, 64))
+    eligible = jax.random.uniform(jax.random.key(2), (24,)) > 0.3
+    fast, routing = group(x, eligible)
+    np.testing.assert_allclose(fast, reference_group(group, x, eligible), atol=1e-5)
+    # the gates are the sigmoid scores of the chosen tokens, and only eligible tokens are chosen
+    scores = jax.nn.sigmoid(x @ group.router[...])
+    chosen_scores = jnp.take_along_axis(scores.T, routing.token_index, axis=1)
+    np.testing.assert_allclose(routing.gate, jnp.where(routing.valid, chosen_scores, 0.0), rtol=1e-6)
+    assert bool(jnp.all(eligible[routing.token_index] | ~routing.valid))
+
+
+def test_modalities_use_their_own_experts_and_padding_is_never_routed():
+    moe = ModalityAwareMoE(tiny_config(), parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE),
+                           rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, 6, 64))
+    context = context_for(TOKENS, SEGMENTS)
+    y, aux = moe(x, context)
+    np.testing.assert_allclose(y[:, 5], 0.0)  # padding gets no expert output
+    eligible = moe.eligible(context)
+    image = np.asarray(image_token_mask(TOKENS, IMAGE_RANGE) & (SEGMENTS == 1)).reshape(-1)
+    np.testing.assert_array_equal(eligible["image"], image)
+    for name in ("text", "image"):
+        _, routing = moe.groups[name](x.reshape(12, 64), eligible[name])
+        assert bool(jnp.all(eligible[name][routing.token_index] | ~routing.valid))  # own modality only
+    # 5 text tokens, 4 experts: each takes ceil(5/4) = 2, so 8 expert slots over 5 tokens = 1.6 per token
+    assert float(aux["text_experts_per_token"]) == pytest.approx(1.6)
+    np.testing.assert_allclose(aux["image_expert_load"], [0.4] * 4)
+    assert float(aux["text_slot_overflow"]) == 0.0
+    # an image token's hidden state cannot change any text token's output, and vice versa
+    text = np.asarray(eligible["text"]).reshape(2, 6)
+    y_image_moved, _ = moe(x.at[0, 1].add(5.0), context)
+    np.testing.assert_allclose(np.asarray(y_image_moved)[text], np.asarray(y)[text], atol=1e-5)
+    y_text_moved, _ = moe(x.at[1, 1].add(5.0), context)
+    np.testing.assert_allclose(np.asarray(y_text_moved)[image.reshape(2, 6)], np.asarray(y)[image.reshape(2, 6)],
+                               atol=1e-5)
+
+
+def test_one_expert_per_modality_is_a_modality_specific_dense_ffn():
+    moe = ModalityAwareMoE(tiny_config(), parse_variant("moe_1t1i", image_token_range=IMAGE_RANGE),
+                           rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(4), (2, 6, 64))
+    y, aux = moe(x, context_for(TOKENS, SEGMENTS))
+    for (row, col), name in [((0, 0), "text"), ((0, 1), "image"), ((1, 3), "text"), ((1, 4), "image")]:
+        ffn = moe.groups[name]
+        assert ffn.router is None  # no routing, no gate
+        np.testing.assert_allclose(y[row, col], swiglu(x[row, col], ffn.gate[...][0], ffn.up[...][0],
+                                                       ffn.down[...][0]), atol=1e-5)
+    np.testing.assert_allclose(y[:, 5], 0.0)
+    assert float(aux["text_routed_fraction"]) == 1.0 and float(aux["image_experts_per_token"]) == 1.0
+
+
+def test_mixed_group_routes_both_modalities_but_not_padding():
+    moe = ModalityAwareMoE(tiny_config(), parse_variant("moe_8x", capacity_factor=2.0), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(5), (2, 6, 64))
+    context = context_for(TOKENS, SEGMENTS)
+    _, routing = moe.groups["mixed"](x.reshape(12, 64), moe.eligible(context)["mixed"])
+    routed = np.unique(np.asarray(routing.token_index)[np.asarray(routing.valid)])
+    assert 5 not in routed and 11 not in routed  # the padding positions
+    assert {1, 3} & set(routed) and {0, 2} & set(routed)  # image and text tokens share the experts
+    _, aux = moe(x, context)
+    assert float(aux["mixed_experts_per_token"]) == pytest.approx(8 * 3 / 10)  # budget ceil(2 * 10 / 8) = 3
+
+
+def test_router_noise_only_inside_noisy_routing():
+    moma = parse_variant("moe_2t2i", image_token_range=IMAGE_RANGE, router_noise=True)
+    moe = ModalityAwareMoE(tiny_config(), moma, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(6), (12, 64))
+    group = moe.groups["text"]
+    clean = group.scores(x)
+    np.testing.assert_allclose(clean, jax.nn.sigmoid(x @ group.router[...]), rtol=1e-6)
+    with noisy_routing(moe, jax.random.key(0)):
+        noisy = group.scores(x)
+        assert moe.groups["image"].noise_key is not None
+    assert not np.allclose(noisy, clean) and group.noise_key is None
+    np.testing.assert_allclose(group.scores(x), clean)  # noise-free again outside the `with`
+
+    seen = []
+    with_router_noise(lambda model, batch, rng: seen.append(group.noise_key is not None))(moe, {}, jax.random.key(1))
+    assert seen == [True] and group.noise_key is None
+
+
+def test_variants_and_errors():
+    assert parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE).groups == {"text": 4, "image": 4}
+    assert parse_variant("moe_8x").groups == {"mixed": 8}
+    assert parse_variant("mod_moe_1t1i", image_token_range=IMAGE_RANGE).mod and parse_variant("dense").is_dense
+    assert parse_variant("mod_dense").mod
+    for bad in ("moe_4t", "moe_0t4i", "moe_0x", "mod_", "sparse"):
+        with pytest.raises(UserError, match=f"unknown MoMa variant '{bad}'"):
+            parse_variant(bad)
+    with pytest.raises(UserError, match="capacity_factor=0"):
+        parse_variant("moe_8x", capacity_factor=0)
+    with pytest.raises(UserError, match="image_token_range=.0, 0. is empty"):
+        parse_variant("moe_4t4i")
+    with pytest.raises(UserError, match="unknown MoMa option"):
+        parse_variant("moe_8x", text_experts=2)
+    with pytest.raises(UserError, match="expert axis of size 4"):
+        check_fits_mesh(parse_variant("moe_2t2i", image_token_range=IMAGE_RANGE), 4)
+    check_fits_mesh(parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE), 4)
+    check_fits_mesh(parse_variant("moe_1t1i", image_token_range=IMAGE_RANGE), 4)  # unrouted FFNs are replicated
+    with pytest.raises(UserError, match="past vocab_size=64"):
+        check_fits_model(parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE), tiny_config(vocab_size=64))
+
+
+def test_active_ffn_flops_match_dense_and_mod_depths_match_the_paper():
+    config = ModelConfig(vocab_size=65536, d_model=512, num_layers=8, num_heads=8, d_ff=2048, max_seq_len=4096)
+    dense = ffn_layer_flops(config, parse_variant("dense"))
+    assert dense == 2 * 3 * 512 * 2048
+    assert ffn_layer_flops(config, parse_variant("moe_1t1i", image_token_range=IMAGE_RANGE)) == dense
+    # capacity 1: one expert per token on average, plus the token's router (2 * d * experts of its group)
+    assert ffn_layer_flops(config, parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE)) == dense + 2 * 512 * 4
+    assert ffn_layer_flops(config, parse_variant("moe_8x")) == dense + 2 * 512 * 8
+    assert ffn_layer_flops(config, parse_variant("moe_8x", capacity_factor=2.0)) == 2 * dense + 2 * 512 * 8
+    # the paper's compute-matched MoD depths: 90M dense l=8 -> 14, 435M l=24 -> 40
+    assert compute_matched_mod_layers(config, parse_variant("mod_moe_4t4i", image_token_range=IMAGE_RANGE),
+                                      4096) == 14
+    config_435m = config.replace(d_model=1024, num_layers=24, num_heads=16, d_ff=4096)
+    assert compute_matched_mod_layers(config_435m, parse_variant("mod_dense"), 4096) == 40
+    # static slots: two modality groups each sized for the whole batch compute 2x; a 60% bound at a 50/50 mix 1.2x
+    assert executed_expert_overhead(parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE)) == 2.0
+    assert executed_expert_overhead(parse_variant("moe_8x")) == 1.0
+    bounded = parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE, max_text_fraction=0.6,
+                            max_image_fraction=0.6)
+    assert executed_expert_overhead(bounded) == pytest.approx(1.2)
