@@ -1,7 +1,7 @@
 """Time to first token of base-only, auxiliary-only and KVP models on this machine, next to the FLOPs estimate.
 
     python -m experiments.kv_prediction.ttft [--workdir=DIR] [--config=experiments/configs/kvp_tiny.py]
-        [--variant=lp0.25] [--batch=1] [--prompt_len=256] [--repeats=5] [--json]
+        [--variant=lp0.25] [--batch=1] [--prompt_len=256] [--repeats=20] [--json]
 
 With a trained --workdir the models are loaded from it; without one they get random weights of the configured
 sizes (timing does not depend on weights). TTFT = host prompt ids -> first token on the host, compiled and warmed
