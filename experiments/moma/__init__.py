@@ -1,0 +1,1 @@
+"""MoMa entrypoints: the VQ image tokenizer (more to come with the mixed-modal trainer)."""
