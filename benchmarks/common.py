@@ -25,6 +25,25 @@ def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
+def interleaved_median_seconds(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+                               ) -> dict[str, float]:
+    """Median wall time of each named `run()`, the runs taking turns within every repeat.
+
+    Two things compared on a shared, loaded machine see the same load only if they are timed in alternation;
+    timing one fully and then the other lets a change of load in between masquerade as a speed ratio.
+    """
+    for _ in range(warmup):
+        for run in runs.values():
+            jax.block_until_ready(run())
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def peak_memory_bytes() -> int:
     """Peak device memory where the backend reports it (GPU/TPU), else the process's peak resident memory."""
     stats = jax.devices()[0].memory_stats() or {}

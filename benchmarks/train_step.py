@@ -11,7 +11,10 @@ asserts timings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,6 +33,48 @@ def bench_config(dtype: str = "float32", remat: bool = False) -> ModelConfig:
                        tie_embeddings=False, dtype=dtype, remat=remat)
 
 
+@dataclasses.dataclass
+class BenchStep:
+    """A compiled, already-run training step of the bench model, ready to be timed (by us or side by side with
+    another framework's step, as benchmarks/torch_reference.py does)."""
+
+    config: ModelConfig
+    batch: int
+    seq: int
+    compile_s: float  # the first call: tracing, compilation and one step
+    run: Callable[[], Any]  # one more optimizer step; returns the step's metrics (block on them to time it)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq
+
+
+def make_bench_step(batch: int = 8, seq: int = 256, dtype: str = "float32", remat: bool = False) -> BenchStep:
+    """Builds the bench model's AdamW train step (lm_core.train_step on one device) and runs it once to compile."""
+    config = bench_config(dtype, remat)
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    optimizer = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0))
+    graphdef, state, shardings = ts.init_train_state(lambda: Transformer(config, rngs=nnx.Rngs(0)), optimizer,
+                                                     mesh, seed=0)
+    step = ts.make_train_step(graphdef, loss.next_token_loss, optimizer, mesh, shardings)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (batch, seq + 1)).astype(np.int32)
+    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
+
+    start = time.perf_counter()
+    state, metrics = step(state, data)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+
+    holder = {"state": state}  # the step donates its state, so each call must get the previous call's output
+
+    def one_step() -> Any:
+        holder["state"], out = step(holder["state"], data)
+        return out
+
+    return BenchStep(config, batch, seq, compile_s, one_step)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
@@ -40,29 +85,9 @@ def main() -> None:
     parser.add_argument("--remat", action="store_true")
     args = parser.parse_args()
 
-    config = bench_config(args.dtype, args.remat)
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    optimizer = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0))
-    graphdef, state, shardings = ts.init_train_state(lambda: Transformer(config, rngs=nnx.Rngs(0)), optimizer,
-                                                     mesh, seed=0)
-    step = ts.make_train_step(graphdef, loss.next_token_loss, optimizer, mesh, shardings)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-             "loss_mask": np.ones((args.batch, args.seq), np.float32)}
-
-    start = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-
-    holder = {"state": state}
-
-    def one_step():
-        holder["state"], out = step(holder["state"], batch)
-        return out
-
-    step_s = median_seconds(one_step, repeats=args.steps)
+    bench = make_bench_step(args.batch, args.seq, args.dtype, args.remat)
+    config, compile_s = bench.config, bench.compile_s
+    step_s = median_seconds(bench.run, repeats=args.steps)
     tokens_per_s = args.batch * args.seq / step_s
     flops_per_token = flops.flops_per_token(config, args.seq).training
     peak, peak_source = flops.peak_flops_per_s()

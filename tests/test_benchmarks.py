@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,84 @@ def test_decode_benchmark_reports_json():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for batch in (1, 8):
         assert report[f"batch{batch}_tokens_per_s"] > 0 and report[f"batch{batch}_fraction_of_bound"] > 0
+
+
+def test_torch_reference_reports_json():
+    pytest.importorskip("torch")
+    result = subprocess.run([sys.executable, "-m", "benchmarks.torch_reference", "--json", "--steps=1", "--batch=2",
+                             "--seq=32", "--threads=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("tokens_per_s", "jax_tokens_per_s", "jax_over_torch", "torch_params", "jax_params", "threads"):
+        assert key in report
+    assert report["tokens_per_s"] > 0 and report["jax_tokens_per_s"] > 0 and report["jax_over_torch"] > 0
+    # the same model in both frameworks: 5,261,568 parameters, as lm_core.flops counts them
+    assert report["torch_params"] == report["jax_params"] == report["formula_params"]
+
+
+def test_torch_reference_without_torch_exits_2_with_one_line():
+    # sys.modules["torch"] = None makes `import torch` fail as if it were not installed
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['torch_reference']; "
+            "runpy.run_module('benchmarks.torch_reference', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "PyTorch" in result.stderr
+
+
+def test_moe_benchmark_reports_json():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.moe", "--json", "--batch=2", "--seq=32", "--repeats=1",
+                             "--profile"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for prefix in ("", "bounded_"):
+        assert report[f"{prefix}moe_s"] > 0 and report[f"{prefix}ratio"] > 0
+    assert report["dense_s"] > 0
+    # equal active FLOPs up to the routers: 2·3·256·688 per token dense; moe_4t4i adds 2·256·4 per group, half the
+    # tokens in each
+    assert report["dense_flops_per_token"] == 2 * 3 * 256 * 688
+    assert report["moe_active_flops_per_token"] == report["dense_flops_per_token"] + 2 * 256 * 4
+    # default slots compute every expert twice over on a 50/50 batch, the 0.5-bounded slots once (routers: all tokens)
+    assert report["moe_executed_flops_per_token"] == 2 * report["dense_flops_per_token"] + 2 * 2 * 256 * 4
+    assert report["bounded_moe_executed_flops_per_token"] == report["dense_flops_per_token"] + 2 * 2 * 256 * 4
+    assert report["profile_default"]["slots"] == 2 * report["profile_bounded"]["slots"]
+
+
+def test_torch_reference_model_computes_what_lm_core_computes():
+    """With lm_core's weights copied in, the PyTorch bench model gives the same logits: the two benchmarks time the
+    same function, not merely models of the same size."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    from flax import nnx
+
+    from benchmarks import torch_model
+    from lm_core.config import ModelConfig
+    from lm_core.model import Transformer
+
+    config = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, max_seq_len=16, tie_embeddings=False)
+    jax_model = Transformer(config, rngs=nnx.Rngs(0))
+    reference = torch_model.Transformer(config)
+
+    def copy(target, value, transpose_to=None):
+        array = np.asarray(value[...], np.float32)
+        if transpose_to is not None:  # lm_core kernels are [in..., out...]; nn.Linear weights are [out, in]
+            array = array.reshape(transpose_to).T
+        target.data.copy_(torch.tensor(np.ascontiguousarray(array)))
+
+    d, width = config.d_model, config.num_heads * config.head_dim
+    copy(reference.embedding.weight, jax_model.embedding.table)
+    for block, ref in zip(jax_model.blocks, reference.blocks, strict=True):
+        copy(ref.attention_norm.weight, block.attention_norm.scale)
+        copy(ref.ffn_norm.weight, block.ffn_norm.scale)
+        for name in ("query", "key", "value"):
+            copy(getattr(ref.attention, name).weight, getattr(block.attention, f"{name}_proj"), (d, width))
+        copy(ref.attention.out.weight, block.attention.out_proj, (width, d))
+        for name in ("gate", "up", "down"):
+            copy(getattr(ref.ffn, name).weight, getattr(block.ffn, name), getattr(block.ffn, name).shape)
+    copy(reference.final_norm.weight, jax_model.final_norm.scale)
+    copy(reference.output.weight, jax_model.output, (d, config.vocab_size))
+
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 16))
+    expected = np.asarray(jax_model(tokens.astype(np.int32)).logits)
+    with torch.no_grad():
+        actual = reference(torch.from_numpy(tokens)).numpy()
+    np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=2e-4)
