@@ -62,6 +62,14 @@ class Checkpointer:
             raise UserError(f"checkpoint {self.directory / str(step)} is unreadable ({_short(error)}); move it "
                             "away to start from the previous one") from error
 
+    def read_data(self, step: int) -> dict[str, Any]:
+        """The data position alone, e.g. for a new run that continues another run's stream (upcycling)."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+        except Exception as error:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
+            raise UserError(f"checkpoint {self.directory / str(step)} is unreadable ({_short(error)}); move it "
+                            "away to start from the previous one") from error
+
     def restore(self, step: int, abstract_state: Any) -> Restored:
         """Restore `step` into the structure, dtypes and shardings of `abstract_state` (ShapeDtypeStructs)."""
         meta = self.read_meta(step)

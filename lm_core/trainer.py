@@ -39,6 +39,7 @@ Array = jax.Array
 Batch = dict[str, Array]
 # (logits [batch, seq, vocab], batch) -> {name: summed statistic}; the trainer divides each sum by the token count.
 EvalSumsFn = Callable[[Array, Batch], dict[str, Array]]
+HostBatch = dict[str, np.ndarray]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -74,6 +75,20 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 @dataclasses.dataclass
+class TrainData:
+    """What the loop reads: a run's tokenizer, its training stream and its evaluation batches.
+
+    The default (`text_train_data`) packs a text source; a paper with other data (MoMa's image-caption documents)
+    returns its own through `TrainTask.make_data`. Batches are host rows with the keys the loss reads plus a
+    per-row "chars" count, which the loop pops (bits per character) before the batch reaches the model.
+    """
+
+    tokenizer: Any  # .vocab_size; saved as workdir/tokenizer.model when it has .save and none is there yet
+    loader: Any  # .next() -> HostBatch, .state() -> JSON-able dict, .restore(state): the exact-resume contract
+    eval_batches: list[HostBatch]
+
+
+@dataclasses.dataclass
 class TrainTask:
     """What a paper package changes about training; the defaults train a plain language model."""
 
@@ -90,6 +105,15 @@ class TrainTask:
     training_flops_per_token: float | None = None  # for MFU when the module is not one plain Transformer
     # Saved with every checkpoint and compared on resume (a mismatch is refused, naming the key).
     extra_meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # (config, workdir, model config) -> TrainData; default: the text source config.data.source (text_train_data).
+    # It runs before anything is written, so it may raise UserError for bad data; the loop restores the loader on
+    # resume, so a fresh position set here (e.g. an upcycled run continuing its source's stream) only counts once.
+    make_data: Callable[[ml_collections.ConfigDict, Path, ModelConfig], TrainData] | None = None
+    # The logged step's loss_fn metrics (floats) -> extra entries of that metrics.jsonl row (e.g. text_loss).
+    train_row_fn: Callable[[dict[str, float]], dict[str, float]] | None = None
+    # The eval summary ({"eval_loss", "eval_<name>": sum / tokens, ...}) -> the entries to log instead, for
+    # statistics whose denominator is not the token count (e.g. per-modality losses over that modality's tokens).
+    eval_row_fn: Callable[[dict[str, float]], dict[str, float]] | None = None
 
 
 @dataclasses.dataclass
@@ -177,6 +201,21 @@ def tokenizer_cache_dir() -> Path:
     return Path(os.environ.get("LM_CORE_CACHE", Path.home() / ".cache" / "lm_core")) / "tokenizers"
 
 
+def text_train_data(config: ml_collections.ConfigDict, workdir: Path, model_config: ModelConfig) -> TrainData:
+    """The default data: a text source (config.data.source) packed into rows by LMDataLoader."""
+    from lm_core.data import LMDataLoader, get_text_source, iter_eval_batches
+
+    source = get_text_source(config.data.source, data_dir=config.data.data_dir or None)
+    train_texts = source.split("train")
+    tokenizer = load_tokenizer(config, workdir, train_texts, model_config)
+    loader = LMDataLoader(train_texts, tokenizer, seq_len=config.data.seq_len,
+                          global_batch_size=config.data.global_batch_size, seed=config.seed,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+    eval_batches = list(iter_eval_batches(source.split("validation"), tokenizer, config.data.seq_len,
+                                          config.data.global_batch_size, config.eval_batches))
+    return TrainData(tokenizer, loader, eval_batches)
+
+
 def _iterate(texts: Any) -> Iterator[str]:
     for i in range(len(texts)):
         yield texts[i]
@@ -213,8 +252,6 @@ def _host_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTask | None = None) -> TrainResult:
     """Train (or resume) the run described by `config` in `workdir`."""
-    from lm_core.data import LMDataLoader, get_text_source, iter_eval_batches
-
     task = task or TrainTask()
     workdir = Path(workdir).absolute()
     validate_run_config(config)
@@ -235,14 +272,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
             saved_meta = checkpointer.read_meta(latest)
             check_same_model(saved_meta, model_config, workdir)
             check_same_meta(saved_meta, task.extra_meta, workdir)
-    source = get_text_source(config.data.source, data_dir=config.data.data_dir or None)
-    train_texts = source.split("train")
-    tokenizer = load_tokenizer(config, workdir, train_texts, model_config)
-    loader = LMDataLoader(train_texts, tokenizer, seq_len=config.data.seq_len,
-                          global_batch_size=config.data.global_batch_size, seed=config.seed,
-                          process_index=jax.process_index(), process_count=jax.process_count())
-    eval_batches = list(iter_eval_batches(source.split("validation"), tokenizer, config.data.seq_len,
-                                          config.data.global_batch_size, config.eval_batches))
+    data = (task.make_data or text_train_data)(config, workdir, model_config)
+    tokenizer, loader, eval_batches = data.tokenizer, data.loader, data.eval_batches
 
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -293,7 +324,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
             out = eval_fn(state.params, distributed.global_batch(mesh, _host_rows(model_batch)))
             for name, value in out.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
-        return summarise_eval(sums, chars) if sums else {}
+        if not sums:
+            return {}
+        summary = summarise_eval(sums, chars)
+        return task.eval_row_fn(summary) if task.eval_row_fn is not None else summary
 
     last_row: dict[str, Any] = {}
     tokens_seen = chars_seen = 0.0
@@ -321,6 +355,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
                             "grad_norm": float(metrics["grad_norm"]), "z_loss": float(metrics["z_loss"]),
                             "learning_rate": float(schedule(step - 1)),
                             "tokens": int(tokens_seen), "chars": chars_seen}
+                if task.train_row_fn is not None:
+                    last_row.update(task.train_row_fn({name: float(value) for name, value in metrics.items()
+                                                       if np.ndim(value) == 0}))
                 if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
                     last_row.update(run_eval())
                 log.write(last_row)

@@ -5,7 +5,8 @@ chosen tokens only, gathered into one short sequence that keeps their order, pos
 documents become distinct segments, so no token sees another row or document and attention stays causal in the
 original order); the others skip the layer on the residual path, bit for bit unchanged. The chosen tokens' residual
 update is scaled by their router score, which is how the router gets a gradient. Like expert choice, the top-k spans
-the whole batch, so it is non-causal; causal inference needs auxiliary routers (later).
+the whole batch, so it is non-causal; causal inference uses auxiliary routers (`moma.aux_routers`: in causal mode a
+token goes through the layer iff its aux score > 0.5, still weighted by this router's score).
 
 The FFN seam cannot express "skip attention too", so MoD wraps whole blocks: `build_moma_model` builds an lm_core
 `Transformer` and replaces blocks 0, 2, 4, ... by `MoDBlock`s around them (the wrapped block's parameters move
@@ -28,6 +29,7 @@ from lm_core.attention import LayerCache, LayerKV
 from lm_core.config import ModelConfig
 from lm_core.layers import Aux, TokenContext, dense, fan_in_init, param
 from lm_core.model import Block, Transformer
+from moma import aux_routers
 from moma.experts import moma_ffn_factory
 from moma.variants import MoMaConfig, check_fits_model
 
@@ -78,10 +80,36 @@ class MoDBlock(nnx.Module):
         self.capacity = capacity
         self.compute_dtype = config.compute_dtype
         self.router = param(rngs, fan_in_init(0, 1), (config.d_model, 1), ("embed", None), config.weights_dtype)
+        # causal routing (moma.aux_routers): attached after main training; no parameters until then
+        self.aux_router_outputs = 1
+        self.aux_router = nnx.data(None)
+        self.routing_mode = aux_routers.EXPERT_CHOICE
+        self.causal_capacity = 1.0
 
     def scores(self, x: Array) -> Array:
         """x [tokens, d] -> [tokens] float32 sigmoid(x·w)."""
         return jax.nn.sigmoid(dense(x, self.router[...].astype(self.compute_dtype))[:, 0].astype(jnp.float32))
+
+    def select(self, flat: Array, real: Array) -> tuple[Selection, Aux]:
+        """The batch's top c_d (expert choice), or the tokens whose aux score > 0.5 (causal; see moma.aux_routers).
+
+        Causal mode has ceil(causal_capacity · T) slots filled first come in token order (all T by default, so
+        nothing is dropped and the sub-sequence is the whole batch's real tokens that chose the layer).
+        """
+        scores = self.scores(flat)  # [tokens]
+        chosen = select_tokens(scores, real, self.capacity)
+        if self.aux_router is None:
+            return chosen, {}
+        targets = aux_routers.selection_targets(chosen.index[None], chosen.valid[None], flat.shape[0])  # [T, 1]
+        if self.routing_mode == aux_routers.EXPERT_CHOICE:
+            return chosen, aux_routers.aux_router_statistics("mod", self.aux_router(flat), targets, real)
+        decisions = targets[:, 0] if self.routing_mode == aux_routers.ORACLE else self.aux_router(flat)[:, 0] > 0
+        decisions = decisions & real
+        index, valid = aux_routers.first_come_slots(decisions, aux_routers.causal_slots(flat.shape[0],
+                                                                                         self.causal_capacity))
+        demand = jnp.sum(decisions, dtype=jnp.float32)
+        overflow = (demand - jnp.sum(valid)) / jnp.maximum(demand, 1.0)
+        return Selection(index, jnp.where(valid, scores[index], 0.0), valid), {"mod_causal_overflow": overflow}
 
     def __call__(self, x: Array, context: TokenContext, cache: LayerCache | None, cache_segment_ids: Array | None,
                  cache_index: Array | None, injected_kv: LayerKV | None
@@ -94,13 +122,13 @@ class MoDBlock(nnx.Module):
         batch, seq, d = x.shape
         flat = x.reshape(batch * seq, d)  # [tokens, d]
         real = context.segment_ids.reshape(-1) != 0
-        selection = select_tokens(self.scores(flat), real, self.capacity)
+        selection, routing_aux = self.select(flat, real)
         selected = jnp.take(flat, selection.index, axis=0)[None]  # [1, slots, d]
         processed, _, kv, aux = self.block(selected, selected_context(context, selection), None, None, None, None)
         update = (processed[0] - selected[0]) * selection.weight[:, None].astype(x.dtype)  # [slots, d]
         out = flat.at[selection.index].add(update).reshape(batch, seq, d)
         selected_fraction = jnp.sum(selection.valid) / jnp.maximum(jnp.sum(real), 1)
-        return out, None, kv, dict(aux, mod_selected_fraction=selected_fraction)
+        return out, None, kv, dict(aux, mod_selected_fraction=selected_fraction, **routing_aux)
 
 
 def build_moma_model(model_config: ModelConfig, moma: MoMaConfig, *, rngs: nnx.Rngs) -> Transformer:

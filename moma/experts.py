@@ -18,6 +18,11 @@ A group of ONE expert (MoMa 1t1i) is a modality-specific dense FFN: no router, e
 Expert choice with one expert and c_e = 1 would select the very same tokens and only multiply them by a sigmoid
 gate, which the paper's "modality-specific FFNs" do not have; without the gate, 1t1i is exactly the dense model
 with the FFN untied per modality. It runs through the same slot machinery (constant scores, capacity 1).
+
+Causal inference: expert choice ranks the whole batch, so it is non-causal. `moma.aux_routers` attaches an auxiliary
+router to each routed group after training (`aux_router`, None until then, so main-training checkpoints do not
+change) and switches `routing_mode`: in "causal" mode each token's experts are those its aux router scores > 0.5,
+gated by this group's router, dispatched through the same gather/scatter with first-come static slots.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from lm_core.config import ModelConfig
 from lm_core.layers import Aux, FeedForward, FFNFactory, SwiGLU, TokenContext, dense, fan_in_init, param, silu
 from lm_core.sharding import constrain
 from lm_core.train_step import LossFn
+from moma import aux_routers
 from moma.variants import MoMaConfig
 
 Array = jax.Array
@@ -46,6 +52,8 @@ class Routing(NamedTuple):
     gate: Array  # [experts, slots] float32: the expert's score of that token, 0 for invalid slots
     valid: Array  # [experts, slots] bool: within the expert's budget and holding an eligible token
     budget: Array  # [] float32: tokens each expert should take, ceil(capacity_factor · n_eligible / experts)
+    # [tokens, experts] float32 logits of the auxiliary router, in expert-choice mode once one is attached
+    aux_logits: Array | None = None
 
 
 def image_token_mask(tokens: Array, image_token_range: tuple[int, int]) -> Array:
@@ -97,6 +105,11 @@ class ExpertGroup(nnx.Module):
         self.max_fraction = max_fraction
         self.router_noise = router_noise and self.routed
         self.noise_key = nnx.data(None)  # lent by `noisy_routing(...)` while training, None otherwise
+        # causal routing (moma.aux_routers): attached after main training; no parameters until then
+        self.aux_router_outputs = num_experts if self.routed else 0
+        self.aux_router = nnx.data(None)
+        self.routing_mode = aux_routers.EXPERT_CHOICE
+        self.causal_capacity = 1.0
         expert_axis = "expert" if self.routed else None
         # [d, experts]: the paper's W_g; one fan-in init like every other projection
         self.router = (param(rngs, fan_in_init(0, 1), (d, num_experts), ("embed", None), dtype) if self.routed
@@ -127,9 +140,27 @@ class ExpertGroup(nnx.Module):
         hidden = constrain(silu(gate) * up, ("expert", None, "act_mlp"))
         return jnp.einsum("esf,efd->esd", hidden, self.down[...].astype(dtype))
 
+    def route(self, x: Array, eligible: Array) -> Routing:
+        """Expert choice, or (moma.aux_routers) per-token decisions of the aux router gated by the main router."""
+        scores = self.scores(x)
+        if self.aux_router is None or self.routing_mode == aux_routers.EXPERT_CHOICE:
+            routing = expert_choice_route(scores, eligible, self.capacity_factor, self.max_fraction)
+            return routing if self.aux_router is None else routing._replace(aux_logits=self.aux_router(x))
+        if self.routing_mode == aux_routers.ORACLE:
+            routing = expert_choice_route(scores, eligible, self.capacity_factor, self.max_fraction)
+            decisions = aux_routers.selection_targets(routing.token_index, routing.valid, x.shape[0])
+        else:
+            decisions = self.aux_router(x) > 0  # aux score > 0.5
+        decisions = decisions & eligible[:, None]  # [tokens, experts]
+        slots = aux_routers.causal_slots(x.shape[0], self.causal_capacity * self.max_fraction)
+        token_index, valid = aux_routers.causal_expert_slots(decisions, slots)  # [experts, slots]
+        gate = jnp.take_along_axis(scores.T, token_index, axis=1)
+        budget = jnp.max(jnp.sum(decisions, axis=0)).astype(jnp.float32)  # the busiest expert's demand
+        return Routing(token_index, jnp.where(valid, gate, 0.0), valid, budget)
+
     def __call__(self, x: Array, eligible: Array) -> tuple[Array, Routing]:
         """x: [tokens, d]; eligible: [tokens] bool. Returns the [tokens, d] mixture (0 where no expert chose)."""
-        routing = expert_choice_route(self.scores(x), eligible, self.capacity_factor, self.max_fraction)
+        routing = self.route(x, eligible)
         chosen = constrain(jnp.take(x, routing.token_index, axis=0), ("expert", None, "act_embed"))  # [e, s, d]
         outputs = self.experts(chosen) * routing.gate[..., None].astype(x.dtype)  # [experts, slots, d]
         mixed = jnp.zeros_like(x).at[routing.token_index.reshape(-1)].add(outputs.reshape(-1, x.shape[-1]))
@@ -166,6 +197,9 @@ class ModalityAwareMoE(nnx.Module):
             y, routing = self.groups[name](flat, eligible[name])
             out = out + y
             aux.update(routing_statistics(name, routing, eligible[name]))
+            if routing.aux_logits is not None:
+                targets = aux_routers.selection_targets(routing.token_index, routing.valid, flat.shape[0])
+                aux.update(aux_routers.aux_router_statistics(name, routing.aux_logits, targets, eligible[name]))
         return out.reshape(batch, seq, d), aux
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 
 from absl import flags
@@ -105,22 +104,10 @@ def _vq_config():  # -> moma.vq.VQConfig (imported lazily: --help stays fast)
 
 
 def _train(config, source):  # -> (VQTokenizer, history)
-    from lm_core.metrics import format_seconds
-    from moma.images import image_batches
-    from moma.vq import train_vq
+    from experiments.moma.image_tokenizer import train_tokenizer
 
-    steps, start = _STEPS.value, time.monotonic()
-
-    def progress(step: int, row: dict[str, float]) -> None:
-        if step % _LOG_EVERY.value and step != steps:
-            return
-        elapsed = time.monotonic() - start
-        print(f"step {step}/{steps} | loss {row['loss']:.4f} | mse {row['mse']:.4f} | usage "
-              f"{100 * row['usage']:.0f}% | perplexity {row['perplexity']:.1f} | eta "
-              f"{format_seconds(elapsed / step * (steps - step))}", flush=True)
-
-    batches = image_batches(source.split("train"), _BATCH_SIZE.value, _SEED.value)
-    return train_vq(config, batches, steps, _LR.value, _SEED.value, on_step=progress)
+    return train_tokenizer(config, source, steps=_STEPS.value, batch_size=_BATCH_SIZE.value, lr=_LR.value,
+                           seed=_SEED.value, log_every=_LOG_EVERY.value)
 
 
 def _report(source_name: str, config, result, history: list[dict[str, float]]) -> str:

@@ -1,0 +1,238 @@
+"""FLOPs savings η and throughput of each MoMa variant against the dense baseline, from a directory of runs.
+
+    python -m experiments.moma.savings --workdir=DIR [--json] [--throughput_steps=5] [--smooth=5]
+
+DIR holds one run per variant (subdirectories written by experiments.moma.train, one of them `dense`).
+η = C_dense_final / C_variant(L_dense_final) (moma.savings), overall and per modality, read off the TRAINING loss
+curves in metrics.jsonl (`loss`, `text_loss`, `image_loss`; the paper's curves) after a trailing mean over
+`--smooth` logged points, with C = tokens seen x the variant's analytic training FLOPs per token
+(moma.flops.moma_flops_per_token). η > 1: the variant reaches dense's final loss with less compute; "-": it never
+does within its run. Throughput: every variant's compiled train step is timed in this process on the same batches
+(the dense run's evaluation batches, training-shaped), warmed up first, variants interleaved round by round so a
+busy machine slows them alike; the median tokens/s per variant is reported relative to dense.
+Writes DIR/SAVINGS.md and DIR/savings.json; `--json` prints the JSON instead of the table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import flags
+
+from experiments.cli import run
+
+MODALITY_KEYS = {"overall": "loss", "text": "text_loss", "image": "image_loss"}
+BASELINE = "dense"
+
+
+def define_flags() -> None:
+    """Defined only when this file runs as the entrypoint (the reproduction imports its functions)."""
+    flags.DEFINE_string("workdir", None, "Directory holding one MoMa run per variant.", required=True)
+    flags.DEFINE_bool("json", False, "Print the results as JSON instead of the markdown table.")
+    flags.DEFINE_integer("throughput_steps", 5, "Timed train steps per variant and round (0 = skip).")
+    flags.DEFINE_integer("smooth", 5, "Trailing mean over this many logged points before reading η.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from lm_core.errors import UserError
+
+    options = flags.FLAGS
+    if options.throughput_steps < 0 or options.smooth < 1:
+        raise UserError(f"--throughput_steps={options.throughput_steps} must be >= 0 and --smooth={options.smooth} "
+                        ">= 1")
+    rows = write_savings(Path(options.workdir), smooth=options.smooth, throughput_steps=options.throughput_steps)
+    print(json.dumps(rows, indent=2) if options.json else markdown_table(rows))
+
+
+def write_savings(directory: Path, *, smooth: int = 5, throughput_steps: int = 5) -> list[dict[str, Any]]:
+    """η (and throughput unless throughput_steps is 0) of every run in `directory`: DIR/savings.json, DIR/SAVINGS.md."""
+    rows = savings_rows(directory, smooth=smooth)
+    if throughput_steps:
+        add_throughput(rows, measure_throughput(find_runs(directory), throughput_steps))
+    (directory / "savings.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (directory / "SAVINGS.md").write_text("# MoMa: FLOPs savings and throughput vs dense\n\n" + markdown_table(rows)
+                                          + "\n")
+    return rows
+
+
+# --- reading runs ---------------------------------------------------------------------------------------------------
+
+
+def find_runs(directory: Path) -> dict[str, Path]:
+    """run name (its directory's name) -> run dir for every MoMa run directly under `directory`, sorted by name
+    with the dense baseline first (an upcycled or re-run variant next to the original keeps its own row)."""
+    from lm_core.errors import UserError
+
+    runs, dense = {}, []
+    candidates = sorted(p for p in Path(directory).iterdir() if (p / "config.json").exists()) \
+        if Path(directory).is_dir() else []
+    for path in candidates:
+        config = json.loads((path / "config.json").read_text())
+        if "moma" in config and (path / "metrics.jsonl").exists():
+            runs[path.name] = path
+            if config["moma"]["variant"] == BASELINE:
+                dense.append(path.name)
+    if len(dense) != 1:
+        raise UserError(f"{directory} holds {len(dense)} dense MoMa runs {dense} among {sorted(runs) or 'none'}; "
+                        "valid: a directory with one experiments.moma.train run per variant, exactly one of them "
+                        "variant dense")
+    return {dense[0]: runs.pop(dense[0]), **runs}
+
+
+def variant_of(run_dir: Path) -> str:
+    return json.loads((run_dir / "config.json").read_text())["moma"]["variant"]
+
+
+def training_flops_per_token(run_dir: Path) -> float:
+    """The run's analytic training FLOPs per token (what its compute axis is measured in)."""
+    from experiments.moma.train import moma_config_from, read_run_config
+    from lm_core.trainer import model_config_from
+    from moma.flops import moma_flops_per_token
+
+    config = read_run_config(run_dir)
+    return moma_flops_per_token(model_config_from(config), moma_config_from(config), config.data.seq_len,
+                                config.moma.image_fraction).training
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """values[i] -> mean of values[max(0, i - window + 1) : i + 1]: a causal smoother (no look-ahead)."""
+    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def loss_curves(run_dir: Path, smooth: int = 1) -> dict[str, tuple[list[float], list[float]]]:
+    """modality -> (training FLOPs, smoothed training loss) at every logged step that has that loss."""
+    from lm_core.metrics import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    per_token = training_flops_per_token(run_dir)
+    curves = {}
+    for modality, key in MODALITY_KEYS.items():
+        points = [(row["tokens"] * per_token, row[key]) for row in rows if key in row and row.get("tokens")]
+        if points:
+            curves[modality] = ([c for c, _ in points], trailing_mean([loss for _, loss in points], smooth))
+    return curves
+
+
+def final_eval(run_dir: Path) -> dict[str, float]:
+    """The last logged evaluation losses (overall, text, image)."""
+    from lm_core.metrics import read_metrics
+
+    rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in row]
+    if not rows:
+        return {}
+    last = rows[-1]
+    return {modality: last[f"eval_{key}"] for modality, key in MODALITY_KEYS.items() if f"eval_{key}" in last}
+
+
+def savings_rows(directory: Path, smooth: int = 5) -> list[dict[str, Any]]:
+    """One row per run: η overall/text/image vs dense, final smoothed training and last eval losses, steps."""
+    from moma.savings import flops_savings
+
+    runs = find_runs(directory)
+    curves = {name: loss_curves(path, smooth) for name, path in runs.items()}
+    dense = curves[next(iter(runs))]
+    rows = []
+    for name, path in runs.items():
+        row: dict[str, Any] = {"run": name, "variant": variant_of(path), "path": str(path),
+                               "flops_per_token": training_flops_per_token(path)}
+        for modality in MODALITY_KEYS:
+            curve = curves[name].get(modality)
+            if curve is None or modality not in dense:
+                row[f"eta_{modality}"] = None
+                continue
+            # the baseline is 1 by definition; read off its own noisy curve it could reach its final loss earlier
+            row[f"eta_{modality}"] = 1.0 if path == runs[next(iter(runs))] else flops_savings(*dense[modality], *curve)
+            row[f"final_{modality}_loss"] = curve[1][-1]
+        row.update({f"eval_{modality}_loss": value for modality, value in final_eval(path).items()})
+        rows.append(row)
+    return rows
+
+
+# --- throughput ---------------------------------------------------------------------------------------------------
+
+
+def measure_throughput(runs: dict[str, Path], steps: int, rounds: int = 3) -> dict[str, float]:
+    """run name -> median tokens/s of its compiled train step on the dense run's evaluation batches.
+
+    Each variant is compiled and run twice (warm-up) first; then `rounds` rounds each time `steps` steps of every
+    variant in turn, so load from other processes hits all variants alike."""
+    from experiments.moma.train import mixed_eval_batches, moma_task, read_run_config
+    from lm_core import distributed, sharding
+    from lm_core.optim import make_optimizer
+    from lm_core.train_step import init_train_state, make_train_step
+    from lm_core.trainer import model_config_from, optimizer_config_from
+
+    host_batches = mixed_eval_batches(next(iter(runs.values())))
+    steppers: dict[str, Any] = {}
+    for name, path in runs.items():
+        config = read_run_config(path)
+        task = moma_task(config, path)
+        mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh.to_dict()))
+        optimizer = make_optimizer(optimizer_config_from(config))
+        model_config = model_config_from(config)
+        graphdef, state, shardings = init_train_state(lambda t=task, m=model_config: t.create_model(m, 0),
+                                                      optimizer, mesh, 0)
+        step = make_train_step(graphdef, task.loss_fn, optimizer, mesh, shardings)
+        batches = [distributed.global_batch(mesh, {k: v for k, v in batch.items() if k != "chars"})
+                   for batch in host_batches]
+        for batch in batches[:2]:  # compile + warm up
+            state, metrics = step(state, batch)
+        float(metrics["loss"])
+        steppers[name] = [step, state, batches]
+    tokens_per_step = host_batches[0]["inputs"].size
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (step, state, batches) in steppers.items():
+            start = time.perf_counter()
+            for index in range(steps):
+                state, metrics = step(state, batches[index % len(batches)])
+            float(metrics["loss"])  # waits for the last step
+            timings[name].append(steps * tokens_per_step / (time.perf_counter() - start))
+            steppers[name][1] = state
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+def add_throughput(rows: list[dict[str, Any]], tokens_per_s: dict[str, float]) -> None:
+    """Adds tokens_per_s and throughput_vs_dense (relative to the first row, the dense run) to each row."""
+    baseline = tokens_per_s[rows[0]["run"]]
+    for row in rows:
+        row["tokens_per_s"] = tokens_per_s[row["run"]]
+        row["throughput_vs_dense"] = tokens_per_s[row["run"]] / baseline - 1.0
+
+
+# --- report -------------------------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """η overall/text/image, final training and evaluation losses and throughput per run."""
+
+    def eta(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    def loss(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:.3f}" if key in row else "-"
+
+    has_throughput = any("tokens_per_s" in row for row in rows)
+    header = ["run", "η overall", "η text", "η image", "train loss (text / image)", "eval loss (text / image)"]
+    header += ["tokens/s", "vs dense"] if has_throughput else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        name = row["run"] if row["run"] == row["variant"] else f"{row['run']} ({row['variant']})"
+        cells = [name, eta(row.get("eta_overall")), eta(row.get("eta_text")), eta(row.get("eta_image")),
+                 f"{loss(row, 'final_overall_loss')} ({loss(row, 'final_text_loss')} / "
+                 f"{loss(row, 'final_image_loss')})",
+                 f"{loss(row, 'eval_overall_loss')} ({loss(row, 'eval_text_loss')} / {loss(row, 'eval_image_loss')})"]
+        if has_throughput:
+            cells += [f"{row['tokens_per_s']:,.0f}", f"{100 * row['throughput_vs_dense']:+.0f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    define_flags()
+    run(main)

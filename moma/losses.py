@@ -1,0 +1,76 @@
+"""Per-modality losses for lm_core's trainer: the text and image loss curves that FLOPs savings η are read from.
+
+A target's modality decides which loss it counts in (image codes -> image; text, BOI/EOI, EOS -> text), as in
+`moma.mixed_modal.per_modality_sums`. The training objective itself is the plain next-token loss over all targets
+(the paper trains one early-fusion model on the mixed stream); the per-modality means are logged alongside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lm_core.loss import cross_entropy
+from moma.mixed_modal import MixedVocab, per_modality_sums
+
+Array = jax.Array
+Batch = dict[str, Array]
+MODALITIES = ("text", "image")
+
+
+def mixed_modal_loss(model: Any, batch: Batch, rng: Array | None = None, *, vocab: MixedVocab,
+                     z_loss_weight: float = 0.0) -> tuple[Array, dict[str, Array]]:
+    """Next-token CE + z-loss over all targets, plus `text_loss` / `image_loss` (means over each modality's targets).
+
+    Same objective as `lm_core.loss.next_token_loss` (FFN `*_loss` aux entries included); the two extra cross
+    entropies reuse the same logits, so XLA computes the log-normaliser once.
+    """
+    del rng
+    output = model(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+    mask = batch["loss_mask"].astype(jnp.float32)  # [batch, seq]
+    loss, metrics = cross_entropy(output.logits, batch["targets"], mask, z_loss_weight)
+    is_image = vocab.is_image_token(batch["targets"]).astype(jnp.float32)  # [batch, seq]
+    for name, modality_mask in (("text", mask * (1 - is_image)), ("image", mask * is_image)):
+        _, modality = cross_entropy(output.logits, batch["targets"], modality_mask)
+        metrics[f"{name}_loss"] = modality["loss"]
+    aux_losses = [value for layer in output.aux for name, value in layer.items() if name.endswith("_loss")]
+    if aux_losses:
+        metrics["aux_loss"] = sum(aux_losses)
+        loss = loss + metrics["aux_loss"]
+    return loss, metrics
+
+
+def per_modality_eval_sums(vocab: MixedVocab) -> Callable[[Array, Batch], dict[str, Array]]:
+    """The trainer's `eval_sums_fn`: summed NLL and target counts per modality of each evaluation batch."""
+
+    def sums(logits: Array, batch: Batch) -> dict[str, Array]:
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [batch, seq, vocab]
+        nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]  # [batch, seq]
+        return per_modality_sums(nll, batch["targets"], batch["loss_mask"].astype(jnp.float32), vocab)
+
+    return sums
+
+
+def per_modality_eval_row(summary: dict[str, float]) -> dict[str, float]:
+    """The trainer's `eval_row_fn`: eval_text_loss / eval_image_loss from the per-token sums it computed.
+
+    The trainer divides every summed statistic by the total token count; the ratio of two such means is the mean
+    over one modality's targets. The intermediate entries are dropped, the modality shares kept, and bits per
+    character too: it would divide image-code NLL by caption characters.
+    """
+    row = dict(summary)
+    row.pop("eval_bpc", None)
+    for name in MODALITIES:
+        loss_sum, tokens = row.pop(f"eval_{name}_loss_sum", None), row.pop(f"eval_{name}_tokens", None)
+        if loss_sum is not None and tokens:
+            row[f"eval_{name}_loss"] = loss_sum / tokens
+            row[f"eval_{name}_share"] = tokens
+    return row
+
+
+def per_modality_train_row(metrics: dict[str, float]) -> dict[str, float]:
+    """The trainer's `train_row_fn`: the step's text_loss / image_loss (and aux_loss when there is one)."""
+    return {name: metrics[name] for name in ("text_loss", "image_loss", "aux_loss") if name in metrics}
