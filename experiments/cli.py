@@ -17,6 +17,11 @@ def fail(message: str) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def flag_given(name: str, argv: list[str] | None = None) -> bool:
+    """True when the command line sets --name or an override --name.<field> (e.g. to prefer a saved config)."""
+    return any(arg == f"--{name}" or arg.startswith((f"--{name}=", f"--{name}.")) for arg in argv or sys.argv)
+
+
 def one_line(error: Exception) -> str:
     """A config file's error arrives as "Error whilst parsing config file:" + a traceback whose last line is the
     reason; keep the first and last lines."""

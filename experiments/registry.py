@@ -17,7 +17,21 @@ REPRODUCTION_MODULES = [
     "experiments.lm_report",
     "experiments.vocab_scaling.reproduce",
     "experiments.kv_prediction.reproduce",
+    "experiments.moma.reproduce",
 ]
+
+# Paper modules that register extra text sources with lm_core.data when imported (lm_core cannot import them):
+# retrieval:<source> (kv_prediction's retrieval documents mixed into a corpus) and image_captions:<image spec>.
+TEXT_SOURCE_MODULES = [
+    "kv_prediction.retrieval",
+    "moma.images",
+]
+
+
+def register_text_sources() -> None:
+    """Make every paper's text sources available to `--config.data.source` of the shared entrypoints."""
+    for name in TEXT_SOURCE_MODULES:
+        importlib.import_module(name)
 
 
 @dataclasses.dataclass

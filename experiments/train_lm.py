@@ -29,7 +29,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 def main(argv: list[str]) -> None:
     del argv
     distributed.initialize()
+    from experiments.registry import register_text_sources
     from lm_core.trainer import train
+
+    register_text_sources()
 
     result = train(_CONFIG.value, _WORKDIR.value)
     if result.stopped_by_signal:

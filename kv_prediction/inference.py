@@ -26,7 +26,7 @@ from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 from lm_core.flops import flops_per_token
 from lm_core.generation import SamplingConfig, decode, left_pad
-from lm_core.kv_cache import KVCache
+from lm_core.kv_cache import KVCache, init_cache
 from lm_core.model import Transformer
 
 Array = jax.Array
@@ -45,8 +45,8 @@ def padded_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[n
     return tokens, positions, segment_ids
 
 
-def _continue_on_predicted(base: Transformer, prompt_kv: Sequence[LayerKV], tokens: Array, positions: Array,
-                           segment_ids: Array, cache_len: int) -> tuple[Array, KVCache]:
+def first_logits_on_kv(base: Transformer, prompt_kv: Sequence[LayerKV], tokens: Array, positions: Array,
+                       segment_ids: Array, cache_len: int) -> tuple[Array, KVCache]:
     """Base cache from the K,V of tokens[:, :-1], then B runs the last prompt token on it.
 
     Returns (logits [batch, vocab] of the last prompt token, the cache with every prompt slot filled).
@@ -62,15 +62,41 @@ def kvp_prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positi
     """Steps 1-3 of the TTFT path for a `KVPModel` split into (graphdef, params); inputs [batch, width]."""
     model = nnx.merge(graphdef, params)
     predicted = model.predict_kv(tokens[:, :-1], positions=positions[:, :-1], segment_ids=segment_ids[:, :-1])
-    return _continue_on_predicted(model.base, predicted, tokens, positions, segment_ids, cache_len)
+    return first_logits_on_kv(model.base, predicted, tokens, positions, segment_ids, cache_len)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def prefill_on_kv(graphdef: nnx.GraphDef, params: nnx.State, prompt_kv: Sequence[LayerKV], tokens: Array,
                   positions: Array, segment_ids: Array, cache_len: int) -> tuple[Array, KVCache]:
     """Step 3 alone for a base `Transformer` and GIVEN pre-RoPE K,V of tokens[:, :-1] (e.g. an oracle's)."""
-    return _continue_on_predicted(nnx.merge(graphdef, params), prompt_kv, tokens, positions, segment_ids,
-                                  cache_len)
+    return first_logits_on_kv(nnx.merge(graphdef, params), prompt_kv, tokens, positions, segment_ids, cache_len)
+
+
+# --- the compiled first-token functions TTFT is measured on ----------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def plain_first_token(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, cache_len: int
+                      ) -> tuple[Array, KVCache]:
+    """A model alone (base-only or aux-only) prefilling unpadded prompts [batch, N]: (first token [batch], cache).
+
+    Logits only for the last position (the others are not needed to answer); the cache is filled for decoding.
+    """
+    model = nnx.merge(graphdef, params)
+    cache = init_cache(model.config, tokens.shape[0], cache_len)
+    hidden, cache, _, _ = model.hidden_states(tokens, cache=cache)
+    return jnp.argmax(model.logits(hidden[:, -1:])[:, 0], axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def kvp_first_token(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, cache_len: int
+                    ) -> tuple[Array, KVCache]:
+    """The whole KVP TTFT path in one compiled function for unpadded prompts [batch, N]: (first token, base cache)."""
+    batch, width = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
+    segment_ids = jnp.ones((batch, width), jnp.int32)
+    first_logits, cache = kvp_prefill(graphdef, params, tokens, positions, segment_ids, cache_len)
+    return jnp.argmax(first_logits, axis=-1).astype(jnp.int32), cache
 
 
 def check_lengths(base_config: ModelConfig, aux_config: ModelConfig | None, prompt_width: int,

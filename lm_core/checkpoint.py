@@ -56,16 +56,15 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        try:
-            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception as error:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
-            raise UserError(f"checkpoint {self.directory / str(step)} is unreadable ({_short(error)}); move it "
-                            "away to start from the previous one") from error
+        return self._read_json(step, "meta")
 
     def read_data(self, step: int) -> dict[str, Any]:
         """The data position alone, e.g. for a new run that continues another run's stream (upcycling)."""
+        return self._read_json(step, "data")
+
+    def _read_json(self, step: int, item: str) -> dict[str, Any]:
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+            return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
         except Exception as error:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
             raise UserError(f"checkpoint {self.directory / str(step)} is unreadable ({_short(error)}); move it "
                             "away to start from the previous one") from error

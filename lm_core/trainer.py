@@ -62,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
         tokenizer_seed=0,
         seq_len=128,
         global_batch_size=16,
+        whole_documents=False,  # True: a document that fits in one row is never split over two (costs padding)
     ))
     optimizer = OptimizerConfig()
     config.optimizer = ml_collections.ConfigDict(dataclasses.asdict(optimizer))
@@ -210,7 +211,8 @@ def text_train_data(config: ml_collections.ConfigDict, workdir: Path, model_conf
     tokenizer = load_tokenizer(config, workdir, train_texts, model_config)
     loader = LMDataLoader(train_texts, tokenizer, seq_len=config.data.seq_len,
                           global_batch_size=config.data.global_batch_size, seed=config.seed,
-                          process_index=jax.process_index(), process_count=jax.process_count())
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          whole_documents=config.data.get("whole_documents", False))
     eval_batches = list(iter_eval_batches(source.split("validation"), tokenizer, config.data.seq_len,
                                           config.data.global_batch_size, config.eval_batches))
     return TrainData(tokenizer, loader, eval_batches)

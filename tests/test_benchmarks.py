@@ -21,7 +21,8 @@ def test_train_step_benchmark_reports_json():
 
 
 def test_decode_benchmark_reports_json():
-    result = subprocess.run([sys.executable, "-m", "benchmarks.decode", "--json", "--new_tokens=4", "--prompt=8"],
+    result = subprocess.run([sys.executable, "-m", "benchmarks.decode", "--json", "--new_tokens=4", "--prompt=8",
+                             "--size=bench"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -78,6 +78,22 @@ def test_pack_rows_resumes_from_its_cursor():
         np.testing.assert_array_equal(getattr(whole, key), np.concatenate([getattr(first, key), getattr(rest, key)]))
 
 
+def test_whole_documents_start_a_new_row_instead_of_splitting():
+    docs = [tokenized_document(list(range(4, 4 + n)), n) for n in (4, 5, 3, 20, 6)]  # 5, 6, 4, 21, 7 pairs
+    stream = lambda i: docs[i] if i < len(docs) else None  # noqa: E731
+    batch, cursor = pack_rows(stream, PackCursor(), seq_len=8, num_rows=6, whole_documents=True)
+    # row 0: doc 0 (5 pairs) + padding, doc 1 (6) would not fit; row 1: doc 1 + padding; row 2: doc 2 (4 pairs), then
+    # doc 3 (21 pairs) is longer than a row, so it is split as usual from the next free column: 4 + 8 + 8 + 1 pairs,
+    # and doc 4 (7 pairs) fits whole after its last pair in row 5.
+    np.testing.assert_array_equal(batch.segment_ids[:3], [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0],
+                                                          [1, 1, 1, 1, 2, 2, 2, 2]])
+    assert (batch.segment_ids[5] == [1] + [2] * 7).all() and cursor == PackCursor(5, 0)
+    assert batch.loss_mask.sum() == sum(doc.num_pairs for doc in docs) and batch.chars.sum() == sum([4, 5, 3, 20, 6])
+    first, cursor = pack_rows(stream, PackCursor(), seq_len=8, num_rows=2, whole_documents=True)  # and resumes
+    rest, _ = pack_rows(stream, cursor, seq_len=8, num_rows=4, whole_documents=True)
+    np.testing.assert_array_equal(batch.inputs, np.concatenate([first.inputs, rest.inputs]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # loader
 

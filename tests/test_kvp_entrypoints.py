@@ -12,10 +12,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MICRO = ["--config.model.vocab_size=264", "--config.model.d_model=32", "--config.model.num_layers=4",
          "--config.model.num_heads=2", "--config.model.num_kv_heads=2", "--config.model.d_ff=64",
-         "--config.model.max_seq_len=64", "--config.data.tokenizer=byte", "--config.data.seq_len=32",
+         "--config.model.max_seq_len=128", "--config.data.tokenizer=byte", "--config.data.seq_len=32",
          "--config.data.global_batch_size=4", "--config.steps=6", "--config.kvp.steps=4", "--config.log_every=2",
          "--config.kvp.eval_documents=2", "--config.kvp.prompt_tokens=16", "--config.kvp.continuation_tokens=8",
-         "--config.kvp.ttft_prompt_len=32", "--config.kvp.ttft_repeats=2"]
+         "--config.kvp.ttft_prompt_len=32", "--config.kvp.ttft_repeats=2",
+         "--config.kvp.eval_questions=4", "--config.kvp.answer_tokens=5"]
 
 
 def entrypoint(name, *args, timeout=600):
@@ -30,20 +31,33 @@ def test_train_evaluate_ttft_micro(tmp_path):
     corpus.mkdir()
     for name, text in sorted(pydoc_data.topics.topics.items())[:12]:
         (corpus / f"{name}.txt").write_text(text)
-    common = [f"--config.data.source=files:{corpus}/*.txt", *MICRO, "--config.kvp.variants=('lp0.50','c32x1')"]
+    common = [f"--config.data.source=retrieval:facts=1,filler_chars=20:files:{corpus}/*.txt", *MICRO,
+              "--config.kvp.variants=('lp0.50','c32x1')"]
     workdir = tmp_path / "kvp"
     trained = entrypoint("train", f"--workdir={workdir}", *common)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    for run in ("base", "kvp_lp0.50", "aux_lp0.50", "kvp_c32x1", "aux_c32x1"):
+    for run in ("base", "pre_c32x1", "kvp_lp0.50", "aux_lp0.50", "kvp_c32x1", "aux_c32x1"):
         assert (workdir / run / "checkpoints").is_dir(), run
     evaluated = entrypoint("evaluate", f"--workdir={workdir}", "--json", *common)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     rows = json.loads(evaluated.stdout.strip().splitlines()[-1])["rows"]
-    assert [(r["model"], r["kind"]) for r in rows] == [("base", "base only"), ("lp0.50", "aux only"),
+    assert [(r["variant"], r["kind"]) for r in rows] == [("base", "base only"), ("lp0.50", "aux only"),
                                                        ("lp0.50", "KVP"), ("c32x1", "aux only"), ("c32x1", "KVP")]
+    assert all(0 <= r["exact_match"] <= 1 and r["perplexity"] > 1 for r in rows)
     assert (workdir / "REPORT.md").exists() and (workdir / "pareto_flops.png").exists()
+    retrained = entrypoint("train", f"--workdir={workdir}", *common)  # every run is finished: nothing retrains
+    assert retrained.returncode == 0 and retrained.stdout.count("(finished,") == 6, retrained.stdout[-3000:]
+    evaluated = entrypoint("evaluate", f"--workdir={workdir}", "--json")  # the workdir's saved config
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    for args, fragment in [(["--config.kvp.variants=('c32x2@0,1,0,0',)"], "non-decreasing"),
+                           (["--config.kvp.variants=('c32x2@0,1',)"], "one per base layer"),
+                           (["--config.kvp.variants=('c64x5',)"], "exceeds the base"),
+                           (["--config.model.d_ff=96"], "different model")]:
+        refused = entrypoint("train", f"--workdir={workdir}", *common, *args)  # the last override wins
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode == 2 and len(lines) == 1 and fragment in lines[0], refused.stderr[-2000:]
     timed = entrypoint("ttft", f"--workdir={workdir}", "--variant=lp0.50", "--prompt_len=32", "--repeats=2",
-                       "--json", *common)
+                       "--json")
     assert timed.returncode == 0, timed.stderr[-3000:]
     report = json.loads(timed.stdout.strip().splitlines()[-1])
     for key in ("base_ttft_s", "aux_ttft_s", "kvp_ttft_s", "flops_reduction", "measured_reduction"):

@@ -22,7 +22,7 @@ Train-step throughput vs dense (CPU, every static expert slot executed): 1t1i -3
 
 import ml_collections
 
-from lm_core.trainer import default_config
+from experiments.configs import lm_tiny
 
 VARIANTS = ("dense", "moe_1t1i", "moe_4t4i", "moe_8x", "mod_moe_4t4i")
 
@@ -47,14 +47,8 @@ def moma_section(variant: str) -> ml_collections.ConfigDict:
 
 
 def get_config(variant: str = "moe_4t4i"):
-    config = default_config()
+    config = lm_tiny.get_config("tiny")  # the same model, batch and optimizer as the plain LM demo
     name = "moe_4t4i" if variant == "demo" else variant
-    config.model.update(dict(vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384,
-                             max_seq_len=256, qk_norm=True))
-    config.data.seq_len = 128
-    config.data.global_batch_size = 16
-    config.optimizer.learning_rate = 3e-3
-    config.optimizer.warmup_steps = 30
     config.steps = 300
     config.log_every = 10
     config.eval_every = 100

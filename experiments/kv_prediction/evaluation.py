@@ -1,39 +1,58 @@
-"""Scoring base-only, auxiliary-only and KVP models the way each would serve a prompt, and timing their TTFT.
+"""Evaluating base-only, aux-only and KVP models the way each serves a prompt, and timing their TTFT.
 
-Continuation scoring: held-out windows of prompt + continuation tokens. Base-only and aux-only models read the
-whole window; a KVP model reads the prompt through its TTFT path (aux on prompt[:-1] -> predicted base cache ->
-base on the last prompt token) and the base then scores the continuation with its own true K,V appended, exactly
-as it would generate it. Reported: continuation perplexity and top-1 accuracy (greedy next-token exact match),
-both conditioned on the prompt.
+Two accuracy measures, both conditioned on a prompt only the model's serving path reads:
+- exact match on held-out retrieval questions (`kv_prediction.retrieval`): greedy answers through
+  lm_core.generation (base, aux) or generate_kvp (KVP: the aux and predictor read the prompt, the base answers);
+- continuation perplexity on held-out corpus text: P prompt tokens through the serving path, C continuation tokens
+  scored as they would be generated (`kv_prediction.scoring`).
+TTFT: FLOPs from `kv_prediction.inference.ttft_flops` / `prefill_flops`, and wall time of the compiled
+first-token functions on this machine (host prompt ids -> first token on the host, warmed up, median of repeats,
+the models timed in turn so background load hits them alike).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from kv_prediction.inference import kvp_prefill, prefill_flops, ttft_flops
+from experiments.kv_prediction.models import Family
+from kv_prediction import retrieval
+from kv_prediction.inference import generate_kvp, kvp_first_token, plain_first_token, prefill_flops, ttft_flops
 from kv_prediction.model import KVPModel
+from kv_prediction.scoring import continuation_nll, continuation_nll_kvp, exact_match_rate, greedy_answers, perplexity
+from lm_core.errors import UserError
+from lm_core.flops import param_counts
+from lm_core.generation import generate
 from lm_core.model import Transformer
+
+TTFT_NEW_TOKENS = 32  # cache room for decoding after the first token, as a server would allocate
 
 
 @dataclasses.dataclass
-class Scores:
-    perplexity: float
-    accuracy: float
-    tokens: int
+class EvalData:
+    examples: list[retrieval.RetrievalExample]  # held-out retrieval questions
+    windows: np.ndarray  # [n, prompt_tokens + continuation_tokens] held-out corpus text, BOS first
+    prompt_tokens: int
 
 
-def evaluation_windows(texts, tokenizer, count: int, prompt_tokens: int, continuation_tokens: int) -> np.ndarray:
-    """[n, prompt + continuation] token windows: the start of each long-enough held-out document, BOS first."""
+def retrieval_setup(config: ml_collections.ConfigDict) -> tuple[retrieval.RetrievalOptions, str]:
+    """(retrieval options, corpus spec): those of a retrieval:... data source, else defaults over the source."""
+    source = config.data.source
+    if source.startswith(f"{retrieval.PREFIX}:"):
+        return retrieval.parse_spec(source.partition(":")[2])
+    return retrieval.RetrievalOptions(), source
+
+
+def evaluation_windows(texts: Sequence[str], tokenizer: Any, count: int, prompt_tokens: int,
+                       continuation_tokens: int) -> np.ndarray:
+    """[n, prompt + continuation] windows: the start of each long-enough held-out document, BOS first."""
     width = prompt_tokens + continuation_tokens
     windows = []
     for i in range(len(texts)):
@@ -43,88 +62,96 @@ def evaluation_windows(texts, tokenizer, count: int, prompt_tokens: int, continu
         if len(windows) == count:
             break
     if not windows:
-        raise ValueError(f"no validation document has {width} tokens; lower kvp.prompt_tokens")
+        raise UserError(f"no validation document has {width} tokens; lower kvp.prompt_tokens or "
+                        "kvp.continuation_tokens")
     return np.asarray(windows, np.int32)
 
 
-def _scores(logits: jax.Array, targets: np.ndarray) -> Scores:
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
-    correct = jnp.argmax(logits, axis=-1) == targets
-    return Scores(float(jnp.exp(jnp.mean(nll))), float(jnp.mean(correct)), int(targets.size))
+def evaluation_data(config: ml_collections.ConfigDict, tokenizer: Any) -> EvalData:
+    from lm_core.data import get_text_source
+
+    kvp = config.kvp
+    options, corpus_spec = retrieval_setup(config)
+    corpus = get_text_source(corpus_spec, data_dir=config.data.data_dir or None).split("validation")
+    examples = retrieval.retrieval_examples(options, corpus, kvp.eval_questions)
+    longest = max(len(tokenizer.encode(e.prompt)) + 1 for e in examples) + kvp.answer_tokens
+    if longest > config.model.max_seq_len:
+        raise UserError(f"retrieval prompts of up to {longest} tokens (with the answer) exceed model.max_seq_len="
+                        f"{config.model.max_seq_len}; lower the retrieval facts/filler_chars or raise max_seq_len")
+    windows = evaluation_windows(corpus, tokenizer, kvp.eval_documents, kvp.prompt_tokens, kvp.continuation_tokens)
+    return EvalData(examples, windows, kvp.prompt_tokens)
 
 
-def score_plain(model: Transformer, windows: np.ndarray, prompt_tokens: int) -> Scores:
-    """A model reading the whole window with its own K,V (base-only or aux-only)."""
-    logits = jax.jit(lambda m, t: m(t).logits)(model, jnp.asarray(windows[:, :-1]))
-    return _scores(logits[:, prompt_tokens - 1:], windows[:, prompt_tokens:])
+def _scores(exact: float, nll: np.ndarray) -> dict[str, float]:
+    return {"exact_match": exact, "perplexity": perplexity(nll)}
 
 
-def score_kvp(model: KVPModel, windows: np.ndarray, prompt_tokens: int) -> Scores:
-    """The prompt through the TTFT path, then the base on the continuation with its true K,V appended."""
-    batch, width = windows.shape
-    positions = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width))
-    segments = np.ones((batch, width), np.int32)
-    graphdef, params = nnx.split(model)
-    prompt = slice(0, prompt_tokens)
-    first_logits, cache = kvp_prefill(graphdef, params, windows[:, prompt], positions[:, prompt], segments[:, prompt],
-                                      width)
-    rest = slice(prompt_tokens, width - 1)
+def score_plain(model: Transformer, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, float]:
+    """A model on its own (base-only or aux-only)."""
+    answers = greedy_answers(lambda prompts, sampling: generate(model, prompts, sampling), tokenizer, data.examples,
+                             max_new_tokens=answer_tokens)
+    return _scores(exact_match_rate(answers, data.examples), continuation_nll(model, data.windows, data.prompt_tokens))
 
-    @jax.jit
-    def continue_base(base, tokens, positions, segments, cache):
-        return base(tokens, positions=positions, segment_ids=segments, cache=cache).logits
 
-    later = continue_base(model.base, windows[:, rest], positions[:, rest], segments[:, rest], cache)
-    logits = jnp.concatenate([first_logits[:, None], later], axis=1)
-    return _scores(logits, windows[:, prompt_tokens:])
+def score_kvp(model: KVPModel, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, float]:
+    """A KVP model through its TTFT path (aux + predictor read the prompt, the base answers)."""
+    answers = greedy_answers(lambda prompts, sampling: generate_kvp(model, prompts, sampling), tokenizer,
+                             data.examples, max_new_tokens=answer_tokens)
+    return _scores(exact_match_rate(answers, data.examples),
+                   continuation_nll_kvp(model, data.windows, data.prompt_tokens))
 
 
 # --- time to first token ----------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _plain_first_token(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    hidden, _, _, _ = model.hidden_states(tokens)
-    return jnp.argmax(model.logits(hidden[:, -1:])[:, 0], axis=-1)  # logits of the last position only
+def _first_token_timer(first_token: Callable, module: nnx.Module, prompt: np.ndarray) -> Callable[[], float]:
+    graphdef, state = nnx.split(module)
+    # A plain dict of arrays: jit flattens it in C++, ~0.13 ms less dispatch per call than an nnx.State here, which
+    # is a visible share of a small auxiliary's few-millisecond first token (a server would hold it this way too).
+    params = state.to_pure_dict()
+    cache_len = prompt.shape[1] + TTFT_NEW_TOKENS
 
-
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _kvp_first_token(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    batch, width = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
-    segments = jnp.ones((batch, width), jnp.int32)
-    predicted = model.predict_kv(tokens[:, :-1], positions=positions[:, :-1], segment_ids=segments[:, :-1])
-    cache = model.base.cache_from_kv(predicted, positions[:, :-1], segments[:, :-1], width)
-    out = model.base(tokens[:, -1:], positions=positions[:, -1:], segment_ids=segments[:, -1:], cache=cache)
-    return jnp.argmax(out.logits[:, -1], axis=-1)
-
-
-def median_ttft(first_token: Callable, graphdef: nnx.GraphDef, params: nnx.State, prompt: np.ndarray,
-                repeats: int) -> float:
-    """Seconds from host prompt ids to the first token back on the host (compiled and warmed up first)."""
-    np.asarray(first_token(graphdef, params, prompt))
-    times = []
-    for _ in range(repeats):
+    def timed() -> float:
         start = time.perf_counter()
-        np.asarray(first_token(graphdef, params, prompt))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        token, _ = first_token(graphdef, params, prompt, cache_len)
+        np.asarray(token)  # the first token is on the host
+        return time.perf_counter() - start
+
+    return timed
 
 
-def measure_ttft(model: KVPModel, prompt_len: int, batch: int, repeats: int) -> dict[str, float]:
-    prompt = np.random.default_rng(0).integers(4, model.base.config.vocab_size, (batch, prompt_len)).astype(np.int32)
-    base_s = median_ttft(_plain_first_token, *nnx.split(model.base), prompt, repeats)
-    aux_s = median_ttft(_plain_first_token, *nnx.split(model.aux), prompt, repeats)
-    kvp_s = median_ttft(_kvp_first_token, *nnx.split(model), prompt, repeats)
-    flops = ttft_flops(model.base.config, model.aux.config, prompt_len)
-    aux_flops = prefill_flops(model.aux.config, prompt_len)
-    return {"prompt_len": prompt_len, "batch": batch, "base_ttft_s": base_s, "aux_ttft_s": aux_s, "kvp_ttft_s": kvp_s,
-            "base_flops": flops.base_only, "aux_flops": aux_flops, "kvp_flops": flops.kvp,
-            "flops_reduction": flops.reduction, "measured_reduction": base_s / kvp_s,
-            "measured_over_flops": (base_s / kvp_s) / flops.reduction}
+def median_times(timers: dict[str, Callable[[], float]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per timer; each round runs every timer once, so load changes hit all of them alike."""
+    for timer in timers.values():
+        for _ in range(warmup):  # the first call compiles
+            timer()
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, timer in timers.items():
+            times[name].append(timer())
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def measure_ttft(family: Family, prompt_len: int, batch: int, repeats: int, seed: int = 0) -> dict[str, Any]:
+    """Measured TTFT of base-only, aux-only and KVP for one auxiliary, next to their TTFT FLOPs."""
+    base, aux = family.base.config, family.aux_only.config
+    prompt = np.random.default_rng(seed).integers(4, base.vocab_size, (batch, prompt_len)).astype(np.int32)
+    seconds = median_times({"base": _first_token_timer(plain_first_token, family.base, prompt),
+                            "aux": _first_token_timer(plain_first_token, family.aux_only, prompt),
+                            "kvp": _first_token_timer(kvp_first_token, family.kvp, prompt)}, repeats)
+    flops = ttft_flops(base, aux, prompt_len)
+    measured = seconds["base"] / seconds["kvp"]
+    return {"variant": family.aux.spec, "prompt_len": prompt_len, "batch": batch, "repeats": repeats,
+            "base_ttft_s": seconds["base"], "aux_ttft_s": seconds["aux"], "kvp_ttft_s": seconds["kvp"],
+            "base_flops": flops.base_only, "aux_flops": prefill_flops(aux, prompt_len), "kvp_flops": flops.kvp,
+            "flops_reduction": flops.reduction, "measured_reduction": measured,
+            "aux_flops_reduction": flops.base_only / prefill_flops(aux, prompt_len),
+            "aux_measured_reduction": seconds["base"] / seconds["aux"],
+            "measured_over_flops": measured / flops.reduction}
+
+
+def params_of(config) -> int:
+    return param_counts(config).total
 
 
 def fmt_flops(value: float) -> str:

@@ -1,30 +1,69 @@
-"""Loading the trained KV-prediction family from a workdir, or building it with random weights for timing."""
+"""The KV-prediction family of a workdir: trained models, or random weights of the configured sizes for timing."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import ml_collections
 
 from experiments.kv_prediction.pipeline import aux_only_dir, aux_only_task, base_dir, kvp_dir, kvp_task
 from kv_prediction.model import KVPModel
-from kv_prediction.variants import build_kvp_model
+from kv_prediction.variants import AuxSpec, build_kvp_model
+from lm_core.checkpoint import Checkpointer, check_same_model
+from lm_core.errors import UserError
 from lm_core.model import Transformer
 from lm_core.trainer import load_trained_model, model_config_from
 
 
-def load_or_build(config: ml_collections.ConfigDict, workdir: Path | None, spec: str) -> KVPModel:
-    """The trained KVP model of `spec` when `workdir` has it, else random weights of the configured sizes."""
-    if workdir is not None and (kvp_dir(workdir, spec) / "checkpoints").is_dir():
-        model, _, _ = load_trained_model(kvp_dir(workdir, spec), kvp_task(config, workdir, spec))
-        return model
-    return build_kvp_model(model_config_from(config), spec, config.seed)
+@dataclasses.dataclass
+class Family:
+    aux: AuxSpec
+    base: Transformer
+    aux_only: Transformer  # the aux-only baseline (trained) or the KVP auxiliary (random weights)
+    kvp: KVPModel
 
 
-def load_family(config: ml_collections.ConfigDict, workdir: Path, spec: str
-                ) -> tuple[Transformer, Transformer, KVPModel]:
-    """(base, aux-only baseline, KVP model) for one auxiliary spec, all trained."""
-    base, _, _ = load_trained_model(base_dir(workdir))
-    aux_only, _, _ = load_trained_model(aux_only_dir(workdir, spec), aux_only_task(config, workdir, spec))
-    kvp, _, _ = load_trained_model(kvp_dir(workdir, spec), kvp_task(config, workdir, spec))
-    return base, aux_only, kvp
+def check_base_matches(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """The base run in `workdir` must be the model `config` describes."""
+    directory = base_dir(workdir)
+    if not (directory / "checkpoints").is_dir():
+        raise UserError(f"{workdir} has no trained base ({directory / 'checkpoints'} is missing); run python -m "
+                        "experiments.kv_prediction.train first")
+    checkpointer = Checkpointer(directory / "checkpoints")
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise UserError(f"{directory / 'checkpoints'} holds no checkpoint yet; run the train entrypoint")
+        check_same_model(checkpointer.read_meta(step), model_config_from(config), directory)
+    finally:
+        checkpointer.close()
+
+
+def load_family(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec, base: Transformer | None = None
+                ) -> Family:
+    """(base, aux-only baseline, KVP model) of one auxiliary, all trained."""
+    for directory in (kvp_dir(workdir, aux), aux_only_dir(workdir, aux)):
+        if not (directory / "checkpoints").is_dir():
+            raise UserError(f"{directory} is not trained yet; rerun python -m experiments.kv_prediction.train "
+                            f"--workdir={workdir}")
+    if base is None:
+        base, _, _ = load_trained_model(base_dir(workdir))
+    aux_only, _, _ = load_trained_model(aux_only_dir(workdir, aux), aux_only_task(config, workdir, aux))
+    kvp, _, _ = load_trained_model(kvp_dir(workdir, aux), kvp_task(config, workdir, aux))
+    return Family(aux, base, aux_only, kvp)
+
+
+def random_family(config: ml_collections.ConfigDict, aux: AuxSpec) -> Family:
+    """Random weights of the configured sizes (timing does not depend on weights)."""
+    kvp = build_kvp_model(model_config_from(config), aux, config.seed)
+    return Family(aux, kvp.base, kvp.aux, kvp)
+
+
+def trained_family(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> Family | None:
+    """The trained family of `aux` when `workdir` has all three runs, else None."""
+    directories = (base_dir(workdir), kvp_dir(workdir, aux), aux_only_dir(workdir, aux))
+    if not all((directory / "checkpoints").is_dir() for directory in directories):
+        return None
+    check_base_matches(config, workdir)
+    return load_family(config, workdir, aux)

@@ -1,10 +1,22 @@
-"""Training the KV-prediction family with lm_core's trainer: the base, then per auxiliary spec the KVP model
-(auxiliary + predictor, base frozen) and the auxiliary-only baseline fine-tuned for the same steps."""
+"""Training the KV-prediction family with lm_core's trainer.
+
+    DIR/base            the base LM (config.steps steps), frozen afterwards
+    DIR/pre_<c...>      a canonical auxiliary pretrained as an LM on the same data (config.steps steps), when
+                        kvp.pretrain_canonical; the paper's canonical auxiliaries are pretrained models too
+    DIR/kvp_<name>      auxiliary + predictor trained with the 3-term loss, base frozen (kvp.steps steps)
+    DIR/aux_<name>      the aux-only baseline: the same auxiliary architecture, from the same initial weights,
+                        fine-tuned as a plain LM for the same kvp.steps steps
+    DIR/kvp_config.json the whole config, so evaluate and ttft need only --workdir
+
+Every run resumes; finished runs are skipped. Bad specs and mismatched checkpoints are refused before anything
+is trained (one-line UserErrors).
+"""
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,47 +24,94 @@ import jax
 import ml_collections
 from flax import nnx
 
+from kv_prediction import retrieval  # noqa: F401  (registers the retrieval:<source> text source)
 from kv_prediction.auxiliary import build_layer_pruned
+from kv_prediction.inference import predictor_flops_per_token
 from kv_prediction.loss import kvp_loss
 from kv_prediction.optim import make_kvp_optimizer
-from kv_prediction.variants import auxiliary_config, build_kvp_model, is_layer_pruned, keep_fraction
+from kv_prediction.variants import AuxSpec, build_kvp_model, resolve_spec
+from lm_core.checkpoint import Checkpointer, check_same_model
 from lm_core.config import ModelConfig
+from lm_core.errors import UserError
+from lm_core.flops import flops_per_token
 from lm_core.model import Transformer
 from lm_core.train_step import TrainState
-from lm_core.trainer import TrainTask, load_trained_model, model_config_from, train
+from lm_core.trainer import TrainTask, check_same_meta, load_trained_model, model_config_from, train
+
+CONFIG_FILE = "kvp_config.json"
 
 
 def base_dir(workdir: Path) -> Path:
     return workdir / "base"
 
 
-def kvp_dir(workdir: Path, spec: str) -> Path:
-    return workdir / f"kvp_{spec}"
+def kvp_dir(workdir: Path, aux: AuxSpec) -> Path:
+    return workdir / f"kvp_{aux.name}"
 
 
-def aux_only_dir(workdir: Path, spec: str) -> Path:
-    return workdir / f"aux_{spec}"
+def aux_only_dir(workdir: Path, aux: AuxSpec) -> Path:
+    return workdir / f"aux_{aux.name}"
 
 
-def stage_config(config: ml_collections.ConfigDict, steps: int, model: ModelConfig | None = None
-                 ) -> ml_collections.ConfigDict:
-    """The shared training fields of `config` for one stage (its own steps, LR schedule and model)."""
+def pretrain_dir(workdir: Path, aux: AuxSpec) -> Path:
+    return workdir / f"pre_{aux.name.split('@')[0]}"
+
+
+# --- configs --------------------------------------------------------------------------------------------------
+
+
+def resolve_variants(config: ml_collections.ConfigDict) -> list[AuxSpec]:
+    """Every kvp.variants entry resolved against the base config (UserError on the first bad one)."""
+    base = model_config_from(config)
+    variants = config.kvp.variants
+    if isinstance(variants, str):
+        variants = (variants,)
+    if not variants:
+        raise UserError("kvp.variants is empty; valid: a tuple of auxiliary specs, e.g. ('lp0.50', 'c64x2')")
+    resolved = [resolve_spec(base, spec) for spec in variants]
+    names = [aux.name for aux in resolved]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise UserError(f"kvp.variants names {duplicates} more than once; valid: distinct auxiliary specs")
+    return resolved
+
+
+def stage_config(config: ml_collections.ConfigDict, steps: int, model: ModelConfig | None = None,
+                 learning_rate: float | None = None) -> ml_collections.ConfigDict:
+    """The shared training fields of `config` for one run (its own steps, LR schedule and model)."""
     stage = copy.deepcopy(config)
     stage.unlock()
     del stage["kvp"]
     stage.steps = steps
     stage.optimizer.total_steps = steps
-    stage.optimizer.warmup_steps = max(1, steps // 10)
+    stage.optimizer.warmup_steps = max(1, min(stage.optimizer.warmup_steps, steps // 10))
     stage.eval_every = steps
     stage.checkpoint_every = steps
     if model is not None:
         stage.model.update(model.to_dict())
+    if learning_rate is not None:
+        stage.optimizer.learning_rate = learning_rate
     return stage
 
 
-def copy_into(target: nnx.State, source: nnx.State) -> nnx.State:
-    """`source` values placed like `target` (keeps each leaf's sharding), for loading weights into a train state."""
-    return jax.tree.map(lambda t, s: jax.device_put(s, t.sharding), target, source)
+def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = workdir / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+    tmp.replace(workdir / CONFIG_FILE)
+
+
+def load_config(workdir: Path) -> ml_collections.ConfigDict:
+    path = workdir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{workdir} has no {CONFIG_FILE}; train first: python -m experiments.kv_prediction.train "
+                        f"--config=experiments/configs/kvp_tiny.py --workdir={workdir} (or pass --config)")
+    values = json.loads(path.read_text())
+    values["kvp"]["variants"] = tuple(values["kvp"]["variants"])
+    return ml_collections.ConfigDict(values)
+
+
+# --- initial weights ------------------------------------------------------------------------------------------
 
 
 def load_base(workdir: Path) -> Transformer:
@@ -60,51 +119,140 @@ def load_base(workdir: Path) -> Transformer:
     return model
 
 
-def kvp_task(config: ml_collections.ConfigDict, workdir: Path, spec: str) -> TrainTask:
+def aux_init_dir(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> Path | None:
+    """The lm_core run a canonical auxiliary starts from (None: layer-pruned, or canonical from random init)."""
+    if aux.pretrained is not None:
+        return aux.pretrained
+    if not aux.layer_pruned and config.kvp.pretrain_canonical:
+        return pretrain_dir(workdir, aux)
+    return None
+
+
+def check_same_tokenizer(base_run: Path, aux_run: Path) -> None:
+    """A canonical auxiliary from another run must read the base's token ids."""
+    base_tok, aux_tok = base_run / "tokenizer.model", aux_run / "tokenizer.model"
+    same = (base_tok.read_bytes() == aux_tok.read_bytes() if base_tok.exists() and aux_tok.exists()
+            else not base_tok.exists() and not aux_tok.exists())  # both byte tokenizers
+    if not same:
+        raise UserError(f"the auxiliary run {aux_run} was trained with a different tokenizer than the base "
+                        f"({base_run}); both models must read the same token ids: train the auxiliary on the same "
+                        "data.source / data.tokenizer / model.vocab_size")
+
+
+def initial_aux(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> Transformer:
+    """The weights the KVP auxiliary and the aux-only baseline both start from."""
+    if aux.layer_pruned:
+        return build_layer_pruned(load_base(workdir), aux.keep_fraction, nnx.Rngs(config.seed))
+    init_dir = aux_init_dir(config, workdir, aux)
+    if init_dir is None:
+        return Transformer(aux.config, rngs=nnx.Rngs(config.seed + 1))
+    check_same_tokenizer(base_dir(workdir), init_dir)
+    model, _, _ = load_trained_model(init_dir)
+    if model.config != aux.config:
+        raise UserError(f"the auxiliary run {init_dir} holds a {model.config.num_layers}-layer d_model="
+                        f"{model.config.d_model} model, not the one its spec {aux.spec!r} describes")
+    return model
+
+
+def copy_into(target: nnx.State, source: nnx.State) -> nnx.State:
+    """`source` values placed like `target` (keeps each leaf's sharding), for loading weights into a train state."""
+    return jax.tree.map(lambda t, s: jax.device_put(s, t.sharding), target, source)
+
+
+# --- tasks ----------------------------------------------------------------------------------------------------
+
+
+def kvp_training_flops_per_token(base: ModelConfig, aux: ModelConfig, seq_len: int) -> float:
+    """≈ base forward on predicted KV + its backward to the activations (2x forward, no weight gradients) + the
+    no-gradient true-KV pass + aux and predictor forward and backward (3x forward each)."""
+    base_forward = flops_per_token(base, seq_len).forward
+    return 3 * base_forward + flops_per_token(aux, seq_len).training + 3 * predictor_flops_per_token(base, aux)
+
+
+def kvp_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> TrainTask:
     kvp = config.kvp
 
     def initialize(state: TrainState) -> TrainState:
-        base = load_base(workdir)
         params = state.params
-        params["base"] = copy_into(params["base"], nnx.state(base, nnx.Param))
-        if is_layer_pruned(spec):  # KVP-LP: the auxiliary starts as the base's kept layers
-            aux = build_layer_pruned(base, keep_fraction(spec), nnx.Rngs(config.seed))
-            params["aux"] = copy_into(params["aux"], nnx.state(aux, nnx.Param))
+        params["base"] = copy_into(params["base"], nnx.state(load_base(workdir), nnx.Param))
+        params["aux"] = copy_into(params["aux"], nnx.state(initial_aux(config, workdir, aux), nnx.Param))
         return state._replace(params=params)
 
     loss = functools.partial(kvp_loss, lambda_base=kvp.lambda_base, lambda_aux=kvp.lambda_aux,
                              lambda_consistency=kvp.lambda_consistency or None, z_loss_weight=config.z_loss)
-    return TrainTask(loss_fn=loss, create_model=lambda model_config, seed: build_kvp_model(model_config, spec, seed),
+    base_config = model_config_from(config)
+    return TrainTask(loss_fn=loss, create_model=lambda model_config, seed: build_kvp_model(model_config, aux, seed),
                      initialize=initialize, make_optimizer=make_kvp_optimizer,
-                     extra_meta={"kvp_variant": spec})
+                     training_flops_per_token=kvp_training_flops_per_token(base_config, aux.config,
+                                                                           config.data.seq_len),
+                     extra_meta={"kvp_variant": aux.name, "aux_model": aux.config.to_dict(),
+                                 "layer_map": list(aux.layer_map)})
 
 
-def aux_only_task(config: ml_collections.ConfigDict, workdir: Path, spec: str) -> TrainTask:
+def aux_only_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> TrainTask:
     def initialize(state: TrainState) -> TrainState:
-        if not is_layer_pruned(spec):
-            return state  # canonical: trained from its fresh initialisation, as the KVP auxiliary is
-        aux = build_layer_pruned(load_base(workdir), keep_fraction(spec), nnx.Rngs(config.seed))
-        return state._replace(params=copy_into(state.params, nnx.state(aux, nnx.Param)))
+        return state._replace(params=copy_into(state.params, nnx.state(initial_aux(config, workdir, aux),
+                                                                       nnx.Param)))
 
-    return TrainTask(initialize=initialize, extra_meta={"aux_only_variant": spec})
+    return TrainTask(initialize=initialize, extra_meta={"aux_only_variant": aux.name})
+
+
+# --- the pipeline ---------------------------------------------------------------------------------------------
+
+
+def is_finished(directory: Path, stage: ml_collections.ConfigDict, task: TrainTask) -> bool:
+    """True when `directory` holds the final checkpoint of this very run (same model and task metadata)."""
+    if not (directory / "checkpoints").is_dir():
+        return False
+    checkpointer = Checkpointer(directory / "checkpoints")
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            return False
+        meta = checkpointer.read_meta(step)
+        check_same_model(meta, model_config_from(stage), directory)
+        check_same_meta(meta, task.extra_meta, directory)
+        return step >= stage.steps
+    finally:
+        checkpointer.close()
+
+
+def plan(config: ml_collections.ConfigDict, workdir: Path) -> list[tuple[str, Path, ml_collections.ConfigDict,
+                                                                          TrainTask]]:
+    """(name, directory, stage config, task) of every run, in training order."""
+    base_config = model_config_from(config)
+    variants = resolve_variants(config)
+    kvp = config.kvp
+    runs = [("base", base_dir(workdir), stage_config(config, config.steps), TrainTask())]
+    pretrained = set()
+    for aux in variants:
+        if aux.pretrained is None and not aux.layer_pruned and kvp.pretrain_canonical:
+            directory = pretrain_dir(workdir, aux)
+            if directory not in pretrained:
+                pretrained.add(directory)
+                runs.append((f"pretrain {aux.name.split('@')[0]}", directory,
+                             stage_config(config, config.steps, aux.config), TrainTask()))
+    for aux in variants:
+        runs.append((f"KVP {aux.name}", kvp_dir(workdir, aux),
+                     stage_config(config, kvp.steps, base_config, kvp.learning_rate), kvp_task(config, workdir, aux)))
+        runs.append((f"aux-only {aux.name}", aux_only_dir(workdir, aux),
+                     stage_config(config, kvp.steps, aux.config, kvp.learning_rate),
+                     aux_only_task(config, workdir, aux)))
+    return runs
 
 
 def train_all(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
-    """Base, then every (KVP, aux-only) pair; finished runs are skipped (each trainer resumes or returns)."""
+    """Base, canonical pretraining, then every (KVP, aux-only) pair; finished runs are skipped."""
     workdir = workdir.absolute()
-    base_config = model_config_from(config)
-    stages = [("base", base_dir(workdir), stage_config(config, config.steps), TrainTask())]
-    for spec in config.kvp.variants:
-        aux_config = auxiliary_config(base_config, spec)
-        kvp_stage = stage_config(config, config.kvp.steps)
-        kvp_stage.optimizer.learning_rate = config.kvp.learning_rate
-        stages.append((f"KVP {spec}", kvp_dir(workdir, spec), kvp_stage, kvp_task(config, workdir, spec)))
-        aux_stage = stage_config(config, config.kvp.steps, aux_config)
-        aux_stage.optimizer.learning_rate = config.kvp.learning_rate
-        stages.append((f"aux-only {spec}", aux_only_dir(workdir, spec), aux_stage, aux_only_task(config, workdir,
-                                                                                               spec)))
+    runs = plan(config, workdir)  # validates every spec before anything is trained
+    for _, directory, stage, task in runs:  # and refuses another setup's checkpoints up front
+        is_finished(directory, stage, task)
+    save_config(config, workdir)
     results = {}
-    for index, (name, directory, stage, task) in enumerate(stages, start=1):
-        print(f"== run {index} of {len(stages)}: {name}", flush=True)
+    for index, (name, directory, stage, task) in enumerate(runs, start=1):
+        if is_finished(directory, stage, task):
+            print(f"== run {index} of {len(runs)}: {name} (finished, {directory})", flush=True)
+            continue
+        print(f"== run {index} of {len(runs)}: {name} -> {directory}", flush=True)
         results[name] = train(stage, directory, task)
     return results

@@ -1,11 +1,23 @@
 """Train the KV-prediction family: the base, then for every auxiliary spec the KVP model and the aux-only baseline.
 
-    python -m experiments.kv_prediction.train --config=experiments/configs/kvp_tiny.py --workdir=DIR
+    python -m experiments.kv_prediction.train --config=experiments/configs/kvp_tiny.py --workdir=DIR \
+        [--config.kvp.variants="('lp0.50','c64x2')"] [--config.steps=N] [--config.kvp.steps=N]
 
-DIR/base is a plain lm_core run (frozen afterwards); DIR/kvp_<spec> trains auxiliary + predictor with the 3-term
-loss λ_B·CE(base on predicted KV) + λ_A·CE(aux) + λ_C·L1(predicted, true KV); DIR/aux_<spec> fine-tunes the same
-auxiliary architecture alone for the same steps. Every run resumes; finished runs are skipped.
-Then: python -m experiments.kv_prediction.evaluate --config=... --workdir=DIR
+Runs, each an lm_core training run with its own checkpoints, metrics.jsonl and TensorBoard events:
+- DIR/base: the base LM (`model.*`, `steps`), frozen afterwards; a finished base is loaded, not retrained;
+- DIR/pre_c<d>x<l>: a canonical auxiliary pretrained as an LM on the same data (when kvp.pretrain_canonical);
+- DIR/kvp_<spec>: auxiliary + KV predictor trained with λ_B·CE(base on predicted KV) + λ_A·CE(aux)
+  + λ_C·L1(predicted, true KV), the base frozen (`kvp.steps`);
+- DIR/aux_<spec>: the aux-only baseline, the same auxiliary from the same weights fine-tuned as a plain LM for
+  the same `kvp.steps`.
+Auxiliary specs: lp<fraction> (layer-pruned base: lp0.75, lp0.50, lp0.25), c<d_model>x<layers> (canonical),
+c:<lm_core workdir> (a pretrained model), each optionally with @<layer map> (one aux layer per base layer,
+monotone). Rerunning resumes; finished runs are skipped ("run k of n" shows where it is). The config is saved as
+DIR/kvp_config.json, so the next steps need only the workdir:
+    python -m experiments.kv_prediction.evaluate --workdir=DIR
+    python -m experiments.kv_prediction.ttft --workdir=DIR --json
+Bad input (an auxiliary not smaller than the base, a layer map of the wrong length or order, an auxiliary with
+another vocabulary, a DIR/base checkpoint of another model) ends with one `error:` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -25,12 +37,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go.", required=T
 def main(argv: list[str]) -> None:
     del argv
     from experiments.kv_prediction.pipeline import train_all
-    from kv_prediction.variants import auxiliary_config
-    from lm_core.trainer import model_config_from
 
-    for spec in _CONFIG.value.kvp.variants:  # reject a bad auxiliary spec before training anything
-        auxiliary_config(model_config_from(_CONFIG.value), spec)
     train_all(_CONFIG.value, Path(_WORKDIR.value))
+    print(f"trained; next: python -m experiments.kv_prediction.evaluate --workdir={_WORKDIR.value}", flush=True)
 
 
 if __name__ == "__main__":

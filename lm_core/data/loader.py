@@ -39,7 +39,7 @@ class LMDataLoader:
 
     def __init__(self, source_split: Sequence[str], tokenizer: TextTokenizer, *, seq_len: int,
                  global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
-                 shuffle: bool = True, repeat: bool = True):
+                 shuffle: bool = True, repeat: bool = True, whole_documents: bool = False):
         _check_positive(seq_len=seq_len, global_batch_size=global_batch_size, process_count=process_count)
         if global_batch_size % process_count:
             raise UserError(f"global_batch_size={global_batch_size} is not divisible by process_count="
@@ -57,6 +57,7 @@ class LMDataLoader:
         self._seed = seed
         self._shuffle = shuffle
         self._repeat = repeat
+        self._whole_documents = whole_documents  # short documents never split over two rows (packing.pack_rows)
         self._cursor = PackCursor()
         self._cache: dict[int, TokenizedDocument] = {}  # document index -> tokens
         self._permutations: dict[int, np.ndarray] = {}  # epoch -> [num_documents] order, current and next only
@@ -75,7 +76,8 @@ class LMDataLoader:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._document_at(self._cursor.document) is None:
             raise StopIteration
-        batch, self._cursor = pack_rows(self._document_at, self._cursor, self.seq_len, self.global_batch_size)
+        batch, self._cursor = pack_rows(self._document_at, self._cursor, self.seq_len, self.global_batch_size,
+                                        whole_documents=self._whole_documents)
         return batch.rows(self._row_start, self._row_start + self.per_host_batch_size).as_dict()
 
     next = __next__

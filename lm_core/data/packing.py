@@ -82,16 +82,21 @@ def tokenized_document(ids: Sequence[int] | np.ndarray, chars: int, *, bos_id: i
 
 
 def pack_rows(document_at: Callable[[int], TokenizedDocument | None], start: PackCursor, seq_len: int,
-              num_rows: int) -> tuple[PackedBatch, PackCursor]:
+              num_rows: int, *, whole_documents: bool = False) -> tuple[PackedBatch, PackCursor]:
     """Fill `num_rows` rows from the document stream `document_at(i)` (None = the stream has ended) from `start`.
 
     Rows after the end of the stream stay padding. Returns the rows and the cursor to continue from.
+    `whole_documents`: a document that fits in one row is never split over two; the row ends early (padding)
+    instead. Costs padding, but keeps each short document's tokens visible to each other, which in-context tasks
+    (a question whose answer is earlier in the same document) need: split, half their examples are unanswerable.
     """
     batch = PackedBatch.zeros(num_rows, seq_len)
     document, offset = start.document, start.offset
     for row in range(num_rows):
         column = segment = 0
         while column < seq_len and (doc := document_at(document)) is not None:
+            if whole_documents and offset == 0 and column > 0 and seq_len - column < doc.num_pairs <= seq_len:
+                break  # starts the next row whole
             take = min(doc.num_pairs - offset, seq_len - column)
             segment += 1
             span = slice(column, column + take)
