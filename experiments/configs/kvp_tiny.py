@@ -52,11 +52,13 @@ def get_config(variant: str = "tiny"):
         ttft_repeats=20,
     ))
     if variant == "demo":
-        config.steps = 300
-        config.eval_every = 150
-        config.checkpoint_every = 150
+        config.steps = 200
+        config.eval_every = 100
+        config.checkpoint_every = 100
         config.kvp.variants = ("lp0.50", "c64x2")
         config.kvp.steps = 60
+        config.kvp.pretrain_canonical = False  # the demo shows the pipeline, not the accuracy
+        config.kvp.ttft_repeats = 5
         config.kvp.eval_questions = 32
         config.kvp.eval_documents = 8
     elif variant != "tiny":
