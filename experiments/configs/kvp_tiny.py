@@ -12,7 +12,10 @@ city Oslo. <corpus text> Recall: The city Oslo. Recall: The pet horse."), so acc
 is only in the prompt: exactly what a predicted KV cache has to preserve. The base reaches 100% exact match on
 held-out documents after 800 steps (41% after 400).
 Variants: `kvp_tiny.py:demo` (shorter training, two auxiliary models; used by `make demo`).
-Expected (tiny, 2 CPU cores): TTFT FLOPs reductions of ~2x (lp0.50) to ~4-8x (lp0.25, c64x2) at 256-token prompts.
+Measured (`python -m experiments.reproduce --only=kv_prediction --scale=tiny`, 2 CPU cores, 18 min): base 100%
+exact match, perplexity 42.8; lp0.50 and lp0.25: KVP and aux alone 100%, perplexity KVP 42.8 / 42.9 vs aux alone
+40.0 / 51.0; c64x2: KVP 11.7% vs aux alone 54.7%, perplexity 43.1 vs 51.5. TTFT FLOPs reductions 1.9x / 3.5x /
+6.3x, measured 1.8x / 3.7x / 2.9x at 256-token prompts (the smallest auxiliary is bound by per-call overhead).
 """
 
 import ml_collections
