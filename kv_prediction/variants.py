@@ -122,10 +122,6 @@ def resolve_spec(base: ModelConfig, spec: str) -> AuxSpec:
     return AuxSpec(spec, name, config, layer_map, fraction, pretrained)
 
 
-def auxiliary_config(base: ModelConfig, spec: str) -> ModelConfig:
-    return resolve_spec(base, spec).config
-
-
 def build_kvp_model(base_config: ModelConfig, aux: AuxSpec | str, seed: int) -> KVPModel:
     """A KVPModel with a freshly initialised base (weights are loaded later) and the auxiliary `aux`."""
     aux = aux if isinstance(aux, AuxSpec) else resolve_spec(base_config, aux)
