@@ -99,21 +99,51 @@ class Attention(nnx.Module):
 
         mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & (
             segment_ids[:, :, None] == key_segments[:, None, :])  # [batch, q_seq, k_seq]
-        out = grouped_query_attention(queries, keys, values, mask)  # [batch, seq, heads, hd]
+        # Without a cache, query slot i only sees key slots <= i, so query blocks can skip later keys.
+        blocks = causal_blocks(seq_len) if cache is None else 1
+        out = grouped_query_attention(queries, keys, values, mask, blocks)  # [batch, seq, heads, hd]
         out = dense(out, self.out_proj[...].astype(dtype), contract=2)
         return out, new_cache, kv
 
 
-def grouped_query_attention(queries: Array, keys: Array, values: Array, mask: Array) -> Array:
+def causal_blocks(seq_len: int) -> int:
+    """How many query blocks causal attention over `seq_len` tokens is split into (blocks of >= 64 queries, <= 4).
+
+    Block b of B attends only to keys [0, end of block b): about (B + 1) / 2B of the full score matrix, 62.5% at
+    4 blocks. Fewer, larger matmuls win below 64 queries a block; past 4 blocks the saving flattens out.
+    """
+    return max(1, min(4, seq_len // 64))
+
+
+def grouped_query_attention(queries: Array, keys: Array, values: Array, mask: Array, blocks: int = 1) -> Array:
     """Softmax attention where each group of query heads shares one key/value head.
 
     queries: [batch, q_seq, heads, hd]; keys, values: [batch, k_seq, kv_heads, hd]; mask: [batch, q_seq, k_seq].
+    blocks > 1 splits the queries into that many consecutive blocks, each attending to the keys up to its own
+    end only: exact when q_seq == k_seq and the mask is causal in slot order (no query sees a later key).
     """
+    q_seq = queries.shape[1]
+    if blocks <= 1:
+        return _attend(queries, keys, values, mask)
+    ends = [round(q_seq * (b + 1) / blocks) for b in range(blocks)]
+    starts = [0, *ends[:-1]]
+    return jnp.concatenate([_attend(queries[:, start:end], keys[:, :end], values[:, :end], mask[:, start:end, :end])
+                            for start, end in zip(starts, ends, strict=True)], axis=1)
+
+
+def _attend(queries: Array, keys: Array, values: Array, mask: Array) -> Array:
+    """grouped_query_attention in one block. Heads are moved ahead of the sequence ([batch, kv_heads, group·q, hd])
+    so both matmuls are plain batched GEMMs over (batch, kv_heads): on XLA:CPU about 2x faster forward and
+    backward than contracting the [batch, seq, heads, hd] layout in place (benchmarks/train_step.py)."""
     batch, q_seq, heads, head_dim = queries.shape
     kv_heads = keys.shape[2]
-    grouped = queries.reshape(batch, q_seq, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqkgh,btkh->bkgqt", grouped, keys).astype(jnp.float32) * head_dim**-0.5
+    group = heads // kv_heads
+    grouped = queries.reshape(batch, q_seq, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    grouped = grouped.reshape(batch, kv_heads, group * q_seq, head_dim)
+    keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [batch, kv_heads, k_seq, hd]
+    scores = jnp.einsum("bkqh,bkth->bkqt", grouped, keys).astype(jnp.float32) * head_dim**-0.5
+    scores = scores.reshape(batch, kv_heads, group, q_seq, -1)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASKED)
-    weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgqt,btkh->bqkgh", weights, values)
-    return out.reshape(batch, q_seq, heads, head_dim)
+    weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(batch, kv_heads, group * q_seq, -1)
+    out = jnp.einsum("bkqt,bkth->bkqh", weights, values).reshape(batch, kv_heads, group, q_seq, head_dim)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_seq, heads, head_dim)

@@ -85,19 +85,23 @@ class RMSNorm(nnx.Module):
 
 
 def apply_rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary position embedding, "rotate half" convention.
+    """Rotary position embedding, "rotate half" convention: [x1, x2] -> [x1·cos - x2·sin, x2·cos + x1·sin].
 
     x: [batch, seq, heads, head_dim]; positions: [batch, seq]. Computed in float32 (large positions in bf16
-    would lose their low bits) and cast back.
+    would lose their low bits) and cast back. Written as x·[cos, cos] + roll(x, head_dim/2)·[-sin, sin]: the same
+    numbers as splitting x in halves and concatenating the rotated halves, but XLA:CPU compiles the concatenate of
+    two computed halves into a slow loop, and this form into a plain elementwise one (6x faster forward and
+    backward; see benchmarks/train_step.py).
     """
     head_dim = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [head_dim/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    signed_sin = jnp.concatenate([-sin, sin], axis=-1)  # [batch, seq, 1, head_dim]
+    doubled_cos = jnp.concatenate([cos, cos], axis=-1)
     x32 = x.astype(jnp.float32)
-    first, second = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    return rotated.astype(x.dtype)
+    swapped = jnp.roll(x32, head_dim // 2, axis=-1)  # [x2, x1]
+    return (x32 * doubled_cos + swapped * signed_sin).astype(x.dtype)
 
 
 class SwiGLU(nnx.Module):

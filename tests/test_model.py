@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm_core.attention import LayerKV
+from lm_core.attention import LayerKV, causal_blocks, grouped_query_attention
 from lm_core.kv_cache import init_cache
-from lm_core.layers import SwiGLU
+from lm_core.layers import SwiGLU, apply_rope
 from lm_core.model import Transformer
 from tests.helpers import tiny_config
 
@@ -50,6 +50,46 @@ def test_cached_decode_matches_full_forward(changes, packed):
         cache = out.cache
     np.testing.assert_allclose(jnp.concatenate(step_logits, axis=1), full, atol=ATOL)
     assert int(cache.index) == tokens.shape[1]
+
+
+@pytest.mark.parametrize("seq,blocks", [(100, 3), (64, 4), (7, 2)])
+def test_blocked_causal_attention_equals_one_block(seq, blocks):
+    # Query blocks that skip later keys must give exactly what masking the full score matrix gives, for uneven
+    # blocks, grouped heads (8 query heads on 2 KV heads) and packed documents.
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, seq, heads, 16)) for i, heads in enumerate((8, 2, 2)))
+    slots = jnp.arange(seq)
+    segments = jnp.stack([jnp.where(slots < seq // 3, 1, 2), jnp.ones(seq, jnp.int32)])
+    mask = (slots[None, None, :] <= slots[None, :, None]) & (segments[:, :, None] == segments[:, None, :])
+    whole = grouped_query_attention(q, k, v, mask)
+    np.testing.assert_allclose(grouped_query_attention(q, k, v, mask, blocks), whole, atol=1e-6)
+    # and the unblocked path is plain softmax attention (head h uses KV head h // 4)
+    scores = jnp.einsum("bqhd,bthd->bhqt", q, jnp.repeat(k, 4, axis=2)) / 4.0
+    weights = jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1)
+    np.testing.assert_allclose(whole, jnp.einsum("bhqt,bthd->bqhd", weights, jnp.repeat(v, 4, axis=2)), atol=1e-6)
+
+
+def test_long_forward_uses_blocks_and_matches_cached_prefill():
+    model = build(max_seq_len=256)
+    seq = 200
+    assert causal_blocks(seq) == 3
+    tokens = jax.random.randint(jax.random.key(2), (1, seq), 0, 128)
+    full = model(tokens).logits
+    cached = model(tokens, cache=init_cache(model.config, 1, seq)).logits  # the cache path attends in one block
+    np.testing.assert_allclose(full, cached, atol=ATOL)
+
+
+def test_rope_rotates_each_half_pair_by_its_angle():
+    # Hand-written reference: pair (x[i], x[i + d/2]) rotated by position * theta^(-2i/d).
+    x = jax.random.normal(jax.random.key(3), (1, 3, 2, 8))
+    positions = jnp.array([[0, 5, 1000]])
+    out = np.asarray(apply_rope(x, positions, theta=100.0))
+    xs = np.asarray(x, np.float64)
+    for t, pos in enumerate([0, 5, 1000]):
+        for i in range(4):
+            angle = pos * 100.0 ** (-2 * i / 8)
+            a, b = xs[0, t, :, i], xs[0, t, :, i + 4]
+            np.testing.assert_allclose(out[0, t, :, i], a * np.cos(angle) - b * np.sin(angle), atol=1e-4)
+            np.testing.assert_allclose(out[0, t, :, i + 4], b * np.cos(angle) + a * np.sin(angle), atol=1e-4)
 
 
 def test_packed_documents_do_not_attend_to_each_other():
