@@ -9,6 +9,11 @@ Models (`--size`): `bench`, the model of benchmarks/train_step.py (4 layers, d=2
 stays in the CPU's last-level cache, so its bound is the cache's bandwidth and a decode step is dominated by
 per-op overhead), and `memory` (8 layers, d=1024, V=32768, f32: ~0.5 GiB, far beyond any cache, the regime real
 LLM decoding is in and the bandwidth bound is about). Default: both.
+
+Bytes per step: every weight matrix once, the untied input embedding only for the `batch` rows it looks up (a
+gather), and the filled-size cache buffer. A second yardstick separates our loop from XLA:CPU's kernel: the
+time of one compiled function that only multiplies a [batch, in] activation by every weight matrix of the model
+(matvec ceiling): decode / that is what the surrounding loop (attention, norms, sampling, cache writes) costs.
 """
 
 from __future__ import annotations
@@ -101,13 +106,44 @@ def measure(model: Transformer, prompt: int, new_tokens: int) -> tuple[dict, lis
     lines = [f"{param_bytes / 2**20:.1f} MiB of parameters; copy bandwidth {bandwidth / 1e9:.1f} GB/s"]
     for batch in (1, 8):
         tokens_per_s, cache_bytes = decode_tokens_per_s(model, batch, prompt, new_tokens)
-        bound = bandwidth / (param_bytes + cache_bytes) * batch
+        step_bytes = touched_param_bytes(model.config, batch) + cache_bytes
+        bound = bandwidth / step_bytes * batch
+        ceiling = batch / matvec_seconds(model, batch)
         result[f"batch{batch}_tokens_per_s"] = tokens_per_s
+        result[f"batch{batch}_bytes_per_step"] = step_bytes
         result[f"batch{batch}_bound_tokens_per_s"] = bound
         result[f"batch{batch}_fraction_of_bound"] = tokens_per_s / bound
+        result[f"batch{batch}_matvec_ceiling_tokens_per_s"] = ceiling
         lines.append(f"  batch {batch}: {tokens_per_s:,.0f} tokens/s, bandwidth bound {bound:,.0f} tokens/s -> "
-                     f"{100 * tokens_per_s / bound:.0f}% of bound" + ("  (target >= 60%)" if batch == 1 else ""))
+                     f"{100 * tokens_per_s / bound:.0f}% of bound" + ("  (target >= 60%)" if batch == 1 else "")
+                     + f"; XLA matvecs alone {ceiling:,.0f} tokens/s ({100 * ceiling / bound:.0f}% of bound), "
+                     f"decode reaches {100 * tokens_per_s / ceiling:.0f}% of them")
     return result, lines
+
+
+def touched_param_bytes(config: ModelConfig, batch: int) -> int:
+    """f32 bytes of parameters one decode step reads: all but the untied input embedding's unused rows."""
+    counts = param_counts(config)
+    if config.tie_embeddings:  # the table is read whole by the output layer anyway
+        return counts.total * 4
+    return (counts.total - counts.embedding + batch * config.d_model) * 4
+
+
+def matvec_seconds(model: Transformer, batch: int) -> float:
+    """Median seconds of [batch, in] @ W for every weight matrix of the model (flattened to 2-D) in one jit."""
+    d_model = model.config.d_model
+    matrices = []
+    for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        weight = leaf[...]
+        if "embedding" in path:  # the lookup is a gather; tied, the table is the output layer's matrix
+            if model.config.tie_embeddings:
+                matrices.append(weight.T)
+        elif weight.ndim >= 2:  # [d_model, *out] (query, key, value, FFN in) or [*in, d_model]
+            matrices.append(weight.reshape(d_model, -1) if weight.shape[0] == d_model
+                            else weight.reshape(-1, weight.shape[-1]))
+    inputs = [jnp.ones((batch, m.shape[0]), m.dtype) for m in matrices]
+    products = jax.jit(lambda xs, ws: [x @ w for x, w in zip(xs, ws, strict=True)])
+    return median_seconds(lambda: products(inputs, matrices), repeats=10)
 
 
 if __name__ == "__main__":

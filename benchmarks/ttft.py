@@ -9,6 +9,14 @@ does not depend on them). Printed: the FLOPs reduction (base / KVP TTFT FLOPs), 
 KVP TTFT) and their ratio; the target is >= 0.9 for prompts of 256+ tokens (the paper's CPU measurements reached
 0.65-0.75).
 
+A FLOPs count does not see that KVP's one base token must still read every base weight once: at batch 1 that
+is a fixed cost of (base weight bytes / memory bandwidth), measured here with benchmarks.decode's copy bandwidth.
+Each line also prints the ratio predicted when everything else runs exactly at the FLOPs reduction and that one
+read is added, 1 / (1 + weight_read_s x flops_reduction / base_ttft_s) (`flops_and_weight_read_prediction`):
+where it is below 0.9 (a small auxiliary, a short prompt, batch 1) the target is out of reach on this machine
+whatever the code does, since batch-1 matrix-vector products do not even reach the copy bandwidth
+(benchmarks/decode.py).
+
 The base is a mid-sized model (8 layers, d=512, V=4096, f32), big enough that a 256-token prefill is compute:
 at the tiny reproduction's sizes (d=64-128) the KVP path's few milliseconds are dominated by per-call and per-op
 overhead that no FLOPs count sees (`python -m experiments.kv_prediction.ttft` measures those sizes).
@@ -19,10 +27,12 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.common import emit
+from benchmarks.decode import measure_copy_bandwidth
 from experiments.kv_prediction.evaluation import measure_ttft
 from experiments.kv_prediction.models import Family
 from kv_prediction.variants import build_kvp_model, resolve_spec
 from lm_core.config import ModelConfig
+from lm_core.flops import param_counts
 
 TARGET = 0.9
 
@@ -49,20 +59,29 @@ def main() -> None:
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
     base = ttft_base_config(max(prompt_lens) + 64)
     results = []
+    weight_bytes = param_counts(base).total * 4
+    bandwidth = measure_copy_bandwidth(weight_bytes)
+    weight_read_s = weight_bytes / bandwidth
     lines = [f"base: {base.num_layers} layers, d_model={base.d_model}; batch {args.batch}; target: measured "
-             f"reduction >= {TARGET} x FLOPs reduction at 256+ tokens"]
+             f"reduction >= {TARGET} x FLOPs reduction at 256+ tokens",
+             f"base weights {weight_bytes / 2**20:.0f} MiB, copy bandwidth {bandwidth / 1e9:.1f} GB/s: reading them "
+             f"once for KVP's last token takes >= {1e3 * weight_read_s:.1f} ms"]
     for spec in args.variants.split(","):
         models = family(base, spec)
         for prompt_len in prompt_lens:
             r = measure_ttft(models, prompt_len, args.batch, args.repeats)
+            r["flops_and_weight_read_prediction"] = 1 / (1 + weight_read_s * r["flops_reduction"] / r["base_ttft_s"])
             results.append(r)
             lines.append(f"{spec:>8} prompt {prompt_len:>5}: base {1e3 * r['base_ttft_s']:7.1f} ms, KVP "
                          f"{1e3 * r['kvp_ttft_s']:6.1f} ms, aux alone {1e3 * r['aux_ttft_s']:6.1f} ms | FLOPs "
                          f"reduction {r['flops_reduction']:.2f}x, measured {r['measured_reduction']:.2f}x -> "
-                         f"{r['measured_over_flops']:.2f} of the FLOPs reduction")
-    worst = min(r["measured_over_flops"] for r in results if r["prompt_len"] >= 256) if results else float("nan")
+                         f"{r['measured_over_flops']:.2f} of the FLOPs reduction (FLOPs + one weight read "
+                         f"predict {r['flops_and_weight_read_prediction']:.2f})")
+    long_prompts = [r["measured_over_flops"] for r in results if r["prompt_len"] >= 256]
+    worst = min(long_prompts) if long_prompts else float("nan")  # the target only speaks of 256+ tokens
     lines.append(f"worst measured/FLOPs ratio at 256+ tokens: {worst:.2f} (target >= {TARGET})")
-    emit({"results": results, "worst_measured_over_flops": worst, "target": TARGET}, args.json, lines)
+    emit({"results": results, "worst_measured_over_flops": worst, "target": TARGET,
+          "copy_bandwidth_bytes_per_s": bandwidth, "base_weight_bytes": weight_bytes}, args.json, lines)
 
 
 if __name__ == "__main__":

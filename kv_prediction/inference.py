@@ -26,7 +26,7 @@ from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 from lm_core.flops import flops_per_token
 from lm_core.generation import SamplingConfig, decode, left_pad
-from lm_core.kv_cache import KVCache, init_cache
+from lm_core.kv_cache import KVCache
 from lm_core.model import Transformer
 
 Array = jax.Array
@@ -83,8 +83,9 @@ def plain_first_token(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, 
     Logits only for the last position (the others are not needed to answer); the cache is filled for decoding.
     """
     model = nnx.merge(graphdef, params)
-    cache = init_cache(model.config, tokens.shape[0], cache_len)
-    hidden, cache, _, _ = model.hidden_states(tokens, cache=cache)
+    batch, width = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
+    hidden, cache = model.prefill(tokens, positions, jnp.ones((batch, width), jnp.int32), cache_len)
     return jnp.argmax(model.logits(hidden[:, -1:])[:, 0], axis=-1).astype(jnp.int32), cache
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from lm_core.errors import UserError
-from lm_core.kv_cache import KVCache, init_cache
+from lm_core.kv_cache import KVCache
 
 Array = jax.Array
 
@@ -81,9 +81,8 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positions:
             cache_len: int) -> tuple[Array, KVCache]:
     """Run the prompt through the model once; returns the last position's logits [batch, vocab] and the cache."""
     model = nnx.merge(graphdef, params)
-    cache = init_cache(model.config, tokens.shape[0], cache_len)
-    output = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
-    return output.logits[:, -1], output.cache
+    hidden, cache = model.prefill(tokens, positions, segment_ids, cache_len)
+    return model.logits(hidden[:, -1:])[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))

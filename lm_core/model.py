@@ -137,6 +137,16 @@ class Transformer(nnx.Module):
         """The [d_model, vocab] output-layer weights (the transposed embedding when tied)."""
         return self.embedding.table[...].T if self.config.tie_embeddings else self.output[...]
 
+    def prefill(self, tokens: Array, positions: Array, segment_ids: Array, cache_len: int) -> tuple[Array, KVCache]:
+        """(final-normed hidden states [batch, seq, d_model], a cache of `cache_len` slots holding this prompt).
+
+        The same as `hidden_states` on an empty cache, but attention runs cache-free: a fresh prompt only attends
+        to itself, so causal query blocks can skip later keys (`attention.causal_blocks`) instead of scoring
+        every slot of the cache buffer. Tests: tests/test_model.py (prefill == cached forward).
+        """
+        hidden, _, kv, _ = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
+        return hidden, self.cache_from_kv(kv, positions, segment_ids, cache_len)
+
     def cache_from_kv(self, kv: Sequence[LayerKV], positions: Array, segment_ids: Array,
                       cache_len: int) -> KVCache:
         """A cache holding the given pre-RoPE per-layer K,V in slots [0, seq), as if the model had computed them.

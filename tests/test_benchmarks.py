@@ -28,6 +28,31 @@ def test_decode_benchmark_reports_json():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for batch in (1, 8):
         assert report[f"batch{batch}_tokens_per_s"] > 0 and report[f"batch{batch}_fraction_of_bound"] > 0
+        assert report[f"batch{batch}_matvec_ceiling_tokens_per_s"] > 0
+
+
+def test_decode_counts_only_the_embedding_rows_it_looks_up():
+    from benchmarks.decode import touched_param_bytes
+    from lm_core.config import ModelConfig
+
+    untied = ModelConfig(vocab_size=100, d_model=8, num_layers=1, num_heads=2, num_kv_heads=2, d_ff=16,
+                         tie_embeddings=False)
+    # one layer: q, k, v, o 4·8·8 + FFN 3·8·16 + 2 norms of 8 + final norm 8 + output 8·100, and batch·8 rows
+    layer = 4 * 8 * 8 + 3 * 8 * 16 + 2 * 8
+    assert touched_param_bytes(untied, batch=3) == 4 * (layer + 8 + 800 + 3 * 8)
+    tied = untied.replace(tie_embeddings=True)  # the output layer reads the whole table
+    assert touched_param_bytes(tied, batch=3) == 4 * (layer + 8 + 800)
+
+
+def test_ttft_benchmark_reports_json():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.ttft", "--json", "--prompt_lens=16",
+                             "--variants=c128x1", "--repeats=1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    (row,) = report["results"]
+    assert row["kvp_ttft_s"] > 0 and row["flops_reduction"] > 1
+    assert 0 < row["flops_and_weight_read_prediction"] < 1
 
 
 def test_torch_reference_reports_json():

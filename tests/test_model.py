@@ -74,8 +74,14 @@ def test_long_forward_uses_blocks_and_matches_cached_prefill():
     assert causal_blocks(seq) == 3
     tokens = jax.random.randint(jax.random.key(2), (1, seq), 0, 128)
     full = model(tokens).logits
-    cached = model(tokens, cache=init_cache(model.config, 1, seq)).logits  # the cache path attends in one block
-    np.testing.assert_allclose(full, cached, atol=ATOL)
+    cached = model(tokens, cache=init_cache(model.config, 1, seq + 8))  # the cache path attends in one block
+    np.testing.assert_allclose(full, cached.logits, atol=ATOL)
+    # Transformer.prefill (cache-free, blocked attention) fills the same cache the cached forward does
+    positions = jnp.arange(seq, dtype=jnp.int32)[None]
+    hidden, cache = model.prefill(tokens, positions, jnp.ones_like(tokens), seq + 8)
+    np.testing.assert_allclose(model.logits(hidden), full, atol=ATOL)
+    for mine, theirs in zip(jax.tree.leaves(cache), jax.tree.leaves(cached.cache), strict=True):
+        np.testing.assert_allclose(mine, theirs, atol=ATOL)
 
 
 def test_rope_rotates_each_half_pair_by_its_angle():
