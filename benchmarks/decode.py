@@ -14,6 +14,9 @@ Bytes per step: every weight matrix once, the untied input embedding only for th
 gather), and the filled-size cache buffer. A second yardstick separates our loop from XLA:CPU's kernel: the
 time of one compiled function that only multiplies a [batch, in] activation by every weight matrix of the model
 (matvec ceiling): decode / that is what the surrounding loop (attention, norms, sampling, cache writes) costs.
+And a third, what reading alone reaches: one compiled max-reduction over every weight matrix (read stream). On
+the 2-core development machine a read-only stream over matrices of a few MiB gets ~60% of the copy bound (a
+copy's writes are posted; reads stall on memory latency), so that, not 100%, is the practical ceiling.
 """
 
 from __future__ import annotations
@@ -103,7 +106,11 @@ def measure(model: Transformer, prompt: int, new_tokens: int) -> tuple[dict, lis
     param_bytes = param_counts(model.config).total * 4
     bandwidth = measure_copy_bandwidth(param_bytes)
     result: dict = {"copy_bandwidth_bytes_per_s": bandwidth, "param_bytes": param_bytes}
-    lines = [f"{param_bytes / 2**20:.1f} MiB of parameters; copy bandwidth {bandwidth / 1e9:.1f} GB/s"]
+    read_bandwidth = sum(m.nbytes for m in weight_matrices(model)) / read_seconds(model)
+    result["read_stream_bytes_per_s"] = read_bandwidth
+    lines = [f"{param_bytes / 2**20:.1f} MiB of parameters; copy bandwidth {bandwidth / 1e9:.1f} GB/s; a read-only "
+             f"stream over the weight matrices {read_bandwidth / 1e9:.1f} GB/s "
+             f"({100 * read_bandwidth / bandwidth:.0f}% of copy)"]
     for batch in (1, 8):
         tokens_per_s, cache_bytes = decode_tokens_per_s(model, batch, prompt, new_tokens)
         step_bytes = touched_param_bytes(model.config, batch) + cache_bytes
@@ -129,8 +136,8 @@ def touched_param_bytes(config: ModelConfig, batch: int) -> int:
     return (counts.total - counts.embedding + batch * config.d_model) * 4
 
 
-def matvec_seconds(model: Transformer, batch: int) -> float:
-    """Median seconds of [batch, in] @ W for every weight matrix of the model (flattened to 2-D) in one jit."""
+def weight_matrices(model: Transformer) -> list[jax.Array]:
+    """Every weight matrix a decode step multiplies by, flattened to 2-D [in, out]."""
     d_model = model.config.d_model
     matrices = []
     for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -141,9 +148,22 @@ def matvec_seconds(model: Transformer, batch: int) -> float:
         elif weight.ndim >= 2:  # [d_model, *out] (query, key, value, FFN in) or [*in, d_model]
             matrices.append(weight.reshape(d_model, -1) if weight.shape[0] == d_model
                             else weight.reshape(-1, weight.shape[-1]))
+    return matrices
+
+
+def matvec_seconds(model: Transformer, batch: int) -> float:
+    """Median seconds of [batch, in] @ W for every weight matrix of the model, in one jit."""
+    matrices = weight_matrices(model)
     inputs = [jnp.ones((batch, m.shape[0]), m.dtype) for m in matrices]
     products = jax.jit(lambda xs, ws: [x @ w for x, w in zip(xs, ws, strict=True)])
     return median_seconds(lambda: products(inputs, matrices), repeats=10)
+
+
+def read_seconds(model: Transformer) -> float:
+    """Median seconds of one max-reduction over every weight matrix, in one jit (reads only, no arithmetic)."""
+    matrices = weight_matrices(model)
+    maxima = jax.jit(lambda ws: [jnp.max(w) for w in ws])
+    return median_seconds(lambda: maxima(matrices), repeats=10)
 
 
 if __name__ == "__main__":
