@@ -18,6 +18,7 @@ is not split over the batch mesh axes; fine at research scale, a per-row variant
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -27,7 +28,7 @@ from flax import nnx
 
 from lm_core.attention import LayerCache, LayerKV
 from lm_core.config import ModelConfig
-from lm_core.layers import Aux, TokenContext, dense, fan_in_init, param
+from lm_core.layers import Aux, FeedForward, TokenContext, dense, fan_in_init, param
 from lm_core.model import Block, Transformer
 from moma import aux_routers
 from moma.experts import moma_ffn_factory
@@ -134,8 +135,16 @@ class MoDBlock(nnx.Module):
 def build_moma_model(model_config: ModelConfig, moma: MoMaConfig, *, rngs: nnx.Rngs) -> Transformer:
     """An lm_core Transformer with MoMa's FFN in every layer, and MoD on layers 0, 2, 4, ... when `moma.mod`."""
     check_fits_model(moma, model_config)
-    model = Transformer(model_config, rngs=rngs, ffn_factory=moma_ffn_factory(moma))
-    if moma.mod:
-        for index in mod_layers(model_config.num_layers):
-            model.blocks[index] = MoDBlock(model.blocks[index], model_config, moma.mod_capacity, rngs=rngs)
+    routed_layers = mod_layers(model_config.num_layers) if moma.mod else ()
+    bounded = moma_ffn_factory(moma)
+    # A MoD layer's FFN sees only the tokens its router picked, in any modality mix, so the max_*_fraction bounds
+    # (set from the data's mix) do not hold there: its expert slots stay sized for all of its tokens.
+    unbounded = moma_ffn_factory(dataclasses.replace(moma, max_text_fraction=1.0, max_image_fraction=1.0))
+
+    def ffn_factory(config: ModelConfig, layer_index: int, layer_rngs: nnx.Rngs) -> FeedForward:
+        return (unbounded if layer_index in routed_layers else bounded)(config, layer_index, layer_rngs)
+
+    model = Transformer(model_config, rngs=rngs, ffn_factory=ffn_factory)
+    for index in routed_layers:
+        model.blocks[index] = MoDBlock(model.blocks[index], model_config, moma.mod_capacity, rngs=rngs)
     return model

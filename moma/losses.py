@@ -40,6 +40,9 @@ def mixed_modal_loss(model: Any, batch: Batch, rng: Array | None = None, *, voca
     if aux_losses:
         metrics["aux_loss"] = sum(aux_losses)
         loss = loss + metrics["aux_loss"]
+    overflows = [value for layer in output.aux for name, value in layer.items() if name.endswith("_slot_overflow")]
+    if overflows:  # > 0 only when a batch exceeds a max_*_fraction bound: those expert picks were clipped
+        metrics["slot_overflow"] = jnp.max(jnp.stack(overflows))
     return loss, metrics
 
 
@@ -72,5 +75,7 @@ def per_modality_eval_row(summary: dict[str, float]) -> dict[str, float]:
 
 
 def per_modality_train_row(metrics: dict[str, float]) -> dict[str, float]:
-    """The trainer's `train_row_fn`: the step's text_loss / image_loss (and aux_loss when there is one)."""
-    return {name: metrics[name] for name in ("text_loss", "image_loss", "aux_loss") if name in metrics}
+    """The trainer's `train_row_fn`: the step's text_loss / image_loss, and aux_loss / slot_overflow (the largest
+    share of any expert's budget its static slots could not hold) when the model has them."""
+    return {name: metrics[name] for name in ("text_loss", "image_loss", "aux_loss", "slot_overflow")
+            if name in metrics}

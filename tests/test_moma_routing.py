@@ -195,3 +195,33 @@ def test_active_ffn_flops_match_dense_and_mod_depths_match_the_paper():
     bounded = parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE, max_text_fraction=0.6,
                             max_image_fraction=0.6)
     assert executed_expert_overhead(bounded) == pytest.approx(1.2)
+
+
+def test_a_batch_beyond_the_slot_bound_is_clipped_and_reported_in_the_loss_metrics():
+    from moma.depths import build_moma_model
+    from moma.losses import mixed_modal_loss, per_modality_train_row
+    from moma.mixed_modal import MixedVocab
+
+    vocab = MixedVocab(text_vocab_size=94, codebook_size=32, vocab_size=128)  # image codes 94..125
+    tokens = jnp.array([[5, 100, 7, 120, 9, 101], [110, 3, 111, 4, 112, 102]])  # 7 image codes of 12
+    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": jnp.ones((2, 6))}
+    overflows = {}
+    for bound in (1.0, 0.2):
+        moma = parse_variant("moe_2t2i", image_token_range=(94, 126), max_image_fraction=bound)
+        model = build_moma_model(tiny_config(), moma, rngs=nnx.Rngs(0))
+        _, metrics = mixed_modal_loss(model, batch, vocab=vocab)
+        overflows[bound] = per_modality_train_row({k: float(v) for k, v in metrics.items()})["slot_overflow"]
+    # 7 image tokens over 2 experts: budget ceil(7/2) = 4 each; a 0.2 bound gives ceil(0.2 * 12 / 2) = 2 slots
+    assert overflows == {1.0: 0.0, 0.2: pytest.approx(0.5)}
+
+
+def test_mod_layers_keep_unbounded_expert_slots():
+    # A MoD layer's FFN sees whichever tokens its router picked, so the batch-mix bounds cannot apply there.
+    from moma.depths import build_moma_model
+
+    moma = parse_variant("mod_moe_2t2i", image_token_range=IMAGE_RANGE, max_text_fraction=0.3,
+                         max_image_fraction=0.5)
+    model = build_moma_model(tiny_config(), moma, rngs=nnx.Rngs(0))
+    mod_groups, plain_groups = model.blocks[0].block.ffn.groups, model.blocks[1].ffn.groups
+    assert (mod_groups["text"].max_fraction, mod_groups["image"].max_fraction) == (1.0, 1.0)
+    assert (plain_groups["text"].max_fraction, plain_groups["image"].max_fraction) == (0.3, 0.5)

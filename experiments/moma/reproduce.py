@@ -119,8 +119,9 @@ def write_report(workdir: Path, scale: str, configs: dict[str, Any], rows: list[
              "on the same batches.", "", markdown_table(rows), "",
              "Paper (1.4B, 1T tokens): 4t4i 3.7x overall (text 2.6x, image 5.2x), 8x 3.0x, 4t4i + MoD 4.2x; "
              "throughput 8x -9%, 1t1i -6%, 4t4i -17%, MoD 4t4i -31%. At this scale (hundreds of steps) the curves "
-             "are far from converged and the CPU executes every static expert slot, so expect much smaller or no "
-             "savings and larger throughput losses.", "",
+             "are far from converged, so expect much smaller or no savings; the CPU executes every static expert slot "
+             "(moma.max_*_fraction: 1.2x the active expert FLOPs with moma_tiny's bounds, 2x at 1.0), which costs "
+             "throughput the paper's GPU system did not pay.", "",
              "Training time (this call, 2 CPU cores shared with other jobs; the first run includes training the "
              "image tokenizer and quantising the images): "
              + ", ".join(f"{variant} {seconds[variant] / 60:.1f} min" for variant in seconds), "",
