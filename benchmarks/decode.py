@@ -106,7 +106,8 @@ def measure(model: Transformer, prompt: int, new_tokens: int) -> tuple[dict, lis
     param_bytes = param_counts(model.config).total * 4
     bandwidth = measure_copy_bandwidth(param_bytes)
     result: dict = {"copy_bandwidth_bytes_per_s": bandwidth, "param_bytes": param_bytes}
-    read_bandwidth = sum(m.nbytes for m in weight_matrices(model)) / read_seconds(model)
+    matrices = weight_matrices(model)
+    read_bandwidth = sum(m.nbytes for m in matrices) / read_seconds(matrices)
     result["read_stream_bytes_per_s"] = read_bandwidth
     lines = [f"{param_bytes / 2**20:.1f} MiB of parameters; copy bandwidth {bandwidth / 1e9:.1f} GB/s; a read-only "
              f"stream over the weight matrices {read_bandwidth / 1e9:.1f} GB/s "
@@ -115,7 +116,7 @@ def measure(model: Transformer, prompt: int, new_tokens: int) -> tuple[dict, lis
         tokens_per_s, cache_bytes = decode_tokens_per_s(model, batch, prompt, new_tokens)
         step_bytes = touched_param_bytes(model.config, batch) + cache_bytes
         bound = bandwidth / step_bytes * batch
-        ceiling = batch / matvec_seconds(model, batch)
+        ceiling = batch / matvec_seconds(matrices, batch)
         result[f"batch{batch}_tokens_per_s"] = tokens_per_s
         result[f"batch{batch}_bytes_per_step"] = step_bytes
         result[f"batch{batch}_bound_tokens_per_s"] = bound
@@ -151,17 +152,15 @@ def weight_matrices(model: Transformer) -> list[jax.Array]:
     return matrices
 
 
-def matvec_seconds(model: Transformer, batch: int) -> float:
-    """Median seconds of [batch, in] @ W for every weight matrix of the model, in one jit."""
-    matrices = weight_matrices(model)
+def matvec_seconds(matrices: list[jax.Array], batch: int) -> float:
+    """Median seconds of [batch, in] @ W for every matrix (`weight_matrices`), in one jit."""
     inputs = [jnp.ones((batch, m.shape[0]), m.dtype) for m in matrices]
     products = jax.jit(lambda xs, ws: [x @ w for x, w in zip(xs, ws, strict=True)])
     return median_seconds(lambda: products(inputs, matrices), repeats=10)
 
 
-def read_seconds(model: Transformer) -> float:
-    """Median seconds of one max-reduction over every weight matrix, in one jit (reads only, no arithmetic)."""
-    matrices = weight_matrices(model)
+def read_seconds(matrices: list[jax.Array]) -> float:
+    """Median seconds of one max-reduction over every matrix, in one jit (reads only, no arithmetic)."""
     maxima = jax.jit(lambda ws: [jnp.max(w) for w in ws])
     return median_seconds(lambda: maxima(matrices), repeats=10)
 

@@ -75,6 +75,13 @@ def prefill_on_kv(graphdef: nnx.GraphDef, params: nnx.State, prompt_kv: Sequence
 # --- the compiled first-token functions TTFT is measured on ----------------------------------------------------
 
 
+def unpadded_layout(tokens: Array) -> tuple[Array, Array]:
+    """(positions 0..N-1, segment ids all 1), each [batch, N], for prompts that fill their rows exactly."""
+    batch, width = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
+    return positions, jnp.ones((batch, width), jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def plain_first_token(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, cache_len: int
                       ) -> tuple[Array, KVCache]:
@@ -83,9 +90,7 @@ def plain_first_token(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, 
     Logits only for the last position (the others are not needed to answer); the cache is filled for decoding.
     """
     model = nnx.merge(graphdef, params)
-    batch, width = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
-    hidden, cache = model.prefill(tokens, positions, jnp.ones((batch, width), jnp.int32), cache_len)
+    hidden, cache = model.prefill(tokens, *unpadded_layout(tokens), cache_len)
     return jnp.argmax(model.logits(hidden[:, -1:])[:, 0], axis=-1).astype(jnp.int32), cache
 
 
@@ -93,10 +98,7 @@ def plain_first_token(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, 
 def kvp_first_token(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, cache_len: int
                     ) -> tuple[Array, KVCache]:
     """The whole KVP TTFT path in one compiled function for unpadded prompts [batch, N]: (first token, base cache)."""
-    batch, width = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
-    segment_ids = jnp.ones((batch, width), jnp.int32)
-    first_logits, cache = kvp_prefill(graphdef, params, tokens, positions, segment_ids, cache_len)
+    first_logits, cache = kvp_prefill(graphdef, params, tokens, *unpadded_layout(tokens), cache_len)
     return jnp.argmax(first_logits, axis=-1).astype(jnp.int32), cache
 
 
