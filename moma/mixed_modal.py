@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -35,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from lm_core.data.packing import BATCH_KEYS, PackCursor, TokenizedDocument, pack_rows, tokenized_document
+from lm_core.data.packing import BATCH_KEYS, TokenizedDocument, tokenized_document
+from lm_core.data.stream import PackedStream
 from lm_core.errors import UserError
 from lm_core.tokenizer import TextTokenizer
 
@@ -214,33 +216,27 @@ class CodedPairs:
 # Loader
 
 
-class MixedModalLoader:
-    """Deterministic, exactly resumable stream of packed mixed-modal batches (LMDataLoader's contract).
+class MixedModalLoader(PackedStream):
+    """Deterministic, exactly resumable stream of packed mixed-modal batches (lm_core's `PackedStream`).
 
-    Epoch e visits the pairs in `permutation(seed, e)` order; stream document k is pair `perm_{k // n}[k % n]` in
-    the layout `image_first(seed, pair, epoch)`; rows are packed greedily by lm_core's `pack_rows`. The position
-    is ONE cursor (stream document, pair offset), so `state()` is a dict of ints and `restore()` makes the next
-    batches byte-identical to an uninterrupted run. Multi-host: every process packs the same global batch and
-    keeps its `global_batch_size // process_count` rows.
+    The items are image-caption pairs: stream document k is pair `perm_{k // n}[k % n]` in the layout
+    `image_first(seed, pair, epoch)`, so the same pair alternates between image-first and caption-first.
 
     `next()` -> {"inputs", "targets", "segment_ids", "positions", "loss_mask": [per_host, seq_len],
     "chars", "text_tokens", "image_tokens": [per_host]} numpy arrays.
     """
 
+    _description = "mixed-modal loader"
+    _resume_with = "the same pairs, tokenizer, codebook, seed and shuffle"
+
     def __init__(self, pairs: CodedPairs, tokenizer: TextTokenizer, vocab: MixedVocab, *, seq_len: int,
                  global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
                  shuffle: bool = True, repeat: bool = True):
-        for name, value in (("seq_len", seq_len), ("global_batch_size", global_batch_size),
-                            ("process_count", process_count)):
-            if not isinstance(value, int | np.integer) or value <= 0:
-                raise UserError(f"{name}={value!r} is invalid; valid: a positive integer")
-        if global_batch_size % process_count:
-            raise UserError(f"global_batch_size={global_batch_size} is not divisible by process_count="
-                            f"{process_count}; valid: a multiple of {process_count}")
-        if not 0 <= process_index < process_count:
-            raise UserError(f"process_index={process_index} is out of range; valid: 0..{process_count - 1}")
         if len(pairs) == 0:
             raise UserError("the image-caption pairs are empty; valid: at least one pair")
+        super().__init__(len(pairs), seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
+                         process_index=process_index, process_count=process_count, shuffle=shuffle,
+                         repeat=repeat)
         if pairs.codebook_size != vocab.codebook_size:
             raise UserError(f"pairs were coded with codebook_size={pairs.codebook_size} but the vocabulary has "
                             f"{vocab.codebook_size} image codes; valid: the same VQ tokenizer for both")
@@ -251,58 +247,22 @@ class MixedModalLoader:
         self._pairs = pairs
         self._tokenizer = tokenizer
         self.vocab = vocab
-        self.seq_len = seq_len
-        self.global_batch_size = global_batch_size
-        self.per_host_batch_size = global_batch_size // process_count
-        self._row_start = process_index * self.per_host_batch_size
-        self._seed = seed
-        self._shuffle = shuffle
-        self._repeat = repeat
-        self._cursor = PackCursor()
         self._caption_ids: dict[int, np.ndarray] = {}  # pair index -> caption token ids
-        self._permutations: dict[int, np.ndarray] = {}  # epoch -> [num_pairs], the latest two only
         self._documents: dict[int, TokenizedDocument] = {}  # stream index -> document, for the batch being packed
 
     @property
     def num_pairs(self) -> int:
-        return len(self._pairs)
-
-    @property
-    def epoch(self) -> int:
-        return self._cursor.document // self.num_pairs
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
+        return self.num_items
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.document_at(self._cursor.document) is None:
-            raise StopIteration
-        batch, self._cursor = pack_rows(self.document_at, self._cursor, self.seq_len, self.global_batch_size)
+        rows = super().__next__()
         self._documents = {k: v for k, v in self._documents.items() if k >= self._cursor.document}
-        rows = batch.rows(self._row_start, self._row_start + self.per_host_batch_size).as_dict()
         return {**rows, **modality_counts(rows["targets"], rows["loss_mask"], self.vocab)}
 
     next = __next__
 
-    def state(self) -> dict[str, int]:
-        """Plain ints (JSON-serialisable): the stream position plus what the position is only valid for."""
-        return {"document": self._cursor.document, "offset": self._cursor.offset, **self._stream_identity()}
-
     def restore(self, state: dict[str, Any]) -> None:
-        expected = self._stream_identity()
-        missing = sorted({"document", "offset", *expected} - set(state))
-        if missing:
-            raise UserError(f"mixed-modal loader state {state} lacks {missing}; valid: a dict from "
-                            "MixedModalLoader.state()")
-        changed = {k: (state[k], v) for k, v in expected.items() if int(state[k]) != v}
-        if changed:
-            raise UserError("mixed-modal loader state was saved for a different stream ("
-                            + ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())
-                            + "); valid: resume with the same pairs, tokenizer, codebook, seed and shuffle")
-        if int(state["document"]) < 0 or int(state["offset"]) < 0:
-            raise UserError(f"mixed-modal loader state {state} has a negative position; valid: a dict from "
-                            "MixedModalLoader.state()")
-        self._cursor = PackCursor(int(state["document"]), int(state["offset"]))
+        super().restore(state)
         self._documents = {}
 
     def _stream_identity(self) -> dict[str, int]:
@@ -310,13 +270,12 @@ class MixedModalLoader:
                 "vocab_size": self.vocab.vocab_size, "codebook_size": self.vocab.codebook_size,
                 "tokens_per_image": self._pairs.tokens_per_image}
 
-    def document_at(self, stream_index: int) -> TokenizedDocument | None:
-        """Stream document `stream_index` (BOS ... EOS), or None past the end of a single-pass stream."""
-        epoch, position = divmod(stream_index, self.num_pairs)
-        if epoch > 0 and not self._repeat:
-            return None
+    def _document_at(self, stream_index: int) -> TokenizedDocument | None:
         if stream_index not in self._documents:
-            index = int(self._permutation(epoch)[position])
+            located = self._epoch_and_item(stream_index)
+            if located is None:
+                return None
+            epoch, index = located
             if index not in self._caption_ids:
                 self._tokenize_ahead(stream_index)
             ids = mixed_document(self._caption_ids[index], self._pairs.codes[index], self.vocab,
@@ -326,27 +285,9 @@ class MixedModalLoader:
                                                                eos_id=self._tokenizer.eos_id)
         return self._documents[stream_index]
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            if self._shuffle:
-                order = np.random.default_rng([self._seed, epoch]).permutation(self.num_pairs)
-            else:
-                order = np.arange(self.num_pairs)
-            for old in sorted(self._permutations)[:-1]:
-                del self._permutations[old]
-            self._permutations[epoch] = order  # [num_pairs]
-        return self._permutations[epoch]
-
     def _tokenize_ahead(self, stream_index: int) -> None:
         """Tokenize the captions of the next chunk of not-yet-seen pairs of the stream in one call."""
-        indices: list[int] = []
-        for k in range(stream_index, stream_index + _TOKENIZE_CHUNK):
-            epoch, position = divmod(k, self.num_pairs)
-            if epoch > 0 and not self._repeat:
-                break
-            index = int(self._permutation(epoch)[position])
-            if index not in self._caption_ids and index not in indices:
-                indices.append(index)
+        indices = self._unseen_items_ahead(stream_index, _TOKENIZE_CHUNK, self._caption_ids)
         captions = [self._pairs.captions[i] for i in indices]
         for index, ids in zip(indices, self._tokenizer.encode_batch(captions), strict=True):
             self._caption_ids[index] = np.asarray(ids, np.int32)
@@ -357,10 +298,7 @@ def iter_mixed_eval_batches(pairs: CodedPairs, tokenizer: TextTokenizer, vocab: 
     """One deterministic pass over `pairs` in order (no shuffle); the last batch is padded with loss_mask 0."""
     loader = MixedModalLoader(pairs, tokenizer, vocab, seq_len=seq_len, global_batch_size=batch_size, seed=0,
                               shuffle=False, repeat=False)
-    for count, batch in enumerate(loader):
-        if max_batches is not None and count >= max_batches:
-            return
-        yield batch
+    yield from itertools.islice(loader, max_batches)
 
 
 __all__ = ["MIXED_BATCH_KEYS", "CodedPairs", "MixedModalLoader", "MixedVocab", "image_first",
