@@ -25,12 +25,16 @@ def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
-def interleaved_median_seconds(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
-                               ) -> dict[str, float]:
+def interleaved_median_seconds(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                               settle: int = 0) -> dict[str, float]:
     """Median wall time of each named `run()`, the runs taking turns within every repeat.
 
     Two things compared on a shared, loaded machine see the same load only if they are timed in alternation;
     timing one fully and then the other lets a change of load in between masquerade as a speed ratio.
+    `settle` untimed calls of the same run come right before each timed one: runtimes with their own thread
+    pools (XLA's, PyTorch's OpenMP) keep spinning threads and leave the caches full of their data for a while
+    after a call, which slows whatever runs next; settled, each timed call follows one of its own kind, as a
+    step does inside a training loop.
     """
     for _ in range(warmup):
         for run in runs.values():
@@ -38,6 +42,8 @@ def interleaved_median_seconds(runs: dict[str, Callable[[], Any]], repeats: int,
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
+            for _ in range(settle):
+                jax.block_until_ready(run())
             start = time.perf_counter()
             jax.block_until_ready(run())
             times[name].append(time.perf_counter() - start)

@@ -1,11 +1,14 @@
 """The bench model's training step in plain PyTorch eager on CPU against the JAX train step, side by side.
 
-    python -m benchmarks.torch_reference [--json] [--steps=10] [--batch=8] [--seq=256] [--threads=1,2] [--torch_only]
+    python -m benchmarks.torch_reference [--json] [--steps=10] [--batch=8] [--seq=256] [--threads=1,2] [--settle=1]
+        [--torch_only]
 
 The reference is benchmarks/torch_model.py: the `bench` model of benchmarks/train_step.py (4 layers, d=256, 4 heads,
 d_ff 688, V=4096, untied, f32, AdamW with clipping) written the way a PyTorch user would, with stock modules. Both
-steps are timed in this one process and take turns step by step (benchmarks.common.interleaved_median_seconds), so
-a loaded machine slows both alike; tokens/s is batch·seq over the median step after one warm-up step. The JAX step
+steps are timed in this one process and take turns (benchmarks.common.interleaved_median_seconds), so a loaded
+machine slows both alike. Each timed step follows `--settle` untimed steps of its own kind: right after the other
+framework's step its spinning threads and cached data slow a step by 10-30% on the 2-core development machine, an
+effect no training loop has. tokens/s is batch·seq over the median timed step after one warm-up step. The JAX step
 is benchmarks.train_step.make_bench_step, compiled before timing. XLA:CPU uses every core; torch is timed with one
 thread and with every core (--threads), because PyTorch's OpenMP kernels on a machine shared with other work can be
 several times slower with all cores than with one, and the baseline is its faster setting. Both models' parameter
@@ -87,6 +90,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", default="auto",
                         help="torch intra-op thread counts to time, e.g. 1,2 (auto: 1 and all usable cores)")
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed steps of the same kind right before each timed step (0: strict alternation)")
     parser.add_argument("--torch_only", action="store_true", help="time only the PyTorch step")
     args = parser.parse_args()
     threads = thread_counts(args.threads)
@@ -110,7 +115,7 @@ def main() -> None:
     if not args.torch_only:
         bench = make_bench_step(args.batch, args.seq)
         runs["jax"] = bench.run
-    seconds = interleaved_median_seconds(runs, repeats=args.steps)
+    seconds = interleaved_median_seconds(runs, repeats=args.steps, settle=args.settle)
 
     tokens = args.batch * args.seq
     by_threads = {count: tokens / seconds[f"torch{count}"] for count in threads}

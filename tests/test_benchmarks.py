@@ -10,6 +10,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_interleaved_timing_settles_each_run_before_timing_it():
+    from benchmarks.common import interleaved_median_seconds
+
+    calls = []
+    runs = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    seconds = interleaved_median_seconds(runs, repeats=2, warmup=1, settle=1)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    assert set(seconds) == {"a", "b"}
+
+
 def test_train_step_benchmark_reports_json():
     result = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--json", "--steps=1", "--batch=2",
                              "--seq=32"], cwd=REPO, capture_output=True, text=True, timeout=300)
