@@ -3,8 +3,9 @@
     python -m benchmarks.decode [--json] [--new_tokens=64] [--prompt=128]
 
 Each decode step must read every parameter and the filled part of the KV cache once, so tokens/s can be at most
-bandwidth / bytes-per-step (x batch). We measure this machine's copy bandwidth in the same process (a large array
-copy: read + write) and report achieved tokens/s as a fraction of that bound (target >= 60% at batch 1).
+bandwidth / bytes-per-step (x batch). We measure this machine's copy bandwidth in the same process (an in-place
+update of an array as large as the parameters, its reads and writes both counted), timed in alternation with the
+decode loop, and report achieved tokens/s as a fraction of that bound (target >= 60% at batch 1).
 Models (`--size`): `bench`, the model of benchmarks/train_step.py (4 layers, d=256, V=4096, f32: 21 MiB, which
 stays in the CPU's last-level cache, so its bound is the cache's bandwidth and a decode step is dominated by
 per-op overhead), and `memory` (8 layers, d=1024, V=32768, f32: ~0.5 GiB, far beyond any cache, the regime real
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import emit, median_seconds
+from benchmarks.common import emit, interleaved_median_seconds, median_seconds
 from benchmarks.train_step import bench_config
 from lm_core.config import ModelConfig
 from lm_core.flops import param_counts
@@ -38,7 +40,13 @@ from lm_core.model import Transformer
 
 
 def measure_copy_bandwidth(working_set_bytes: int) -> float:
-    """Bytes per second read + written by an in-place update of an array as large as the decode working set.
+    """Bytes per second read + written by an in-place update of an array as large as the decode working set."""
+    run, moved_bytes = copy_run(working_set_bytes)
+    return moved_bytes / median_seconds(run, repeats=20, warmup=3)
+
+
+def copy_run(working_set_bytes: int) -> tuple[Callable[[], jax.Array], int]:
+    """(one in-place update of a `working_set_bytes` array, the bytes it reads + writes).
 
     The same size matters: a 20 MiB model may live in the CPU's last-level cache, and then so does the bound.
     The buffer is donated so each call rewrites the same memory instead of allocating (page faults) anew.
@@ -46,16 +54,17 @@ def measure_copy_bandwidth(working_set_bytes: int) -> float:
     holder = {"x": jnp.ones((working_set_bytes // 4,), jnp.float32)}
     bump = jax.jit(lambda a: a + 1.0, donate_argnums=0)
 
-    def run():
+    def run() -> jax.Array:
         holder["x"] = bump(holder["x"])
         return holder["x"]
 
-    seconds = median_seconds(run, repeats=20, warmup=3)
-    return 2 * holder["x"].nbytes / seconds
+    return run, 2 * holder["x"].nbytes
 
 
-def decode_tokens_per_s(model: Transformer, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
-    """(tokens/s of the decode loop alone, its mean KV-cache bytes read per step)."""
+def decode_run(model: Transformer, batch: int, prompt_len: int, new_tokens: int
+               ) -> tuple[Callable[[], jax.Array], int]:
+    """(the compiled decode loop over `new_tokens` tokens after a prefilled random prompt, its mean KV-cache bytes
+    read per step)."""
     rng = np.random.default_rng(0)
     prompts = rng.integers(4, model.config.vocab_size, (batch, prompt_len)).tolist()
     tokens, positions, segments = left_pad(prompts)
@@ -65,11 +74,10 @@ def decode_tokens_per_s(model: Transformer, batch: int, prompt_len: int, new_tok
     logits, cache = prefill(graphdef, params, tokens, positions, segments, cache_len)
     start_positions = jnp.asarray(positions[:, -1] + 1)
     run = lambda: decode(graphdef, params, logits, cache, start_positions, jax.random.key(0), config)  # noqa: E731
-    seconds = median_seconds(run, repeats=3)
     c = model.config
     # attention reads the whole cache buffer each step (fixed-size, masked): keys + values, all layers
     cache_bytes = 2 * c.num_layers * batch * cache_len * c.num_kv_heads * c.head_dim * 4
-    return batch * new_tokens / seconds, cache_bytes
+    return run, cache_bytes
 
 
 def main() -> None:
@@ -102,21 +110,32 @@ SIZES = {"bench": bench_config, "memory": memory_bound_config}
 
 
 def measure(model: Transformer, prompt: int, new_tokens: int) -> tuple[dict, list[str]]:
-    """Decode tokens/s at batch 1 and 8 next to the bandwidth bound of this model's working set."""
+    """Decode tokens/s at batch 1 and 8 next to the bandwidth bound of this model's working set.
+
+    The copy, the read stream, the bare matvecs and the decode loop take turns (each timed call after an untimed
+    one of its own kind), so a change of machine load between them cannot pass for a fraction of the bound.
+    """
     param_bytes = param_counts(model.config).total * 4
-    bandwidth = measure_copy_bandwidth(param_bytes)
-    result: dict = {"copy_bandwidth_bytes_per_s": bandwidth, "param_bytes": param_bytes}
+    copy, copy_bytes = copy_run(param_bytes)
     matrices = weight_matrices(model)
-    read_bandwidth = sum(m.nbytes for m in matrices) / read_seconds(matrices)
-    result["read_stream_bytes_per_s"] = read_bandwidth
-    lines = [f"{param_bytes / 2**20:.1f} MiB of parameters; copy bandwidth {bandwidth / 1e9:.1f} GB/s; a read-only "
-             f"stream over the weight matrices {read_bandwidth / 1e9:.1f} GB/s "
-             f"({100 * read_bandwidth / bandwidth:.0f}% of copy)"]
+    read_bytes = sum(m.nbytes for m in matrices)
+    result: dict = {"param_bytes": param_bytes}
+    lines: list[str] = []
     for batch in (1, 8):
-        tokens_per_s, cache_bytes = decode_tokens_per_s(model, batch, prompt, new_tokens)
+        decode_loop, cache_bytes = decode_run(model, batch, prompt, new_tokens)
+        seconds = interleaved_median_seconds(
+            {"copy": copy, "read": read_run(matrices), "matvec": matvec_run(matrices, batch), "decode": decode_loop},
+            repeats=3, settle=1)
+        bandwidth, read_bandwidth = copy_bytes / seconds["copy"], read_bytes / seconds["read"]
+        if batch == 1:
+            result.update(copy_bandwidth_bytes_per_s=bandwidth, read_stream_bytes_per_s=read_bandwidth)
+            lines.append(f"{param_bytes / 2**20:.1f} MiB of parameters; copy bandwidth {bandwidth / 1e9:.1f} GB/s; a "
+                         f"read-only stream over the weight matrices {read_bandwidth / 1e9:.1f} GB/s "
+                         f"({100 * read_bandwidth / bandwidth:.0f}% of copy)")
+        tokens_per_s = batch * new_tokens / seconds["decode"]
         step_bytes = touched_param_bytes(model.config, batch) + cache_bytes
         bound = bandwidth / step_bytes * batch
-        ceiling = batch / matvec_seconds(matrices, batch)
+        ceiling = batch / seconds["matvec"]
         result[f"batch{batch}_tokens_per_s"] = tokens_per_s
         result[f"batch{batch}_bytes_per_step"] = step_bytes
         result[f"batch{batch}_bound_tokens_per_s"] = bound
@@ -152,17 +171,17 @@ def weight_matrices(model: Transformer) -> list[jax.Array]:
     return matrices
 
 
-def matvec_seconds(matrices: list[jax.Array], batch: int) -> float:
-    """Median seconds of [batch, in] @ W for every matrix (`weight_matrices`), in one jit."""
+def matvec_run(matrices: list[jax.Array], batch: int) -> Callable[[], list[jax.Array]]:
+    """[batch, in] @ W for every matrix (`weight_matrices`), in one jit."""
     inputs = [jnp.ones((batch, m.shape[0]), m.dtype) for m in matrices]
     products = jax.jit(lambda xs, ws: [x @ w for x, w in zip(xs, ws, strict=True)])
-    return median_seconds(lambda: products(inputs, matrices), repeats=10)
+    return lambda: products(inputs, matrices)
 
 
-def read_seconds(matrices: list[jax.Array]) -> float:
-    """Median seconds of one max-reduction over every matrix, in one jit (reads only, no arithmetic)."""
+def read_run(matrices: list[jax.Array]) -> Callable[[], list[jax.Array]]:
+    """One max-reduction over every matrix, in one jit (reads only, no arithmetic)."""
     maxima = jax.jit(lambda ws: [jnp.max(w) for w in ws])
-    return median_seconds(lambda: maxima(matrices), repeats=10)
+    return lambda: maxima(matrices)
 
 
 if __name__ == "__main__":
