@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from benchmarks import op_profile
 from benchmarks.common import emit, median_seconds, peak_memory_bytes
 from lm_core import flops, loss, optim
 from lm_core import train_step as ts
@@ -43,6 +44,7 @@ class BenchStep:
     seq: int
     compile_s: float  # the first call: tracing, compilation and one step
     run: Callable[[], Any]  # one more optimizer step; returns the step's metrics (block on them to time it)
+    hlo_text: Callable[[], str]  # the compiled step's HLO
 
     @property
     def tokens_per_step(self) -> int:
@@ -72,7 +74,10 @@ def make_bench_step(batch: int = 8, seq: int = 256, dtype: str = "float32", rema
         holder["state"], out = step(holder["state"], data)
         return out
 
-    return BenchStep(config, batch, seq, compile_s, one_step)
+    def hlo_text() -> str:
+        return step.lower(holder["state"], data).compile().as_text()
+
+    return BenchStep(config, batch, seq, compile_s, one_step, hlo_text)
 
 
 def main() -> None:
@@ -83,6 +88,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--profile", metavar="DIR", default="",
+                        help="also trace 3 steps into DIR (jax.profiler; open it in Perfetto or TensorBoard) and "
+                             "print the ops that took the most time")
     args = parser.parse_args()
 
     bench = make_bench_step(args.batch, args.seq, args.dtype, args.remat)
@@ -100,12 +108,19 @@ def main() -> None:
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "params": flops.param_counts(config).total, "flops_per_token": flops_per_token,
     }
+    profile_lines: list[str] = []
+    if args.profile:
+        profile = op_profile.profile_ops(bench.run, calls=3, trace_dir=args.profile, hlo_text=bench.hlo_text())
+        result["profile"] = {"trace_file": str(profile.trace_file), "busy_s": profile.busy_seconds_per_call,
+                             "top_ops": [dataclasses.asdict(op) for op in profile.ops[:15]]}
+        profile_lines = op_profile.summary_lines(profile, step_s)
     emit(result, args.json, [
         f"bench model: 4 layers, d=256, d_ff={config.d_ff}, V=4096, seq {args.seq}, batch {args.batch}, {args.dtype}",
         f"step {step_s * 1e3:.1f} ms (median of {args.steps}), {tokens_per_s:,.0f} tokens/s, compile {compile_s:.1f} s",
         f"model FLOP/s {result['model_flops_per_s'] / 1e9:.1f} G vs peak {peak / 1e9:.1f} G ({peak_source})",
         f"MFU {100 * result['mfu']:.1f}%   (target >= 50%)",
         f"peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB",
+        *profile_lines,
     ])
 
 

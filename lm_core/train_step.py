@@ -8,7 +8,7 @@ A loss function has the signature `loss_fn(model, batch, rng) -> (loss, metrics)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +136,11 @@ def check_batch_fits(mesh: Mesh, global_batch_size: int, grad_accum_steps: int =
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     mesh: Mesh, state_shardings: TrainState, *, grad_accum_steps: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """A compiled `step(state, batch) -> (new_state, metrics)`; `state` is donated (updated in place)."""
+    """A compiled `step(state, batch) -> (new_state, metrics)`; `state` is donated (updated in place).
+
+    `step.lower(state, batch)` gives the same jit's `jax.stages.Lowered`, for looking at what runs: its HLO,
+    `.compile().cost_analysis()`, or the op names of a profile (benchmarks/op_profile.py).
+    """
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         step_rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
@@ -148,11 +152,19 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.Gr
 
     compiled: dict[str, Callable] = {}
 
-    def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+    def jitted(batch: Batch) -> Any:
         if "step" not in compiled:  # shardings of the batch are known only once we see its keys and ranks
             compiled["step"] = jax.jit(step, in_shardings=(state_shardings, batch_shardings(mesh, batch)),
                                        out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
-        with jax.set_mesh(mesh):
-            return compiled["step"](state, batch)
+        return compiled["step"]
 
+    def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        with jax.set_mesh(mesh):
+            return jitted(batch)(state, batch)
+
+    def lower(state: TrainState, batch: Batch) -> jax.stages.Lowered:
+        with jax.set_mesh(mesh):
+            return jitted(batch).lower(state, batch)
+
+    run.lower = lower  # type: ignore[attr-defined]
     return run

@@ -20,14 +20,42 @@ def test_interleaved_timing_settles_each_run_before_timing_it():
     assert set(seconds) == {"a", "b"}
 
 
-def test_train_step_benchmark_reports_json():
+def test_train_step_benchmark_reports_json(tmp_path):
     result = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--json", "--steps=1", "--batch=2",
-                             "--seq=32"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                             "--seq=32", f"--profile={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("tokens_per_s", "mfu", "matmul_flops_per_s", "compile_s", "peak_memory_bytes", "d_ff"):
         assert key in report
     assert report["d_ff"] == 688 and report["tokens_per_s"] > 0 and report["mfu"] > 0
+    profile = report["profile"]
+    assert Path(profile["trace_file"]).is_file() and profile["busy_s"] > 0
+    top = profile["top_ops"]
+    assert top and any(op["is_matmul"] for op in top)
+    assert any("dot_general" in op["description"] for op in top)  # named after the JAX operation
+
+
+def test_op_profile_ranks_ops_and_measures_busy_time_by_hand():
+    from benchmarks.op_profile import busy_microseconds, op_descriptions, rank_ops
+
+    events = [  # two calls; "b" overlaps "a" in the first; wrappers are not ops
+        {"ph": "X", "name": "a", "ts": 0, "dur": 10},
+        {"ph": "X", "name": "ynn_fusion.3", "ts": 5, "dur": 10},
+        {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 100},
+        {"ph": "X", "name": "a", "ts": 50, "dur": 4},
+        {"ph": "i", "name": "a", "ts": 60},
+    ]
+    assert busy_microseconds([events[0], events[1], events[3]]) == 15 + 4
+    hlo = ('  %ynn_fusion.3 = f32[8,16]{1,0} fusion(%p0, %p1), kind=kCustom, calls=%c, '
+           'metadata={op_name="jit(step)/transpose(jvp())/dot_general" stack_frame_id=1}\n')
+    assert op_descriptions(hlo) == {"ynn_fusion.3": "f32[8,16] fusion <- jit(step)/transpose(jvp())/dot_general"}
+    profile = rank_ops({"traceEvents": events}, calls=2, trace_file=Path("t"), descriptions=op_descriptions(hlo))
+    assert [op.name for op in profile.ops] == ["a", "ynn_fusion.3"]
+    a, dot = profile.ops
+    assert a.seconds_per_call == 7e-6 and a.executions_per_call == 1 and not a.is_matmul
+    assert dot.seconds_per_call == 5e-6 and dot.is_matmul and dot.description.startswith("f32[8,16]")
+    assert profile.busy_seconds_per_call == 19 / 2 / 1e6
 
 
 def test_decode_benchmark_reports_json():
