@@ -141,9 +141,55 @@ def _attend(queries: Array, keys: Array, values: Array, mask: Array) -> Array:
     grouped = queries.reshape(batch, q_seq, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
     grouped = grouped.reshape(batch, kv_heads, group * q_seq, head_dim)
     keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [batch, kv_heads, k_seq, hd]
-    scores = jnp.einsum("bkqh,bkth->bkqt", grouped, keys).astype(jnp.float32) * head_dim**-0.5
-    scores = scores.reshape(batch, kv_heads, group, q_seq, -1)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED)
-    weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(batch, kv_heads, group * q_seq, -1)
-    out = jnp.einsum("bkqt,bkth->bkqh", weights, values).reshape(batch, kv_heads, group, q_seq, head_dim)
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_seq, heads, head_dim)
+    out = _softmax_attention(grouped, keys, values, mask)  # [batch, kv_heads, group·q, hd]
+    return out.reshape(batch, kv_heads, group, q_seq, head_dim).transpose(0, 3, 1, 2, 4).reshape(
+        batch, q_seq, heads, head_dim)
+
+
+def _masked(scores: Array, mask: Array, fill: float) -> Array:
+    """scores [batch, kv_heads, group·q, k] with `fill` where mask [batch, q, k] is False (same for every head)."""
+    batch, kv_heads, rows, k_seq = scores.shape
+    q_seq = mask.shape[1]
+    grouped = scores.reshape(batch, kv_heads, rows // q_seq, q_seq, k_seq)
+    return jnp.where(mask[:, None, None, :, :], grouped, fill).reshape(scores.shape)
+
+
+def _attention_weights(queries: Array, keys: Array, mask: Array) -> Array:
+    """softmax(q·kᵀ/sqrt(hd)) over unmasked keys, float32 [batch, kv_heads, group·q, k]."""
+    scores = jnp.einsum("bkqh,bkth->bkqt", queries, keys).astype(jnp.float32) * queries.shape[-1] ** -0.5
+    return jax.nn.softmax(_masked(scores, mask, MASKED), axis=-1)
+
+
+@jax.custom_vjp
+def _softmax_attention(queries: Array, keys: Array, values: Array, mask: Array) -> Array:
+    """softmax(q·kᵀ/sqrt(hd)) v in the heads-major layout; queries [batch, kv_heads, group·q, hd].
+
+    The backward pass is written out (`_softmax_attention_bwd`) because autodiff of the softmax computes the
+    row sums Σ_t P·dP over the whole [rows, k] score matrix, while the same numbers are Σ_h dO·O over head_dim:
+    Σ_t P_t (dO·v_t) = dO·Σ_t P_t v_t = dO·O. That removes a pass over the scores (on XLA:CPU the single
+    largest non-matmul op of a train step); tests/test_model.py checks the gradients against autodiff.
+    """
+    weights = _attention_weights(queries, keys, mask)
+    return jnp.einsum("bkqt,bkth->bkqh", weights.astype(values.dtype), values)
+
+
+def _softmax_attention_fwd(queries: Array, keys: Array, values: Array, mask: Array) -> tuple[Array, tuple]:
+    weights = _attention_weights(queries, keys, mask)
+    out = jnp.einsum("bkqt,bkth->bkqh", weights.astype(values.dtype), values)
+    return out, (queries, keys, values, mask, weights, out)
+
+
+def _softmax_attention_bwd(residuals: tuple, d_out: Array) -> tuple[Array, Array, Array, None]:
+    queries, keys, values, mask, weights, out = residuals
+    d_values = jnp.einsum("bkqt,bkqh->bkth", weights.astype(values.dtype), d_out)
+    d_weights = jnp.einsum("bkqh,bkth->bkqt", d_out, values).astype(jnp.float32)
+    row_sums = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    # masked keys got a constant score: no gradient flows to them (also not in fully masked padding rows)
+    d_scores = _masked(weights * (d_weights - row_sums), mask, 0.0) * queries.shape[-1] ** -0.5
+    d_scores = d_scores.astype(queries.dtype)
+    d_queries = jnp.einsum("bkqt,bkth->bkqh", d_scores, keys)
+    d_keys = jnp.einsum("bkqt,bkqh->bkth", d_scores, queries)
+    return d_queries, d_keys, d_values, None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
