@@ -112,8 +112,9 @@ def main() -> None:
     if args.profile:
         profile = op_profile.profile_ops(bench.run, calls=3, trace_dir=args.profile, hlo_text=bench.hlo_text())
         result["profile"] = {"trace_file": str(profile.trace_file), "busy_s": profile.busy_seconds_per_call,
+                             "wall_s": profile.wall_seconds_per_call,
                              "top_ops": [dataclasses.asdict(op) for op in profile.ops[:15]]}
-        profile_lines = op_profile.summary_lines(profile, step_s)
+        profile_lines = op_profile.summary_lines(profile)
     emit(result, args.json, [
         f"bench model: 4 layers, d=256, d_ff={config.d_ff}, V=4096, seq {args.seq}, batch {args.batch}, {args.dtype}",
         f"step {step_s * 1e3:.1f} ms (median of {args.steps}), {tokens_per_s:,.0f} tokens/s, compile {compile_s:.1f} s",

@@ -37,7 +37,7 @@ def test_train_step_benchmark_reports_json(tmp_path):
 
 
 def test_op_profile_ranks_ops_and_measures_busy_time_by_hand():
-    from benchmarks.op_profile import busy_microseconds, op_descriptions, rank_ops
+    from benchmarks.op_profile import busy_microseconds, is_matmul, op_descriptions, rank_ops
 
     events = [  # two calls; "b" overlaps "a" in the first; wrappers are not ops
         {"ph": "X", "name": "a", "ts": 0, "dur": 10},
@@ -56,6 +56,10 @@ def test_op_profile_ranks_ops_and_measures_busy_time_by_hand():
     assert a.seconds_per_call == 7e-6 and a.executions_per_call == 1 and not a.is_matmul
     assert dot.seconds_per_call == 5e-6 and dot.is_matmul and dot.description.startswith("f32[8,16]")
     assert profile.busy_seconds_per_call == 19 / 2 / 1e6
+    # a library fusion of a reduction is not a matmul; an Eigen dot is, whatever its JAX operation is called
+    assert not is_matmul("ynn_fusion.47", "f32[8,4,1,64] fusion <- jit(step)/transpose(jvp())/reduce_sum")
+    assert is_matmul("dot.26", "f32[256,688] dot <- jit(step)/transpose(jvp())/transpose")
+    assert is_matmul("ynn_fusion.9") and not is_matmul("add_fusion.2")
 
 
 def test_decode_benchmark_reports_json():
