@@ -7,7 +7,7 @@ The reference is benchmarks/torch_model.py: the `bench` model of benchmarks/trai
 d_ff 688, V=4096, untied, f32, AdamW with clipping) written the way a PyTorch user would, with stock modules. Both
 steps are timed in this one process and take turns (benchmarks.common.interleaved_median_seconds), so a loaded
 machine slows both alike. Each timed step follows `--settle` untimed steps of its own kind: right after the other
-framework's step its spinning threads and cached data slow a step by 10-30% on the 2-core development machine, an
+framework's step its spinning threads and cached data slow a step by 20-35% on the 2-core development machine, an
 effect no training loop has. tokens/s is batch·seq over the median timed step after one warm-up step. The JAX step
 is benchmarks.train_step.make_bench_step, compiled before timing. XLA:CPU uses every core; torch is timed with one
 thread and with every core (--threads), because PyTorch's OpenMP kernels on a machine shared with other work can be

@@ -1,6 +1,6 @@
 """Training-step throughput and MFU of the `bench` model, against this machine's matmul FLOP/s.
 
-    python -m benchmarks.train_step [--json] [--steps=10] [--dtype=float32|bfloat16] [--remat]
+    python -m benchmarks.train_step [--json] [--steps=10] [--dtype=float32|bfloat16] [--remat] [--profile=DIR]
 
 The bench model: 4 layers, d_model=256, 4 heads, seq 256, batch 8, vocabulary 4096, f32 (SwiGLU d_ff from the
 8/3 rule). MFU = model FLOPs per second (lm_core.flops, 6N-style analytic count incl. attention) divided by the

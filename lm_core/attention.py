@@ -169,8 +169,7 @@ def _softmax_attention(queries: Array, keys: Array, values: Array, mask: Array) 
     Σ_t P_t (dO·v_t) = dO·Σ_t P_t v_t = dO·O. That removes a pass over the scores (on XLA:CPU the single
     largest non-matmul op of a train step); tests/test_model.py checks the gradients against autodiff.
     """
-    weights = _attention_weights(queries, keys, mask)
-    return jnp.einsum("bkqt,bkth->bkqh", weights.astype(values.dtype), values)
+    return _softmax_attention_fwd(queries, keys, values, mask)[0]
 
 
 def _softmax_attention_fwd(queries: Array, keys: Array, values: Array, mask: Array) -> tuple[Array, tuple]:
