@@ -16,7 +16,7 @@ A loader says how many items it has (`num_items`), how item `index` of epoch `ep
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from typing import Any
 
 import numpy as np
@@ -122,7 +122,7 @@ class PackedStream:
             self._permutations[epoch] = order  # [num_items]
         return self._permutations[epoch]
 
-    def _unseen_items_ahead(self, stream_index: int, count: int, seen: Any) -> list[int]:
+    def _unseen_items_ahead(self, stream_index: int, count: int, seen: Container[int]) -> list[int]:
         """Item indices of the next `count` stream documents from `stream_index` not in `seen`, each once: what
         a loader tokenizes in one batched call."""
         indices: list[int] = []
