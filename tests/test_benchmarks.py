@@ -39,7 +39,7 @@ def test_train_step_benchmark_reports_json(tmp_path):
 def test_op_profile_ranks_ops_and_measures_busy_time_by_hand():
     from benchmarks.op_profile import busy_microseconds, is_matmul, op_descriptions, rank_ops
 
-    events = [  # two calls; "b" overlaps "a" in the first; wrappers are not ops
+    events = [  # two calls; the matmul overlaps "a" in the first; wrappers and instant events are not ops
         {"ph": "X", "name": "a", "ts": 0, "dur": 10},
         {"ph": "X", "name": "ynn_fusion.3", "ts": 5, "dur": 10},
         {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 100},
