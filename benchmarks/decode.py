@@ -118,13 +118,13 @@ def measure(model: Transformer, prompt: int, new_tokens: int) -> tuple[dict, lis
     param_bytes = param_counts(model.config).total * 4
     copy, copy_bytes = copy_run(param_bytes)
     matrices = weight_matrices(model)
-    read_bytes = sum(m.nbytes for m in matrices)
+    read, read_bytes = read_run(matrices), sum(m.nbytes for m in matrices)
     result: dict = {"param_bytes": param_bytes}
     lines: list[str] = []
     for batch in (1, 8):
         decode_loop, cache_bytes = decode_run(model, batch, prompt, new_tokens)
         seconds = interleaved_median_seconds(
-            {"copy": copy, "read": read_run(matrices), "matvec": matvec_run(matrices, batch), "decode": decode_loop},
+            {"copy": copy, "read": read, "matvec": matvec_run(matrices, batch), "decode": decode_loop},
             repeats=3, settle=1)
         bandwidth, read_bandwidth = copy_bytes / seconds["copy"], read_bytes / seconds["read"]
         if batch == 1:
