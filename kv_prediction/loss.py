@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from kv_prediction.model import KVPModel
 from lm_core.attention import LayerKV
-from lm_core.loss import cross_entropy
+from lm_core.loss import output_layer_loss
 from lm_core.model import Transformer
 
 Array = jax.Array
@@ -66,23 +66,25 @@ def consistency_terms(predicted: Sequence[LayerKV], true: Sequence[LayerKV], mas
 
 def kvp_loss(model: KVPModel, batch: Batch, rng: Array | None = None, *, lambda_base: float = 1.0,
              lambda_aux: float = 1.0, lambda_consistency: float | None = None, z_loss_weight: float = 0.0,
-             normalize_keys: bool = True) -> tuple[Array, dict[str, Any]]:
+             normalize_keys: bool = True, chunk_tokens: int = 0) -> tuple[Array, dict[str, Any]]:
     """The KVP objective over a packed batch (keys as produced by `lm_core.data`).
 
     lambda_consistency=None means 1/n_base_layers. z_loss_weight applies to both cross-entropies (reference:
     `use_z_loss` on base and aux logits). metrics["loss"] is the base-on-predicted-KV cross-entropy, the number
     the KVP model is judged by (the trainer logs it and stops on non-finite values); the full objective comes back
-    from the train step as metrics["objective"].
+    from the train step as metrics["objective"]. chunk_tokens > 0 computes both output layers in token chunks
+    (lm_core.loss.chunked_cross_entropy), so neither model's [tokens, vocab] logits exist at once.
     """
     del rng  # deterministic objective; part of the lm_core loss signature
     if lambda_consistency is None:
         lambda_consistency = 1.0 / model.num_base_layers
     out = model.forward_train(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-    base_loss, base_metrics = cross_entropy(out.base_logits, batch["targets"], batch["loss_mask"], z_loss_weight)
-    aux_loss, aux_metrics = cross_entropy(out.aux_logits, batch["targets"], batch["loss_mask"], z_loss_weight)
+    base = model.frozen_base()
+    targets, mask = batch["targets"], batch["loss_mask"]
+    base_loss, base_metrics = output_layer_loss(base, out.base_hidden, targets, mask, z_loss_weight, chunk_tokens)
+    aux_loss, aux_metrics = output_layer_loss(model.aux, out.aux_hidden, targets, mask, z_loss_weight, chunk_tokens)
     predicted, true = out.predicted_kv, out.true_kv
     if normalize_keys:
-        base = model.frozen_base()
         predicted, true = normalized_keys(base, predicted), normalized_keys(base, true)
     key_l1, value_l1 = consistency_terms(predicted, true, token_mask(batch))
     consistency = jnp.sum(key_l1) + jnp.sum(value_l1)

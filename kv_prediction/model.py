@@ -29,8 +29,10 @@ BASE = "base"  # attribute (and parameter-path prefix) of the frozen base model
 
 
 class KVPOutput(NamedTuple):
-    base_logits: Array  # [batch, seq, vocab] float32: B run on the predicted K,V of every layer
-    aux_logits: Array  # [batch, seq, vocab] float32: A on its own
+    # final-normed hidden states [batch, seq, d], before the output layer (the loss computes logits, in chunks
+    # when asked: `base.logits(base_hidden)` gives them)
+    base_hidden: Array  # B run on the predicted K,V of every layer
+    aux_hidden: Array  # A on its own
     predicted_kv: tuple[LayerKV, ...]  # n_base x [batch, seq, kv_heads_B, head_dim_B], pre-QK-norm, pre-RoPE
     true_kv: tuple[LayerKV, ...]  # the same shapes, from a no-gradient pass of B
 
@@ -84,10 +86,10 @@ class KVPModel(nnx.Module):
     def forward_train(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None
                       ) -> KVPOutput:
         """Everything the 3-term loss needs from one batch; tokens, positions, segment_ids: [batch, seq]."""
-        aux_out = self.aux(tokens, positions=positions, segment_ids=segment_ids, return_kv=True)
-        predicted = self.predictor(aux_out.kv)
+        aux_hidden, _, aux_kv, _ = self.aux.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
+        predicted = self.predictor(aux_kv)
         base = self.frozen_base()
-        base_logits = base(tokens, positions=positions, segment_ids=segment_ids, injected_kv=predicted).logits
-        # The target pass needs no logits: hidden_states stops before the [d_model, vocab] output layer.
+        base_hidden, _, _, _ = base.hidden_states(tokens, positions=positions, segment_ids=segment_ids,
+                                                  injected_kv=predicted, return_kv=False)
         _, _, true_kv, _ = base.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
-        return KVPOutput(base_logits, aux_out.logits, predicted, jax.lax.stop_gradient(true_kv))
+        return KVPOutput(base_hidden, aux_hidden, predicted, jax.lax.stop_gradient(true_kv))

@@ -12,15 +12,17 @@ RoPE so that decoding never re-rotates old keys.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
-from lm_core.config import ModelConfig
+from lm_core.config import ATTENTION_IMPLS, ModelConfig
 from lm_core.layers import RMSNorm, apply_rope, dense, fan_in_init, param
-from lm_core.sharding import constrain
+from lm_core.sharding import constrain, logical_to_spec, mesh_axes_size
 
 Array = jax.Array
 MASKED = -1e30  # added to scores of masked keys; finite so fully masked rows (padding) stay NaN-free
@@ -101,9 +103,155 @@ class Attention(nnx.Module):
             segment_ids[:, :, None] == key_segments[:, None, :])  # [batch, q_seq, k_seq]
         # Without a cache, query slot i only sees key slots <= i, so query blocks can skip later keys.
         blocks = causal_blocks(seq_len) if cache is None else 1
-        out = grouped_query_attention(queries, keys, values, mask, blocks)  # [batch, seq, heads, hd]
+        impl = resolve_attention_impl(config.attention_impl, trace_platform())
+        out = attend(impl, queries, keys, values, mask, segment_ids, key_segments, blocks,
+                     cached=cache is not None)  # [batch, seq, heads, hd]
         out = dense(out, self.out_proj[...].astype(dtype), contract=2)
         return out, new_cache, kv
+
+
+def resolve_attention_impl(impl: str, platform: str) -> str:
+    """The attention implementation `impl` ("auto" or a concrete name) means on `platform`.
+
+    "auto" picks what is fastest there: the query-blocked XLA path on CPU (tuned for XLA:CPU), cuDNN-capable
+    `jax.nn.dot_product_attention` on GPU, the Pallas splash kernel on TPU. Callers that compile for another
+    platform than the one they trace on (a TPU AOT compile on a CPU host) pass the target platform here.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r} is unknown; valid: {list(ATTENTION_IMPLS)}")
+    if impl != "auto":
+        return impl
+    if platform in ("gpu", "cuda", "rocm"):
+        return "dot_product"
+    if platform == "tpu":
+        return "splash"
+    return "xla_blocked"
+
+
+def trace_platform() -> str:
+    """The platform the code being traced will run on: the devices of the mesh set by `jax.set_mesh` when there
+    is one (so an AOT compile for a TPU topology on a CPU host sees "tpu"), else `jax.default_backend()`."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = getattr(device, "platform", None)
+    return platform if isinstance(platform, str) else jax.default_backend()
+
+
+def attend(impl: str, queries: Array, keys: Array, values: Array, mask: Array, query_segments: Array,
+           key_segments: Array, blocks: int, *, cached: bool) -> Array:
+    """Softmax attention by the resolved implementation `impl`; out [batch, q_seq, heads, hd] like queries.
+
+    queries [batch, q_seq, heads, hd]; keys, values [batch, k_seq, kv_heads, hd]; mask [batch, q_seq, k_seq]
+    (causal in slot order AND same segment). The kernels take the segment ids instead of the dense mask where
+    they can (splash). Without a cache (`cached=False`) q_seq == k_seq and slot order is the causal order.
+    """
+    if impl == "xla_blocked":
+        return grouped_query_attention(queries, keys, values, mask, blocks)
+    if impl == "dot_product" or (impl == "splash" and cached):
+        # Splash tiles >= 128 queries against a causal mask aligned at slot 0; a decode step (1 query at an offset
+        # into the cache) is not what it is for, so cached calls take the explicit-mask dot_product path.
+        return dot_product_attention(queries, keys, values, mask, causal=not cached)
+    if impl == "splash":
+        return splash_attention(queries, keys, values, query_segments, key_segments)
+    raise ValueError(f"attention impl {impl!r} is not one of {[i for i in ATTENTION_IMPLS if i != 'auto']}")
+
+
+def dot_product_implementation(platform: str, dtype: jnp.dtype, head_dim: int) -> str:
+    """`implementation=` for jax.nn.dot_product_attention: "cudnn" (flash attention) on an NVIDIA GPU for the
+    fp16/bf16, head_dim % 8 == 0 inputs cuDNN takes, else "xla". (`None` would mean "xla" in this JAX: it does
+    not pick cuDNN by itself.)"""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if platform in ("gpu", "cuda") and half and head_dim % 8 == 0 else "xla"
+
+
+def dot_product_attention(queries: Array, keys: Array, values: Array, mask: Array, *, causal: bool) -> Array:
+    """`jax.nn.dot_product_attention` in the BTNH layout; GQA natively (K/V keep their kv_heads).
+
+    The packed-document mask goes in as the boolean `mask` [batch, 1, q, k]: jax.nn exposes no segment-id
+    argument (cuDNN's packed THD layout is not reachable through it, and its seq-lengths only mask right
+    padding). On cuDNN the mask becomes a dense additive bias [batch, 1, q, k] that the kernel reads for every
+    tile, and `is_causal` (training path only; a decode step's queries sit at an offset) lets it skip the tiles
+    above the diagonal. The XLA path accumulates the scores in float32 and applies the mask to them.
+    """
+    mask = mask[:, None]
+    implementation = dot_product_implementation(trace_platform(), queries.dtype, queries.shape[-1])
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(queries, keys, values, mask=mask, is_causal=causal,
+                                                implementation="cudnn")
+        except NotImplementedError as err:  # raised at trace time for shapes cuDNN does not support
+            warnings.warn(f"cuDNN attention unavailable ({err}); using the XLA implementation", stacklevel=2)
+    return jax.nn.dot_product_attention(queries, keys, values, mask=mask, is_causal=causal, implementation="xla")
+
+
+def splash_block_size(seq_len: int) -> int:
+    """Tile size of the splash kernel for `seq_len` tokens: the largest of 512, 256, 128 dividing it."""
+    if seq_len % 128:
+        raise ValueError(f"attention_impl='splash' needs a sequence length that is a multiple of 128, got "
+                         f"seq={seq_len}; pad the sequence to a multiple of 128 or use 'dot_product'/'xla_blocked'")
+    return next(block for block in (512, 256, 128) if seq_len % block == 0)
+
+
+def splash_attention(queries: Array, keys: Array, values: Array, query_segments: Array,
+                     key_segments: Array) -> Array:
+    """Causal, segment-masked attention by the Pallas TPU splash kernel (flash attention that skips fully
+    masked tiles); queries [batch, seq, heads, hd], keys/values [batch, seq, kv_heads, hd].
+
+    Pallas kernels do not partition automatically, so under a mesh the kernel runs inside `jax.shard_map` on
+    each device's batch and head shard (layout as `constrain` puts them). On CPU it runs in Pallas interpret
+    mode (the same kernel as plain XLA ops: slow, for tests).
+    """
+    batch, seq, heads, head_dim = queries.shape
+    platform = trace_platform()
+    if platform not in ("tpu", "cpu"):
+        raise ValueError(f"attention_impl='splash' is a TPU kernel; on {platform!r} use 'dot_product'")
+    block = splash_block_size(seq)
+    # the kernel does not scale the scores: scale the queries (in float32, rounded once to their dtype)
+    queries = (queries.astype(jnp.float32) * head_dim ** -0.5).astype(queries.dtype)
+
+    def local(q: Array, k: Array, v: Array, q_segments: Array, kv_segments: Array) -> Array:
+        return _splash_local(q, k, v, q_segments, kv_segments, block=block, interpret=platform == "cpu")
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(queries, keys, values, query_segments, key_segments)
+    qkv_spec, segment_spec = _splash_specs(mesh, batch, heads, keys.shape[2])
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, segment_spec, segment_spec),
+                         out_specs=qkv_spec, check_vma=False)(queries, keys, values, query_segments, key_segments)
+
+
+def _splash_specs(mesh: jax.sharding.AbstractMesh, batch: int, heads: int,
+                  kv_heads: int) -> tuple[PartitionSpec, PartitionSpec]:
+    """shard_map specs for [batch, seq, heads, hd] and [batch, seq]: batch and heads split as the activations
+    are ("batch", "act_heads"), a dimension the mesh cannot split evenly kept whole. Query and KV heads split
+    over the same axis, so local query head i still uses local KV head i // group."""
+    batch_entry, _, head_entry, _ = logical_to_spec(("batch", None, "act_heads", None), mesh.axis_names)
+    if batch % mesh_axes_size(mesh, batch_entry):
+        batch_entry = None
+    if heads % mesh_axes_size(mesh, head_entry) or kv_heads % mesh_axes_size(mesh, head_entry):
+        head_entry = None
+    return PartitionSpec(batch_entry, None, head_entry, None), PartitionSpec(batch_entry, None)
+
+
+def _splash_local(queries: Array, keys: Array, values: Array, query_segments: Array, key_segments: Array, *,
+                  block: int, interpret: bool) -> Array:
+    """splash on one device's shard. The kernel works on one example in the heads-major layout ([heads, seq, hd];
+    K/V [kv_heads, seq, hd]: its MHA form maps query head h to KV head h // group, GQA without copying K/V), so
+    it is vmapped over the batch."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    seq, heads = queries.shape[1], queries.shape[2]
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq, seq)) for _ in range(heads)])
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def one(q: Array, k: Array, v: Array, q_segments: Array, kv_segments: Array) -> Array:
+        return kernel(q, k, v, segment_ids=splash.SegmentIds(q=q_segments, kv=kv_segments))
+
+    heads_major = lambda x: x.transpose(0, 2, 1, 3)
+    out = jax.vmap(one)(heads_major(queries), heads_major(keys), heads_major(values), query_segments, key_segments)
+    return heads_major(out)
 
 
 def causal_blocks(seq_len: int) -> int:
@@ -155,8 +303,10 @@ def _masked(scores: Array, mask: Array, fill: float) -> Array:
 
 
 def _attention_weights(queries: Array, keys: Array, mask: Array) -> Array:
-    """softmax(q·kᵀ/sqrt(hd)) over unmasked keys, float32 [batch, kv_heads, group·q, k]."""
-    scores = jnp.einsum("bkqh,bkth->bkqt", queries, keys).astype(jnp.float32) * queries.shape[-1] ** -0.5
+    """softmax(q·kᵀ/sqrt(hd)) over unmasked keys, float32 [batch, kv_heads, group·q, k]. The scores accumulate in
+    float32 also for bf16 inputs (a bf16 q·kᵀ would round every score to 8 bits before the softmax)."""
+    scores = jnp.einsum("bkqh,bkth->bkqt", queries, keys, preferred_element_type=jnp.float32)
+    scores = scores * queries.shape[-1] ** -0.5
     return jax.nn.softmax(_masked(scores, mask, MASKED), axis=-1)
 
 
@@ -181,7 +331,7 @@ def _softmax_attention_fwd(queries: Array, keys: Array, values: Array, mask: Arr
 def _softmax_attention_bwd(residuals: tuple, d_out: Array) -> tuple[Array, Array, Array, None]:
     queries, keys, values, mask, weights, out = residuals
     d_values = jnp.einsum("bkqt,bkqh->bkth", weights.astype(values.dtype), d_out)
-    d_weights = jnp.einsum("bkqh,bkth->bkqt", d_out, values).astype(jnp.float32)
+    d_weights = jnp.einsum("bkqh,bkth->bkqt", d_out, values, preferred_element_type=jnp.float32)
     row_sums = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     # masked keys got a constant score: no gradient flows to them (also not in fully masked padding rows)
     d_scores = _masked(weights * (d_weights - row_sums), mask, 0.0) * queries.shape[-1] ** -0.5

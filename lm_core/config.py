@@ -11,6 +11,13 @@ from lm_core.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORM_PLACEMENTS = ("pre", "swin")
+# How attention runs (lm_core/attention.py): "auto" picks per backend (resolve_attention_impl there).
+ATTENTION_IMPLS = ("auto", "xla_blocked", "dot_product", "splash")
+# What a rematerialised block keeps for the backward pass (lm_core/model.py REMAT_POLICIES): "none" = no remat.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "ffn_only")
+# Fields that choose HOW the same function is computed, not WHICH function: a checkpoint written with one value
+# restores under another (the parameter tree is the same), so checkpoint checks ignore them.
+EXECUTION_FIELDS = ("attention_impl", "remat", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +40,19 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (f32 master weights with bf16 compute)
-    remat: bool = False  # recompute each block's activations in the backward pass to save memory
+    # Recompute each block's activations in the backward pass to save memory; one of REMAT_POLICIES
+    # (True / False are accepted as "full" / "none").
+    remat: str = "none"
+    # Run the layers as one scanned body (compile time ~independent of depth); blocks keep their own parameters.
+    scan_layers: bool = False
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         # Resolve the "0 means default" fields so every reader sees concrete numbers.
         if self.num_kv_heads == 0:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if isinstance(self.remat, bool):  # the older on/off switch
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         problems = []
         if self.head_dim == 0 and _positive_int(self.num_heads) and _positive_int(self.d_model):
             if self.d_model % self.num_heads:
@@ -80,10 +94,15 @@ class ModelConfig:
             raise UserError(f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(known)}")
         return cls(**values)
 
-    def differing_fields(self, other: ModelConfig) -> list[str]:
-        """Names of fields whose values differ, e.g. to explain why a checkpoint does not fit."""
+    def differing_fields(self, other: ModelConfig, *, include_execution: bool = False) -> list[str]:
+        """Names of fields whose values differ, e.g. to explain why a checkpoint does not fit.
+
+        EXECUTION_FIELDS (attention kernel, remat, scan) are skipped unless `include_execution`: they do not change
+        the parameters or the function, so a checkpoint fits whatever they are set to.
+        """
         mine, theirs = self.to_dict(), other.to_dict()
-        return [name for name in mine if mine[name] != theirs[name]]
+        return [name for name in mine if mine[name] != theirs[name]
+                and (include_execution or name not in EXECUTION_FIELDS)]
 
 
 def _swiglu_width(d_model: int) -> int:
@@ -111,6 +130,12 @@ def _problems(config: ModelConfig) -> list[str]:
     for name in ("dtype", "param_dtype"):
         if getattr(config, name) not in DTYPES:
             problems.append(f"{name}={getattr(config, name)!r} is unknown; valid: {sorted(DTYPES)}")
+    if config.attention_impl not in ATTENTION_IMPLS:
+        problems.append(f"attention_impl={config.attention_impl!r} is unknown; valid: {list(ATTENTION_IMPLS)}")
+    if config.remat not in REMAT_POLICIES:
+        problems.append(f"remat={config.remat!r} is unknown; valid: {list(REMAT_POLICIES)}")
+    if not isinstance(config.scan_layers, bool):
+        problems.append(f"scan_layers={config.scan_layers!r} must be true or false")
     if config.norm_placement not in NORM_PLACEMENTS:
         problems.append(f"norm_placement={config.norm_placement!r} is unknown; valid: {list(NORM_PLACEMENTS)}")
     if not config.rope_theta > 0:

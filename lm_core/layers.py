@@ -54,16 +54,18 @@ def fan_in_init(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...])
                                              out_axis=out_axis)
 
 
-def dense(x: Array, kernel: Array, contract: int = 1) -> Array:
+def dense(x: Array, kernel: Array, contract: int = 1, preferred_element_type: Any = None) -> Array:
     """x's last `contract` axes times kernel's first `contract` axes, as ONE 2-D matmul.
 
     [batch, seq, *in] x [*in, *out] -> [batch, seq, *out]. XLA:CPU runs a flattened [tokens, in] @ [in, out] GEMM
     markedly faster than the equivalent 3-D einsum (benchmarks/train_step.py: ~30% on the FFN), and on
-    accelerators it is the same dot.
+    accelerators it is the same dot. `preferred_element_type=jnp.float32` accumulates and returns float32 from
+    bf16 operands (the output layer: logits rounded to bf16 lose the small differences the softmax needs).
     """
     lead, inner = x.shape[:-contract], x.shape[x.ndim - contract:]
     out = kernel.shape[contract:]
-    flat = x.reshape(-1, math.prod(inner)) @ kernel.reshape(math.prod(inner), math.prod(out))
+    flat = jnp.matmul(x.reshape(-1, math.prod(inner)), kernel.reshape(math.prod(inner), math.prod(out)),
+                      preferred_element_type=preferred_element_type)
     return flat.reshape(*lead, *out)
 
 
@@ -145,4 +147,5 @@ class Embedding(nnx.Module):
         return (jnp.take(table, tokens, axis=0) * scale).astype(self.compute_dtype)
 
     def attend(self, hidden: Array) -> Array:
-        return dense(hidden, self.table[...].astype(self.compute_dtype).T)
+        """hidden [..., d] -> float32 logits [..., vocab], accumulated in float32 whatever the compute dtype."""
+        return dense(hidden, self.table[...].astype(self.compute_dtype).T, preferred_element_type=jnp.float32)

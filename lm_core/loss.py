@@ -40,57 +40,88 @@ def next_token_loss(model: Any, batch: Batch, rng: Array | None = None, *, z_los
     signature `(model, batch, rng)` that the train step calls, for losses that need randomness.
     """
     del rng
-    inputs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
-    if chunk_tokens > 0:
-        hidden, _, _, aux = model.hidden_states(batch["inputs"], **inputs)
-        loss, metrics = chunked_cross_entropy(hidden, model.output_matrix(), batch["targets"], batch["loss_mask"],
-                                              z_loss_weight, chunk_tokens)
-    else:
-        output = model(batch["inputs"], **inputs)
-        aux = output.aux
-        loss, metrics = cross_entropy(output.logits, batch["targets"], batch["loss_mask"], z_loss_weight)
+    hidden, _, _, aux = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
+                                            segment_ids=batch.get("segment_ids"), return_kv=False)
+    loss, metrics = output_layer_loss(model, hidden, batch["targets"], batch["loss_mask"], z_loss_weight,
+                                      chunk_tokens)
+    return with_aux_losses(loss, metrics, aux)
+
+
+def with_aux_losses(loss: Array, metrics: dict[str, Array], aux: Any) -> tuple[Array, dict[str, Array]]:
+    """FFN seams report extra losses as "<name>_loss" entries of their per-layer aux dicts; they join the objective
+    (and their sum is logged as metrics["aux_loss"])."""
     aux_losses = [value for layer in aux for name, value in layer.items() if name.endswith("_loss")]
     if aux_losses:
-        # FFN seams report extra losses as "<name>_loss" entries of their aux dict; they join the objective.
-        aux_total = sum(aux_losses)
-        loss = loss + aux_total
-        metrics["aux_loss"] = aux_total
+        metrics = dict(metrics, aux_loss=sum(aux_losses))
+        loss = loss + metrics["aux_loss"]
+    return loss, metrics
+
+
+def output_layer_loss(model: Any, hidden: Array, targets: Array, mask: Array, z_loss_weight: float = 0.0,
+                      chunk_tokens: int = 0, group_masks: dict[str, Array] | None = None
+                      ) -> tuple[Array, dict[str, Array]]:
+    """`cross_entropy` of `model.logits(hidden)`, from final-normed hidden states [batch, seq, d].
+
+    chunk_tokens > 0 never holds the whole [tokens, vocab] logits (`chunked_cross_entropy`); 0 computes them at
+    once (the same numbers). `group_masks` {name: [batch, seq] mask} adds metrics[f"{name}_loss"], the mean NLL
+    over that group's tokens (e.g. MoMa's text and image targets), from the same logits.
+    """
+    group_masks = group_masks or {}
+    if chunk_tokens > 0:
+        return chunked_cross_entropy(hidden, model.output_matrix(), targets, mask, z_loss_weight, chunk_tokens,
+                                     group_masks)
+    logits = model.logits(hidden)
+    loss, metrics = cross_entropy(logits, targets, mask, z_loss_weight)
+    for name, group_mask in group_masks.items():
+        metrics[f"{name}_loss"] = cross_entropy(logits, targets, group_mask)[1]["loss"]
     return loss, metrics
 
 
 def chunked_cross_entropy(hidden: Array, output_matrix: Array, targets: Array, mask: Array,
-                          z_loss_weight: float = 0.0, chunk_tokens: int = 1024) -> tuple[Array, dict[str, Array]]:
+                          z_loss_weight: float = 0.0, chunk_tokens: int = 1024,
+                          group_masks: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
     """`cross_entropy` of `hidden @ output_matrix` without ever holding all the logits.
 
-    hidden: [batch, seq, d]; output_matrix: [d, vocab]. Tokens are processed in chunks of `chunk_tokens`; each
-    chunk's logits are recomputed in the backward pass (jax.checkpoint) instead of stored, so memory for the
-    output layer is O(chunk_tokens x vocab) rather than O(tokens x vocab) — what large-vocabulary sweeps need.
+    hidden: [batch, seq, d]; output_matrix: [d, vocab]. The sequence is cut into chunks of
+    max(1, chunk_tokens // batch) positions; each step of the loop takes one chunk of EVERY row, so a chunk keeps
+    the batch axis (and its sharding over the data-parallel mesh axes: each device computes only its rows'
+    logits; chunking the flattened tokens instead would make every device loop over every chunk). Each chunk's
+    logits are recomputed in the backward pass (jax.checkpoint) instead of stored, so memory for the output layer
+    is O(chunk_tokens x vocab) rather than O(tokens x vocab). `group_masks` as in `output_layer_loss`.
     """
-    d = hidden.shape[-1]
-    flat_hidden = hidden.reshape(-1, d)
-    flat_targets, flat_mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)
-    tokens = flat_hidden.shape[0]
-    chunk = min(chunk_tokens, tokens)
-    padding = -tokens % chunk
-    if padding:  # padded tokens carry mask 0, so they add nothing
-        flat_hidden = jnp.pad(flat_hidden, ((0, padding), (0, 0)))
-        flat_targets = jnp.pad(flat_targets, (0, padding))
-        flat_mask = jnp.pad(flat_mask, (0, padding))
-    chunks = (flat_hidden.reshape(-1, chunk, d), flat_targets.reshape(-1, chunk), flat_mask.reshape(-1, chunk))
+    names = sorted(group_masks or {})
+    batch, seq, d = hidden.shape
+    # row 0: the loss mask; row 1 + i: group i's mask
+    masks = jnp.stack([mask] + [group_masks[n] for n in names]).astype(jnp.float32)  # [1 + groups, batch, seq]
+    chunk = max(1, min(seq, chunk_tokens // batch))
+    padding = -seq % chunk
+    if padding:  # padded positions carry mask 0, so they add nothing
+        hidden = jnp.pad(hidden, ((0, 0), (0, padding), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, padding)))
+        masks = jnp.pad(masks, ((0, 0), (0, 0), (0, padding)))
+    steps = (seq + padding) // chunk
+    chunks = (hidden.reshape(batch, steps, chunk, d).swapaxes(0, 1),
+              targets.reshape(batch, steps, chunk).swapaxes(0, 1),
+              masks.reshape(len(names) + 1, batch, steps, chunk).transpose(2, 0, 1, 3))
 
     @jax.checkpoint
     def chunk_sums(h: Array, t: Array, m: Array) -> tuple[Array, Array]:
-        logits = jnp.dot(h, output_matrix.astype(h.dtype)).astype(jnp.float32)  # [chunk, vocab]
+        # h [batch, chunk, d]; accumulated in float32 from bf16 operands, like Transformer.logits
+        logits = jnp.einsum("bcd,dv->bcv", h, output_matrix.astype(h.dtype), preferred_element_type=jnp.float32)
         log_z = jax.nn.logsumexp(logits, axis=-1)
-        target_logits = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return jnp.sum((log_z - target_logits) * m), jnp.sum(jnp.square(log_z) * m)
+        nll = log_z - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]  # [batch, chunk]
+        # [1 + groups] NLL sums (a multiply and sum, not a matmul: TPUs would round an f32 matmul to bf16), z sum
+        return jnp.sum(m * nll, axis=(1, 2)), jnp.sum(jnp.square(log_z) * m[0])
 
     def body(carry: tuple[Array, Array], inputs: tuple[Array, Array, Array]) -> tuple[tuple[Array, Array], None]:
         nll, z = chunk_sums(*inputs)
         return (carry[0] + nll, carry[1] + z), None
 
-    (nll, z_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), chunks)
-    count = jnp.sum(flat_mask)
-    denominator = jnp.maximum(count, 1.0)
-    ce, z_loss = nll / denominator, z_sum / denominator
-    return ce + z_loss_weight * z_loss, {"loss": ce, "z_loss": z_loss, "nll": nll, "tokens": count}
+    zeros = (jnp.zeros((len(names) + 1,), jnp.float32), jnp.zeros((), jnp.float32))
+    (nll, z_sum), _ = jax.lax.scan(body, zeros, chunks)
+    counts = jnp.sum(masks, axis=(1, 2))
+    denominator = jnp.maximum(counts[0], 1.0)
+    ce, z_loss = nll[0] / denominator, z_sum / denominator
+    metrics = {"loss": ce, "z_loss": z_loss, "nll": nll[0], "tokens": counts[0]}
+    metrics.update({f"{name}_loss": nll[1 + i] / jnp.maximum(counts[1 + i], 1.0) for i, name in enumerate(names)})
+    return ce + z_loss_weight * z_loss, metrics

@@ -9,7 +9,7 @@ router statistics through `aux`); `return_kv` / `injected_kv` expose and replace
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -34,6 +34,15 @@ from lm_core.sharding import constrain
 
 Array = jax.Array
 HIDDEN_AXES = ("batch", "act_seq", "act_embed")
+# ModelConfig.remat -> what a rematerialised block keeps for the backward pass (the rest is recomputed).
+# "full" keeps only the block's inputs. "ffn_only" is not a policy of the whole block: attention runs as usual
+# (keeping its activations: small next to the FFN's with a flash kernel, and expensive to recompute) and only the
+# FFN half of each block is rematerialised (Block).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class ModelOutput(NamedTuple):
@@ -52,6 +61,7 @@ class Block(nnx.Module):
         self.attention = Attention(config, rngs=rngs)
         self.ffn_norm = RMSNorm(config.d_model, config, rngs=rngs)
         self.ffn = ffn_factory(config, layer_index, rngs)
+        self.remat_ffn = config.remat == "ffn_only"
 
     def __call__(self, x: Array, context: TokenContext, cache: LayerCache | None, cache_segment_ids: Array | None,
                  cache_index: Array | None, injected_kv: LayerKV | None
@@ -62,7 +72,8 @@ class Block(nnx.Module):
                                              injected_kv=injected_kv)
         h = x + (self.attention_norm(attended) if self.swin_norm else attended)
         h = constrain(h, HIDDEN_AXES)
-        ffn_out, aux = self.ffn(h if self.swin_norm else self.ffn_norm(h), context)
+        run_ffn = nnx.remat(type(self.ffn).__call__) if self.remat_ffn else type(self.ffn).__call__
+        ffn_out, aux = run_ffn(self.ffn, h if self.swin_norm else self.ffn_norm(h), context)
         out = h + (self.ffn_norm(ffn_out) if self.swin_norm else ffn_out)
         return constrain(out, HIDDEN_AXES), cache, kv, aux
 
@@ -82,16 +93,18 @@ class Transformer(nnx.Module):
                  cache: KVCache | None = None, injected_kv: Sequence[LayerKV] | None = None,
                  return_kv: bool = False) -> ModelOutput:
         hidden, cache, kv, aux = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids,
-                                                    cache=cache, injected_kv=injected_kv)
+                                                    cache=cache, injected_kv=injected_kv, return_kv=return_kv)
         return ModelOutput(self.logits(hidden), cache, kv if return_kv else None, aux)
 
     def hidden_states(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-                      cache: KVCache | None = None, injected_kv: Sequence[LayerKV] | None = None
-                      ) -> tuple[Array, KVCache | None, tuple[LayerKV, ...], tuple[Aux, ...]]:
+                      cache: KVCache | None = None, injected_kv: Sequence[LayerKV] | None = None,
+                      return_kv: bool = True) -> tuple[Array, KVCache | None, tuple[LayerKV, ...], tuple[Aux, ...]]:
         """Final-normed hidden states [batch, seq, d_model], before the output layer.
 
         tokens: [batch, seq]. positions default to 0..seq-1 (offset by the cache index when decoding);
         segment_ids default to 1 everywhere (one document per row). injected_kv: one LayerKV per layer.
+        return_kv=False lets a scanned model (config.scan_layers) skip collecting every layer's K,V (then the
+        returned K,V tuple is empty); cached calls always run the layers unrolled.
         """
         config = self.config
         batch, seq = tokens.shape
@@ -110,13 +123,15 @@ class Transformer(nnx.Module):
             cache_segment_ids = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index,
                                                                     axis=1)
         x = constrain(self.embedding(tokens), HIDDEN_AXES)
+        if config.scan_layers and cache is None:
+            x, all_kv, all_aux = self._scanned_blocks(x, context, injected_kv, return_kv)
+            return self.final_norm(x), None, all_kv, all_aux
         new_layers, all_kv, all_aux = [], [], []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
             layer_kv = None if injected_kv is None else injected_kv[i]
-            run_block = nnx.remat(type(block).__call__) if config.remat else type(block).__call__
-            x, layer_cache, kv, aux = run_block(block, x, context, layer_cache, cache_segment_ids, cache_index,
-                                                layer_kv)
+            x, layer_cache, kv, aux = remat_block_call(block, config.remat)(
+                block, x, context, layer_cache, cache_segment_ids, cache_index, layer_kv)
             new_layers.append(layer_cache)
             all_kv.append(kv)
             all_aux.append(aux)
@@ -125,12 +140,45 @@ class Transformer(nnx.Module):
             new_cache = KVCache(tuple(new_layers), cache_segment_ids, cache.index + seq)
         return self.final_norm(x), new_cache, tuple(all_kv), tuple(all_aux)
 
+    def _scanned_blocks(self, x: Array, context: TokenContext, injected_kv: Sequence[LayerKV] | None,
+                        return_kv: bool) -> tuple[Array, tuple[LayerKV, ...], tuple[Aux, ...]]:
+        """The blocks as one `jax.lax.scan` (config.scan_layers): XLA compiles the body once, not once per layer.
+
+        Blocks keep their own parameters (the parameter tree and checkpoints are those of the unrolled model); each
+        call stacks them into [num_layers / period, ...] arrays, a copy of the (sharded) block weights, which the
+        scan slices again. Layers whose structure repeats with a period (MoMa's MoD on every other layer) scan
+        over groups of `period` blocks. Per-layer K,V (when `return_kv`) and aux outputs come back unstacked.
+        """
+        period = block_period(self.blocks)
+        graphdefs = [nnx.split(self.blocks[j])[0] for j in range(period)]
+        stacked = [_stack([nnx.state(self.blocks[i]) for i in range(j, len(self.blocks), period)])
+                   for j in range(period)]
+        kv_in = None if injected_kv is None else [_stack(injected_kv[j::period]) for j in range(period)]
+        policy = self.config.remat
+
+        def body(h: Array, xs: tuple) -> tuple[Array, tuple]:
+            states, kvs = xs
+            outputs = []
+            for j in range(period):
+                block = nnx.merge(graphdefs[j], states[j])
+                h, _, kv, aux = remat_block_call(block, policy)(block, h, context, None, None, None,
+                                                                 None if kvs is None else kvs[j])
+                outputs.append((kv if return_kv else None, aux))
+            return h, tuple(outputs)
+
+        x, outputs = jax.lax.scan(body, x, (stacked, kv_in))
+        steps = len(self.blocks) // period
+        layers = [jax.tree.map(lambda a, s=step: a[s], outputs[j]) for step in range(steps) for j in range(period)]
+        all_kv = tuple(kv for kv, _ in layers) if return_kv else ()
+        return x, all_kv, tuple(aux for _, aux in layers)
+
     def logits(self, hidden: Array) -> Array:
-        """Output layer: hidden [batch, seq, d_model] -> float32 logits [batch, seq, vocab]."""
+        """Output layer: hidden [batch, seq, d_model] -> float32 logits [batch, seq, vocab], accumulated in float32."""
         if self.config.tie_embeddings:
             logits = self.embedding.attend(hidden)
         else:
-            logits = dense(hidden, self.output[...].astype(self.config.compute_dtype))
+            logits = dense(hidden, self.output[...].astype(self.config.compute_dtype),
+                           preferred_element_type=jnp.float32)
         return constrain(logits.astype(jnp.float32), ("batch", "act_seq", "act_vocab"))
 
     def output_matrix(self) -> Array:
@@ -162,3 +210,34 @@ class Transformer(nnx.Module):
             for block, layer in zip(self.blocks, kv, strict=True))
         segments = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, cache_len - seq)])
         return KVCache(layers, segments, jnp.asarray(seq, jnp.int32))
+
+
+def remat_block_call(block: nnx.Module, policy: str) -> Callable:
+    """`type(block).__call__`, rematerialised with the named policy (REMAT_POLICIES); as it is for "none" and
+    "ffn_only"."""
+    call = type(block).__call__
+    if policy not in REMAT_POLICIES:  # "none", or "ffn_only" (which the Block applies to its FFN itself)
+        return call
+    return nnx.remat(call, policy=REMAT_POLICIES[policy])
+
+
+def block_period(blocks: Sequence[nnx.Module]) -> int:
+    """The smallest p such that block i has the structure of block i mod p and p divides the depth.
+
+    1 for a plain model; 2 for MoMa's MoD-on-every-other-layer stack. Scanning needs identical structures (the
+    graph definition and every parameter shape) at the positions a scan step shares.
+    """
+    signatures = [_signature(block) for block in blocks]
+    for period in range(1, len(blocks) + 1):
+        if len(blocks) % period == 0 and all(signatures[i] == signatures[i % period] for i in range(len(blocks))):
+            return period
+    return len(blocks)
+
+
+def _signature(block: nnx.Module) -> tuple:
+    graphdef, state = nnx.split(block)
+    return graphdef, jax.tree.structure(state), tuple((leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(state))
+
+
+def _stack(trees: Sequence) -> object:
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)

@@ -43,6 +43,42 @@ def param_shardings(mesh: Mesh, params: nnx.State) -> nnx.State:
     return nnx.map_state(to_sharding, params)
 
 
+def train_state_layout(create_model: Callable[[], nnx.Module], optimizer: optax.GradientTransformation, mesh: Mesh
+                       ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """(graphdef, abstract state, state shardings) without creating a parameter: shapes, dtypes and placements.
+
+    The abstract state's leaves are `jax.ShapeDtypeStruct`s carrying their shardings, so `step.lower(state, batch)`
+    compiles the real train step for a mesh whose devices this process does not have (lm_core.aot).
+    """
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(create_model), nnx.Param)
+    shardings = param_shardings(mesh, abstract_params)
+    abstract_opt, opt_shardings = optimizer_state_layout(optimizer, abstract_params, shardings, mesh)
+    state_shardings = TrainState(replicated(mesh), shardings, opt_shardings, replicated(mesh))
+    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt,
+                        jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return graphdef, abstract_with_shardings(shapes, state_shardings), state_shardings
+
+
+def optimizer_state_layout(optimizer: optax.GradientTransformation, abstract_params: Any, shardings: Any,
+                           mesh: Mesh) -> tuple[Any, Any]:
+    """(abstract optimizer state, its shardings) for parameters of these shapes and shardings."""
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    # Optimizer moments are sharded like their parameters; scalars (step counts) are replicated.
+    # Parameters an optimizer leaves alone (optax.multi_transform / masked) appear as empty MaskedNodes.
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding,
+        abstract_opt, shardings,
+        transform_non_params=lambda x: x if isinstance(x, optax.MaskedNode) else replicated(mesh),
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    return abstract_opt, opt_shardings
+
+
+def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `shapes` carrying `shardings` (matching trees): what `.lower` compiles for."""
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        shapes, shardings)
+
+
 def init_train_state(create_model: Callable[[], nnx.Module], optimizer: optax.GradientTransformation, mesh: Mesh,
                      seed: int) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """Build parameters directly in their shards (never whole on one device) and the optimizer state.
@@ -50,25 +86,16 @@ def init_train_state(create_model: Callable[[], nnx.Module], optimizer: optax.Gr
     Returns (graphdef, state, state_shardings); `create_model` is a zero-argument constructor, e.g.
     `lambda: Transformer(config, rngs=nnx.Rngs(seed))`.
     """
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(create_model), nnx.Param)
-    shardings = param_shardings(mesh, abstract_params)
+    graphdef, _, state_shardings = train_state_layout(create_model, optimizer, mesh)
 
     def create_params() -> nnx.State:
         return nnx.split(create_model(), nnx.Param)[1]
 
-    # Optimizer moments are sharded like their parameters; scalars (step counts) are replicated.
-    # Parameters an optimizer leaves alone (optax.multi_transform / masked) appear as empty MaskedNodes.
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding,
-        jax.eval_shape(optimizer.init, abstract_params), shardings,
-        transform_non_params=lambda x: x if isinstance(x, optax.MaskedNode) else replicated(mesh),
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     with jax.set_mesh(mesh):
-        params = jax.jit(create_params, out_shardings=shardings)()
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+        params = jax.jit(create_params, out_shardings=state_shardings.params)()
+        opt_state = jax.jit(optimizer.init, out_shardings=state_shardings.opt_state)(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated(mesh))
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh)), params, opt_state, rng)
-    state_shardings = TrainState(replicated(mesh), shardings, opt_shardings, replicated(mesh))
     return graphdef, state, state_shardings
 
 

@@ -252,6 +252,35 @@ def _host_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: value[start:start + rows] for name, value in batch.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What the train step is made of, for a config and task: `train` runs it, experiments.compile_check compiles
+    it ahead of time for a mesh, from the same construction."""
+
+    model_config: ModelConfig
+    optimizer: optax.GradientTransformation
+    create_model: Callable[[], nnx.Module]  # zero-argument; makes its own Rngs so init can run under jit
+    loss_fn: LossFn
+    training_flops_per_token: float  # the analytic count MFU is measured against
+
+
+def step_parts(config: ml_collections.ConfigDict, task: TrainTask | None = None) -> StepParts:
+    task = task or TrainTask()
+    model_config = model_config_from(config)
+    optimizer = (task.make_optimizer or make_optimizer)(optimizer_config_from(config))
+
+    def create_model() -> nnx.Module:
+        if task.create_model is not None:
+            return task.create_model(model_config, config.seed)
+        return Transformer(model_config, rngs=nnx.Rngs(config.seed), ffn_factory=task.ffn_factory)
+
+    loss_fn = task.loss_fn or functools.partial(next_token_loss, z_loss_weight=config.z_loss,
+                                                chunk_tokens=config.loss_chunk_tokens)
+    flops_per_token = (task.training_flops_per_token
+                       or flops.flops_per_token(model_config, config.data.seq_len).training)
+    return StepParts(model_config, optimizer, create_model, loss_fn, flops_per_token)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTask | None = None) -> TrainResult:
     """Train (or resume) the run described by `config` in `workdir`."""
     task = task or TrainTask()
@@ -285,13 +314,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
     if checkpointer is None:
         checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     save_every=config.checkpoint_every)
-    optimizer = (task.make_optimizer or make_optimizer)(optimizer_config)
-
-    def create_model() -> nnx.Module:  # Rngs made inside, so init can run under jit
-        if task.create_model is not None:
-            return task.create_model(model_config, config.seed)
-        return Transformer(model_config, rngs=nnx.Rngs(config.seed), ffn_factory=task.ffn_factory)
-
+    parts = step_parts(config, task)
+    optimizer, create_model = parts.optimizer, parts.create_model
     graphdef, state, shardings = init_train_state(create_model, optimizer, mesh, config.seed)
     if latest is not None:
         restored = checkpointer.restore(latest, abstract_like(state, shardings))
@@ -301,9 +325,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
     elif task.initialize is not None:
         state = task.initialize(state)
 
-    loss_fn = task.loss_fn or functools.partial(next_token_loss, z_loss_weight=config.z_loss,
-                                                chunk_tokens=config.loss_chunk_tokens)
-    train_step = make_train_step(graphdef, loss_fn, optimizer, mesh, shardings,
+    train_step = make_train_step(graphdef, parts.loss_fn, optimizer, mesh, shardings,
                                  grad_accum_steps=config.grad_accum_steps)
     eval_fn = make_eval_fn(graphdef, task.eval_sums_fn)
     meta = {"model": model_config.to_dict(), "tokenizer_vocab_size": tokenizer.vocab_size, **task.extra_meta}
@@ -311,8 +333,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
     start_step = int(state.step)
     log = MetricsLog(workdir, resume_step=start_step, is_main=jax.process_index() == 0)
     progress = Progress(config.steps, start_step)
-    flops_per_token = (task.training_flops_per_token
-                       or flops.flops_per_token(model_config, config.data.seq_len).training)
+    flops_per_token = parts.training_flops_per_token
     peak, _ = flops.total_peak_flops_per_s()
     tokens_per_step = config.data.global_batch_size * config.data.seq_len
     schedule = learning_rate_schedule(optimizer_config)

@@ -1,11 +1,11 @@
 """Auxiliary routers: causal (token-by-token) routing for a MoMa model trained with expert choice.
 
-Why: expert choice (and MoD's top-c_d) ranks every token of the batch, so whether a token gets an expert depends on
-tokens after it; a model trained that way cannot be run autoregressively as is. After main training, each routed
-expert group (a group of >1 expert; 1t1i's modality FFNs have nothing to decide) and each MoD layer gets an
-auxiliary router sigmoid(SiLU(x·W_a1)·W_a2) (W_a1: d x d/2, W_a2: d/2 x |group|, or d/2 x 1 for MoD) trained with
-binary cross-entropy to predict the expert-choice selections of the frozen model. Its input is stop-gradient'ed,
-so its loss never reaches the main model.
+Why: expert choice ranks every token of the batch (MoD's top-c_d every token of the row), so whether a token gets an
+expert depends on tokens after it; a model trained that way cannot be run autoregressively as is. After main
+training, each routed expert group (a group of >1 expert; 1t1i's modality FFNs have nothing to decide) and each MoD
+layer gets an auxiliary router sigmoid(SiLU(x·W_a1)·W_a2) (W_a1: d x d/2, W_a2: d/2 x |group|, or d/2 x 1 for MoD)
+trained with binary cross-entropy to predict the expert-choice selections of the frozen model. Its input is
+stop-gradient'ed, so its loss never reaches the main model.
 
 Routing modes (a static attribute of each routed module, set with `set_routing_mode`; a new mode is a new graphdef,
 so each compiles once under jit):
@@ -17,17 +17,19 @@ so each compiles once under jit):
 - "oracle": the causal dispatch path driven by the expert-choice selections instead of the aux routers (the aux
   routers "forced to the truth"): a test hook showing the causal path reproduces expert choice, and an upper bound.
 
-Static shapes in causal mode: an expert may now receive any number of tokens. Each expert (each MoD layer) gets
+Static shapes in causal mode: an expert may now receive any number of tokens. Each expert gets
 `ceil(causal_capacity · max_fraction · T)` slots (T = tokens of the batch) filled FIRST COME in flattened token order
-(row 0's tokens in order, then row 1's, ...). With the default causal_capacity = 1.0 (and a modality bound that
-holds) every eligible token fits, nothing is ever dropped and routing is exactly per token: the price is |group|
-times the expert compute of expert choice (every expert holds slots for all its modality's tokens), fine at
-research scale (a causal MoD layer's sub-sequence likewise has T slots, so its attention is O(T²) over the
-batch flattened into one row, documents still separated). causal_capacity < 1 bounds that compute; tokens past an
-expert's slots are dropped (expert output 0; a MoD layer skipped) and reported as `<group>_slot_overflow` (MoD:
-`mod_causal_overflow`). Even then first-come filling means a token's routing never depends on any token after it in
-flattened order, so never on its own row's future (a later token can only lose a slot, never take one from an
-earlier token); earlier ROWS of the batch can use up slots, though, so only capacity 1.0 makes rows independent.
+(row 0's tokens in order, then row 1's, ...); each MoD layer, which routes per row (`moma.depths`), gets
+`ceil(causal_capacity · seq)` slots in every row, filled first come in that row's token order. With the default
+causal_capacity = 1.0 (and a modality bound that holds) every eligible token fits, nothing is ever dropped and
+routing is exactly per token: the price is |group| times the expert compute of expert choice (every expert holds
+slots for all its modality's tokens), fine at research scale (a causal MoD layer's sub-batch likewise has seq slots
+per row, i.e. the layer's full attention cost). causal_capacity < 1 bounds that compute; tokens past an expert's
+(a MoD row's) slots are dropped (expert output 0; a MoD layer skipped) and reported as `<group>_slot_overflow`
+(MoD: `mod_causal_overflow`). Even then first-come filling means a token's routing never depends on any token
+after it in flattened order, so never on its own row's future (a later token can only lose a slot, never take one
+from an earlier token); for experts earlier ROWS of the batch can use up slots, though, so only capacity 1.0 makes
+rows independent there (MoD rows are always independent).
 At decode time (one token per row) the question does not arise.
 
 Dense [tokens, experts] bool targets exist only at group granularity (for the BCE); dispatch stays gather/scatter.
@@ -38,7 +40,7 @@ alone, so the main model's parameters are not merely given zero updates but neve
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -103,6 +105,19 @@ def causal_expert_slots(decisions: Array, slots: int) -> tuple[Array, Array]:
     return jax.vmap(first_come_slots, in_axes=(1, None))(decisions, slots)
 
 
+def first_come_row_slots(decisions: Array, slots: int) -> tuple[Array, Array]:
+    """`first_come_slots` per row (MoD): [batch, seq] -> ([batch, slots] index within the row, [batch, slots] valid).
+
+    Rows never compete for slots, so a token's slot depends only on the earlier tokens of its own row.
+    """
+    return jax.vmap(first_come_slots, in_axes=(0, None))(decisions, slots)
+
+
+def row_selection_targets(token_index: Array, valid: Array, seq: int) -> Array:
+    """[batch, seq] bool: which tokens of each row a per-row [batch, slots] selection chose (valid slots only)."""
+    return jax.vmap(lambda index, ok: selection_targets(index[None], ok[None], seq)[:, 0])(token_index, valid)
+
+
 def selection_targets(token_index: Array, valid: Array, tokens: int) -> Array:
     """[tokens, experts] bool: which (token, expert) pairs an [experts, slots] routing selected (valid slots only)."""
     experts = token_index.shape[0]
@@ -133,7 +148,7 @@ def aux_router_statistics(name: str, logits: Array, targets: Array, eligible: Ar
 
 
 def routed_modules(model: nnx.Module) -> list[nnx.Module]:
-    """Modules that make a batch-wide routing decision (routed expert groups, MoD blocks), in graph order.
+    """Modules that make a non-causal routing decision (routed expert groups, MoD blocks), in graph order.
 
     They declare it with `aux_router_outputs` > 0 (|group| for an expert group, 1 for a MoD layer).
     """
@@ -190,7 +205,7 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def aux_router_objective(model: nnx.Module, batch: Batch) -> tuple[Array, dict[str, Array]]:
     """Sum over layers and groups of the aux routers' mean BCE (expert-choice mode); metrics pooled over layers."""
     _, _, _, aux = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
-                                       segment_ids=batch.get("segment_ids"))
+                                       segment_ids=batch.get("segment_ids"), return_kv=False)
     losses = [value for layer in aux for name, value in layer.items() if name.endswith(LOSS_SUFFIX)]
     if not losses:
         raise UserError("the model reports no auxiliary-router loss; attach aux routers and use expert_choice mode")
@@ -240,6 +255,23 @@ def aux_router_optimizer(learning_rate: float = 1e-3) -> optax.GradientTransform
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate, b1=0.9, b2=0.95))
 
 
+def aux_router_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation) -> Callable:
+    """`step(aux_params, opt_state, frozen, batch) -> (aux_params, opt_state, metrics)`, not yet jitted: one
+    optimizer step of the aux routers (the model split as `nnx.split(model, AUX_ROUTER_PARAMS, ...)`; gradients
+    only w.r.t. the aux routers). experiments.compile_check compiles the same function for a mesh."""
+
+    def step(aux_params: nnx.State, opt_state: optax.OptState, frozen: nnx.State, batch: Batch
+             ) -> tuple[nnx.State, optax.OptState, dict[str, Array]]:
+        def objective(params: nnx.State) -> tuple[Array, dict[str, Array]]:
+            return aux_router_objective(nnx.merge(graphdef, params, frozen), batch)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(aux_params)
+        updates, opt_state = optimizer.update(grads, opt_state, aux_params)
+        return optax.apply_updates(aux_params, updates), opt_state, dict(metrics, objective=loss)
+
+    return step
+
+
 def train_aux_routers(model: nnx.Module, batches: Iterable[dict[str, Any]], steps: int, *,
                       learning_rate: float = 1e-3) -> Iterator[dict[str, float]]:
     """Train the attached aux routers in place for `steps` batches (main model frozen); yields each step's metrics.
@@ -253,17 +285,7 @@ def train_aux_routers(model: nnx.Module, batches: Iterable[dict[str, Any]], step
     graphdef, aux_params, frozen = nnx.split(model, AUX_ROUTER_PARAMS, ...)
     optimizer = aux_router_optimizer(learning_rate)
     opt_state = optimizer.init(aux_params)
-
-    @jax.jit
-    def step(aux_params: nnx.State, opt_state: optax.OptState, frozen: nnx.State, batch: Batch
-             ) -> tuple[nnx.State, optax.OptState, dict[str, Array]]:
-        def objective(params: nnx.State) -> tuple[Array, dict[str, Array]]:
-            return aux_router_objective(nnx.merge(graphdef, params, frozen), batch)
-
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(aux_params)
-        updates, opt_state = optimizer.update(grads, opt_state, aux_params)
-        return optax.apply_updates(aux_params, updates), opt_state, dict(metrics, objective=loss)
-
+    step = jax.jit(aux_router_step(graphdef, optimizer))
     iterator = iter(batches)
     for _ in range(steps):
         aux_params, opt_state, metrics = step(aux_params, opt_state, frozen, model_inputs(next(iterator)))

@@ -1,19 +1,27 @@
-"""Staged mixture-of-depths (MoD): on alternating layers only the top c_d of the batch's tokens are processed.
+"""Staged mixture-of-depths (MoD): on alternating layers only the top c_d of each row's tokens are processed.
 
-A sigmoid router scores every token; the layer (attention AND FFN, i.e. a whole lm_core `Block`) runs on the
-chosen tokens only, gathered into one short sequence that keeps their order, positions and documents (each row's
-documents become distinct segments, so no token sees another row or document and attention stays causal in the
-original order); the others skip the layer on the residual path, bit for bit unchanged. The chosen tokens' residual
-update is scaled by their router score, which is how the router gets a gradient. Like expert choice, the top-k spans
-the whole batch, so it is non-causal; causal inference uses auxiliary routers (`moma.aux_routers`: in causal mode a
-token goes through the layer iff its aux score > 0.5, still weighted by this router's score).
+A sigmoid router scores every token; each row (sequence) picks its own top ceil(c_d · n_real) real tokens
+(segment id != 0), and the layer (attention AND FFN, i.e. a whole lm_core `Block`) runs on those only, gathered
+into a [batch, slots, d] sub-batch (slots = ceil(c_d · seq)) that keeps each row's chosen tokens in their original
+order, with their positions and segment ids (documents stay apart, attention stays causal in the original order);
+the others skip the layer on the residual path, bit for bit unchanged. The chosen tokens' residual update is scaled
+by their router score, which is how the router gets a gradient. The top-k spans the row, so it is non-causal
+within the row; causal inference uses auxiliary routers (`moma.aux_routers`: in causal mode a token goes through
+the layer iff its aux score > 0.5, first come within its row, still weighted by this router's score).
+
+Why per row: batch stays the leading axis of the sub-batch, so it shards over the batch mesh axes like every other
+activation, and no attention row holds more than seq tokens (a top-k over the flattened batch would give one row
+of c_d · batch · seq tokens, O((c_d · T)^2) attention on one device). It is also what the original MoD paper does
+(Raposo et al. 2024, per-sequence top-k). MoMa's spec text (../shared/papers/moma.md) says the MoD router
+"picks the top c_d = 25% of tokens of the batch", batch-level like its experts ("Each expert picks the top-k tokens
+of its modality in the batch"); per-row MoD deviates from that wording: the same share c_d, but tokens compete only
+within their own row. The experts keep batch-level expert choice (`moma.experts`, unchanged: inside a MoD layer
+they route over the whole [batch, slots] sub-batch).
 
 The FFN seam cannot express "skip attention too", so MoD wraps whole blocks: `build_moma_model` builds an lm_core
 `Transformer` and replaces blocks 0, 2, 4, ... by `MoDBlock`s around them (the wrapped block's parameters move
-under `blocks/<i>/block/...`). Static shapes: the sub-sequence has ceil(c_d · T) slots (T = batch · seq); with
-padding only ceil(c_d · n_real) of them are valid, the rest run with segment id 0 and an update weight of 0.
-Cost and sharding note: the sub-sequence is ONE row of c_d · T tokens, so its attention is O((c_d · T)^2) and it
-is not split over the batch mesh axes; fine at research scale, a per-row variant would be needed beyond that.
+under `blocks/<i>/block/...`). Static shapes: every row has ceil(c_d · seq) slots; with padding only
+ceil(c_d · n_real_in_row) of them are valid, the rest run with segment id 0 and an update weight of 0.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from flax import nnx
 from lm_core.attention import LayerCache, LayerKV
 from lm_core.config import ModelConfig
 from lm_core.layers import Aux, FeedForward, TokenContext, dense, fan_in_init, param
-from lm_core.model import Block, Transformer
+from lm_core.model import HIDDEN_AXES, Block, Transformer
+from lm_core.sharding import constrain
 from moma import aux_routers
 from moma.experts import moma_ffn_factory
 from moma.variants import MoMaConfig, check_fits_model
@@ -38,9 +47,9 @@ Array = jax.Array
 
 
 class Selection(NamedTuple):
-    index: Array  # [slots] int32 flat token index, ascending (original order)
-    weight: Array  # [slots] float32 router score, 0 for invalid slots
-    valid: Array  # [slots] bool: within the budget ceil(c_d · n_real) and a real token
+    index: Array  # [batch, slots] int32 token index within the row, ascending (original order)
+    weight: Array  # [batch, slots] float32 router score, 0 for invalid slots
+    valid: Array  # [batch, slots] bool: within the row's budget ceil(c_d · n_real_in_row) and a real token
 
 
 def mod_layers(num_layers: int) -> tuple[int, ...]:
@@ -48,8 +57,11 @@ def mod_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(range(0, num_layers, 2))
 
 
-def select_tokens(scores: Array, real: Array, capacity: float) -> Selection:
-    """The top ceil(capacity · n_real) real tokens by score ([tokens] in), sorted back into token order."""
+def select_row_tokens(scores: Array, real: Array, capacity: float) -> Selection:
+    """One row ([seq] in): its top ceil(capacity · n_real) real tokens by score, sorted back into token order.
+
+    ceil(capacity · seq) slots; the ones past the row's budget (or on padding) are invalid, with weight 0.
+    """
     slots = max(1, math.ceil(capacity * scores.shape[0]))
     top, index = jax.lax.top_k(jnp.where(real, scores, -1.0), slots)  # sigmoid scores >= 0 beat padding's -1
     budget = jnp.ceil(capacity * jnp.sum(real, dtype=jnp.float32))
@@ -58,23 +70,34 @@ def select_tokens(scores: Array, real: Array, capacity: float) -> Selection:
     return Selection(index[order].astype(jnp.int32), jnp.where(valid, top, 0.0)[order], valid[order])
 
 
+def select_tokens(scores: Array, real: Array, capacity: float) -> Selection:
+    """`select_row_tokens` for every row: scores, real [batch, seq] -> a [batch, slots] Selection."""
+    return jax.vmap(select_row_tokens, in_axes=(0, 0, None))(scores, real, capacity)
+
+
+def gather_rows(x: Array, index: Array) -> Array:
+    """x [batch, seq, ...] at index [batch, slots] -> [batch, slots, ...] (row b takes x[b, index[b]])."""
+    return jax.vmap(lambda row, idx: jnp.take(row, idx, axis=0))(x, index)
+
+
+def scatter_add_rows(x: Array, index: Array, update: Array) -> Array:
+    """x [batch, seq, d] with update [batch, slots, d] added at index [batch, slots], row by row."""
+    return jax.vmap(lambda row, idx, upd: row.at[idx].add(upd))(x, index, update)
+
+
 def selected_context(context: TokenContext, selection: Selection) -> TokenContext:
-    """[1, slots] context of the selected tokens: their ids and positions, one segment per (row, document).
+    """[batch, slots] context of each row's selected tokens: their ids, positions and segment ids.
 
     Invalid slots get segment 0 (padding), so they neither attend to nor are seen by real tokens, and MoE layers
     inside the block do not route them.
     """
-    seq = context.tokens.shape[1]
-    row = selection.index // seq
-    segments = context.segment_ids.reshape(-1)[selection.index]
-    documents_per_row = jnp.max(context.segment_ids) + 1
-    sub_segments = jnp.where(selection.valid, row * documents_per_row + segments, 0)
-    return TokenContext(context.tokens.reshape(-1)[selection.index][None],
-                        context.positions.reshape(-1)[selection.index][None], sub_segments[None].astype(jnp.int32))
+    segments = jnp.where(selection.valid, gather_rows(context.segment_ids, selection.index), 0)
+    return TokenContext(gather_rows(context.tokens, selection.index),
+                        gather_rows(context.positions, selection.index), segments.astype(jnp.int32))
 
 
 class MoDBlock(nnx.Module):
-    """An lm_core `Block` that only the router's top c_d of the batch's tokens go through."""
+    """An lm_core `Block` that only the router's top c_d of each row's tokens go through."""
 
     def __init__(self, block: Block, config: ModelConfig, capacity: float, *, rngs: nnx.Rngs):
         self.block = block
@@ -88,46 +111,53 @@ class MoDBlock(nnx.Module):
         self.causal_capacity = 1.0
 
     def scores(self, x: Array) -> Array:
-        """x [tokens, d] -> [tokens] float32 sigmoid(x·w)."""
-        return jax.nn.sigmoid(dense(x, self.router[...].astype(self.compute_dtype))[:, 0].astype(jnp.float32))
+        """x [batch, seq, d] -> [batch, seq] float32 sigmoid(x·w)."""
+        return jax.nn.sigmoid(dense(x, self.router[...].astype(self.compute_dtype))[..., 0].astype(jnp.float32))
 
-    def select(self, flat: Array, real: Array) -> tuple[Selection, Aux]:
-        """The batch's top c_d (expert choice), or the tokens whose aux score > 0.5 (causal; see moma.aux_routers).
+    def select(self, x: Array, real: Array) -> tuple[Selection, Aux]:
+        """Each row's top c_d (expert choice), or its tokens whose aux score > 0.5 (causal; see moma.aux_routers).
 
-        Causal mode has ceil(causal_capacity · T) slots filled first come in token order (all T by default, so
-        nothing is dropped and the sub-sequence is the whole batch's real tokens that chose the layer).
+        x [batch, seq, d], real [batch, seq]. Causal mode has ceil(causal_capacity · seq) slots per row, filled
+        first come in the row's token order (all seq by default, so nothing is dropped).
         """
-        scores = self.scores(flat)  # [tokens]
+        batch, seq, d = x.shape
+        scores = self.scores(x)  # [batch, seq]
         chosen = select_tokens(scores, real, self.capacity)
         if self.aux_router is None:
             return chosen, {}
-        targets = aux_routers.selection_targets(chosen.index[None], chosen.valid[None], flat.shape[0])  # [T, 1]
+        targets = aux_routers.row_selection_targets(chosen.index, chosen.valid, seq)  # [batch, seq]
         if self.routing_mode == aux_routers.EXPERT_CHOICE:
-            return chosen, aux_routers.aux_router_statistics("mod", self.aux_router(flat), targets, real)
-        decisions = targets[:, 0] if self.routing_mode == aux_routers.ORACLE else self.aux_router(flat)[:, 0] > 0
+            logits = self.aux_router(x.reshape(batch * seq, d))
+            return chosen, aux_routers.aux_router_statistics("mod", logits, targets.reshape(-1, 1), real.reshape(-1))
+        if self.routing_mode == aux_routers.ORACLE:
+            decisions = targets
+        else:
+            decisions = self.aux_router(x.reshape(batch * seq, d))[:, 0].reshape(batch, seq) > 0
         decisions = decisions & real
-        index, valid = aux_routers.first_come_slots(decisions, aux_routers.causal_slots(flat.shape[0],
-                                                                                         self.causal_capacity))
+        index, valid = aux_routers.first_come_row_slots(decisions, aux_routers.causal_slots(seq,
+                                                                                             self.causal_capacity))
         demand = jnp.sum(decisions, dtype=jnp.float32)
         overflow = (demand - jnp.sum(valid)) / jnp.maximum(demand, 1.0)
-        return Selection(index, jnp.where(valid, scores[index], 0.0), valid), {"mod_causal_overflow": overflow}
+        weight = jnp.where(valid, jnp.take_along_axis(scores, index, axis=1), 0.0)
+        return Selection(index, weight, valid), {"mod_causal_overflow": overflow}
 
     def __call__(self, x: Array, context: TokenContext, cache: LayerCache | None, cache_segment_ids: Array | None,
                  cache_index: Array | None, injected_kv: LayerKV | None
                  ) -> tuple[Array, LayerCache | None, LayerKV, Aux]:
         """Same contract as `Block.__call__`, without cache or injected K,V; the returned K,V are the selected
-        tokens' ([1, slots, kv_heads, head_dim])."""
+        tokens' ([batch, slots, kv_heads, head_dim]).
+
+        aux["mod_selected_fraction"]: valid slots over real tokens, pooled over the batch (total / total).
+        """
         if cache is not None or injected_kv is not None:
-            raise NotImplementedError("mixture-of-depths layers route over the whole batch; cached decoding and "
-                                      "injected K,V need causal auxiliary routers")
-        batch, seq, d = x.shape
-        flat = x.reshape(batch * seq, d)  # [tokens, d]
-        real = context.segment_ids.reshape(-1) != 0
-        selection, routing_aux = self.select(flat, real)
-        selected = jnp.take(flat, selection.index, axis=0)[None]  # [1, slots, d]
+            raise NotImplementedError("mixture-of-depths layers route over the whole sequence; cached decoding "
+                                      "and injected K,V need causal auxiliary routers")
+        real = context.segment_ids != 0  # [batch, seq]
+        selection, routing_aux = self.select(x, real)
+        selected = constrain(gather_rows(x, selection.index), HIDDEN_AXES)  # [batch, slots, d]: batch-sharded
         processed, _, kv, aux = self.block(selected, selected_context(context, selection), None, None, None, None)
-        update = (processed[0] - selected[0]) * selection.weight[:, None].astype(x.dtype)  # [slots, d]
-        out = flat.at[selection.index].add(update).reshape(batch, seq, d)
+        update = (processed - selected) * selection.weight[..., None].astype(x.dtype)  # [batch, slots, d]
+        out = constrain(scatter_add_rows(x, selection.index, update), HIDDEN_AXES)
         selected_fraction = jnp.sum(selection.valid) / jnp.maximum(jnp.sum(real), 1)
         return out, None, kv, dict(aux, mod_selected_fraction=selected_fraction, **routing_aux)
 

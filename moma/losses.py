@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lm_core.loss import cross_entropy
+from lm_core.loss import output_layer_loss, with_aux_losses
 from moma.mixed_modal import MixedVocab, per_modality_sums
 
 Array = jax.Array
@@ -22,25 +22,21 @@ MODALITIES = ("text", "image")
 
 
 def mixed_modal_loss(model: Any, batch: Batch, rng: Array | None = None, *, vocab: MixedVocab,
-                     z_loss_weight: float = 0.0) -> tuple[Array, dict[str, Array]]:
+                     z_loss_weight: float = 0.0, chunk_tokens: int = 0) -> tuple[Array, dict[str, Array]]:
     """Next-token CE + z-loss over all targets, plus `text_loss` / `image_loss` (means over each modality's targets).
 
-    Same objective as `lm_core.loss.next_token_loss` (FFN `*_loss` aux entries included); the two extra cross
-    entropies reuse the same logits, so XLA computes the log-normaliser once.
+    Same objective as `lm_core.loss.next_token_loss` (FFN `*_loss` aux entries included, `chunk_tokens` > 0 for
+    the output layer in chunks); the two per-modality means reuse the same logits.
     """
     del rng
-    output = model(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+    hidden, _, _, aux = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
+                                            segment_ids=batch.get("segment_ids"), return_kv=False)
     mask = batch["loss_mask"].astype(jnp.float32)  # [batch, seq]
-    loss, metrics = cross_entropy(output.logits, batch["targets"], mask, z_loss_weight)
     is_image = vocab.is_image_token(batch["targets"]).astype(jnp.float32)  # [batch, seq]
-    for name, modality_mask in (("text", mask * (1 - is_image)), ("image", mask * is_image)):
-        _, modality = cross_entropy(output.logits, batch["targets"], modality_mask)
-        metrics[f"{name}_loss"] = modality["loss"]
-    aux_losses = [value for layer in output.aux for name, value in layer.items() if name.endswith("_loss")]
-    if aux_losses:
-        metrics["aux_loss"] = sum(aux_losses)
-        loss = loss + metrics["aux_loss"]
-    overflows = [value for layer in output.aux for name, value in layer.items() if name.endswith("_slot_overflow")]
+    loss, metrics = output_layer_loss(model, hidden, batch["targets"], mask, z_loss_weight, chunk_tokens,
+                                      {"text": mask * (1 - is_image), "image": mask * is_image})
+    loss, metrics = with_aux_losses(loss, metrics, aux)
+    overflows = [value for layer in aux for name, value in layer.items() if name.endswith("_slot_overflow")]
     if overflows:  # > 0 only when a batch exceeds a max_*_fraction bound: those expert picks were clipped
         metrics["slot_overflow"] = jnp.max(jnp.stack(overflows))
     return loss, metrics

@@ -41,7 +41,7 @@ class MoMaConfig:
     max_image_fraction: float = 1.0
     router_noise: bool = False  # Gumbel-sigmoid noise on router logits while training (upcycling, moma.experts)
     mod: bool = False  # staged mixture-of-depths on alternating layers 0, 2, 4, ...
-    mod_capacity: float = 0.25  # c_d: fraction of the batch's tokens a MoD layer processes
+    mod_capacity: float = 0.25  # c_d: fraction of each row's tokens a MoD layer processes (moma/depths.py)
 
     def __post_init__(self) -> None:
         problems = self._range_problems()

@@ -1,6 +1,7 @@
 """The benchmarks run and report what they promise (their numbers are read by people, never asserted on)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,85 @@ def test_torch_reference_model_computes_what_lm_core_computes():
     with torch.no_grad():
         actual = reference(torch.from_numpy(tokens)).numpy()
     np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_accelerator_benchmark_on_cpu_exits_2_with_one_line():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--json"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "error: benchmarks.accelerator needs a GPU or TPU; this machine's JAX backend is cpu "
+        "(use benchmarks.train_step on a CPU)"]
+
+
+def _tiny_accelerator_sizes():
+    """benchmarks.accelerator's parts at CPU-test sizes (the real run's structure: bf16, remat, scan, chunked loss)."""
+    from benchmarks.accelerator import Sizes
+    from lm_core.config import ModelConfig
+
+    dense = ModelConfig(vocab_size=256, d_model=32, num_layers=1, num_heads=2, head_dim=16, d_ff=64, max_seq_len=16,
+                        tie_embeddings=False, dtype="bfloat16", param_dtype="float32",
+                        remat="dots_with_no_batch_dims_saveable", scan_layers=True)
+    moma = dense.replace(qk_norm=True, remat="full", scan_layers=False)
+    return Sizes(dense, moma, seq=16, per_device_batch=1, moma_per_device_batch=1, loss_chunk_tokens=32,
+                 codebook_size=16, kvp_prompt_len=16, kvp_spec="c16x1", warmup=1, steps=1)
+
+
+@pytest.mark.slow
+def test_accelerator_benchmark_runs_every_part_at_tiny_sizes(monkeypatch, capsys):
+    """main() as on a GPU (backend check bypassed, tiny sizes): every part through lm_core/moma/kvp's real code on
+    the 8 fake CPU devices, reported as one JSON object."""
+    import math
+
+    import jax
+
+    from benchmarks import accelerator
+
+    monkeypatch.setattr(accelerator, "backend", lambda: "gpu")
+    monkeypatch.setattr(accelerator, "default_sizes", lambda *args, **kwargs: _tiny_accelerator_sizes())
+    monkeypatch.setattr(sys, "argv", ["accelerator", "--json"])
+    accelerator.main()
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["backend"] == "gpu" and report["num_devices"] == jax.device_count() and report["skipped"] == []
+    dense = report["dense_1b"]
+    assert set(dense) == {"xla_blocked", "dot_product"}
+    for result in dense.values():
+        assert "error" not in result, result
+        for key in ("tokens_per_s", "mfu", "step_s", "compile_s", "loss", "flops_per_token"):
+            assert math.isfinite(result[key]) and result[key] > 0, (key, result)
+        assert result["params"] == 2 * 256 * 32 + (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32  # untied: V·d twice
+        assert result["global_batch"] == jax.device_count() and result["seq"] == 16
+    moma = report["moma_4t4i_vs_dense"]
+    assert set(moma) == {"dense", "moe_4t4i", "tokens_per_s_ratio"}, moma
+    for name in ("dense", "moe_4t4i"):
+        assert "error" not in moma[name], moma[name]
+        assert math.isfinite(moma[name]["loss"]) and moma[name]["tokens_per_s"] > 0 and moma[name]["mfu"] > 0
+    assert moma["moe_4t4i"]["slot_overflow"] == 0  # the batch's 75% image share fits moma_tiny's slot bounds
+    assert moma["tokens_per_s_ratio"] > 0
+    kvp = report["kvp_ttft_16"]
+    assert "error" not in kvp, kvp
+    assert kvp["kvp_ttft_s"] > 0 and kvp["base_ttft_s"] > 0 and kvp["flops_reduction"] > 1
+    assert kvp["aux_params"] < kvp["base_params"]
+    assert report["elapsed_s"] > 0 and report["peak_memory_bytes"] > 0
+    lines = accelerator.report_lines(report)  # the human-readable form of the same report
+    assert sum(line.startswith("dense 1B") for line in lines) == 2 and any("KVP TTFT" in line for line in lines)
+    assert any(line.startswith("MoMa moe_4t4i / dense tokens/s") for line in lines)
+
+
+def test_accelerator_benchmark_skips_what_the_budget_cannot_fit_and_reports_errors():
+    from benchmarks.accelerator import Budget, attempt, report_lines, run_all
+
+    budget = Budget(0.0)
+    result = run_all(_tiny_accelerator_sizes(), ("xla_blocked", "dot_product"), 1e12, budget)
+    assert result["dense_1b"] == {} and result["moma_4t4i_vs_dense"] == {} and "kvp_ttft_16" not in result
+    assert [note.split(":")[0] for note in result["skipped"]] == [
+        "dense_1b/xla_blocked", "dense_1b/dot_product", "moma/dense", "moma/moe_4t4i", "kvp_ttft_16"]
+    failed = attempt(lambda: 1 / 0)
+    assert failed == {"error": "ZeroDivisionError: division by zero"}
+    result.update(backend="gpu", num_devices=1, device_kind="NVIDIA H200", peak_flops_per_s=989e12,
+                  peak_source="table", peak_memory_bytes=0, kvp_ttft_16=failed)
+    result["dense_1b"]["splash"] = result["moma_4t4i_vs_dense"]["moe_4t4i"] = failed
+    lines = report_lines(result)
+    assert sum("ZeroDivisionError" in line for line in lines) == 3
+    assert sum(line.startswith("skipped ") for line in lines) == 5

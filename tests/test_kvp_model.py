@@ -89,15 +89,16 @@ def test_forward_train_parts():
     batch = padded_batch()
     args = (batch["inputs"], batch["positions"], batch["segment_ids"])
     out = model.forward_train(*args)
-    assert out.base_logits.shape == out.aux_logits.shape == (2, 12, 64)
+    base_logits, aux_logits = model.base.logits(out.base_hidden), model.aux.logits(out.aux_hidden)
+    assert base_logits.shape == aux_logits.shape == (2, 12, 64)
     assert len(out.predicted_kv) == len(out.true_kv) == 4 and out.predicted_kv[2].keys.shape == (2, 12, 2, 8)
     kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
     true = model.base(batch["inputs"], return_kv=True, **kw)
     for got, want in zip(out.true_kv, true.kv, strict=True):
         np.testing.assert_allclose(got.keys, want.keys, atol=1e-6)
     injected = model.base(batch["inputs"], injected_kv=out.predicted_kv, **kw).logits
-    np.testing.assert_allclose(out.base_logits, injected, atol=1e-5)
-    np.testing.assert_allclose(model(batch["inputs"], **kw).logits, out.base_logits, atol=1e-5)
+    np.testing.assert_allclose(base_logits, injected, atol=1e-5)
+    np.testing.assert_allclose(model(batch["inputs"], **kw).logits, base_logits, atol=1e-5)
 
 
 def test_masked_l1_by_hand():
@@ -113,8 +114,8 @@ def test_kvp_loss_composition_and_padding():
     batch = padded_batch()
     loss, metrics = kvp_loss(model, batch, None, lambda_aux=0.5)
     out = model.forward_train(batch["inputs"], batch["positions"], batch["segment_ids"])
-    base_ce = cross_entropy(out.base_logits, batch["targets"], batch["loss_mask"])[0]
-    aux_ce = cross_entropy(out.aux_logits, batch["targets"], batch["loss_mask"])[0]
+    base_ce = cross_entropy(model.base.logits(out.base_hidden), batch["targets"], batch["loss_mask"])[0]
+    aux_ce = cross_entropy(model.aux.logits(out.aux_hidden), batch["targets"], batch["loss_mask"])[0]
     real = np.asarray(batch["segment_ids"]) != 0  # K,V of every real token count, even without a target
     consistency = sum(np.mean(np.abs(np.asarray(p) - np.asarray(t))[real])
                       for layer_p, layer_t in zip(out.predicted_kv, out.true_kv, strict=True)
@@ -175,3 +176,14 @@ def test_training_moves_only_aux_and_predictor():
 def test_trainable_filter_excludes_the_base():
     trainable = nnx.state(lp_model(), trainable_filter)
     assert set(trainable.keys()) == {"aux", "predictor"}
+
+
+def test_kvp_loss_chunked_output_layer_matches_full_logits():
+    # chunk_tokens only changes how the two output layers are computed (7 does not divide the 24 tokens: padding)
+    model = lp_model(qk_norm=True)
+    batch = padded_batch()
+    full_loss, full = kvp_loss(model, batch, None, z_loss_weight=1e-3)
+    chunked_loss, chunked = kvp_loss(model, batch, None, z_loss_weight=1e-3, chunk_tokens=7)
+    np.testing.assert_allclose(chunked_loss, full_loss, rtol=1e-6)
+    for name in ("base_ce", "aux_ce", "z_loss", "aux_z_loss", "nll", "tokens"):
+        np.testing.assert_allclose(chunked[name], full[name], rtol=1e-6)

@@ -54,3 +54,24 @@ def test_next_token_loss_chunked_equals_plain():
         chunked, metrics = next_token_loss(model, batch, z_loss_weight=1e-3, chunk_tokens=5)
         np.testing.assert_allclose(chunked, plain, rtol=1e-6)
         assert float(metrics["tokens"]) == float(jnp.sum(batch["loss_mask"]))
+
+
+def test_group_losses_by_hand_and_chunked():
+    # Two tokens, vocab 2: logits (0, 0) and (ln 3, 0). Targets 0 and 1: NLLs ln 2 and ln 4.
+    from lm_core.loss import output_layer_loss
+
+    class Linear:  # the two model methods output_layer_loss uses
+        def logits(self, hidden):
+            return hidden @ self.output_matrix()
+
+        def output_matrix(self):
+            return jnp.eye(2)
+
+    hidden = jnp.array([[[0.0, 0.0], [math.log(3), 0.0]]])
+    targets, mask = jnp.array([[0, 1]]), jnp.ones((1, 2))
+    groups = {"first": jnp.array([[1.0, 0.0]]), "second": jnp.array([[0.0, 1.0]])}
+    for chunk in (0, 1, 2):
+        loss, metrics = output_layer_loss(Linear(), hidden, targets, mask, 0.0, chunk, groups)
+        assert float(metrics["first_loss"]) == pytest.approx(math.log(2), rel=1e-6)
+        assert float(metrics["second_loss"]) == pytest.approx(math.log(4), rel=1e-6)
+        assert float(loss) == pytest.approx((math.log(2) + math.log(4)) / 2, rel=1e-6)

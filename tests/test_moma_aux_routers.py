@@ -53,6 +53,58 @@ def test_first_come_slots_by_hand():
     np.testing.assert_array_equal(ar.selection_targets(index, valid, 3), decisions)
 
 
+def test_first_come_slots_and_targets_per_row_by_hand():
+    decisions = jnp.array([[True, False, True, True], [False, False, False, True]])
+    index, valid = ar.first_come_row_slots(decisions, 2)  # row 0's demand never takes row 1's slots
+    np.testing.assert_array_equal(index[0], [0, 2])
+    assert int(index[1, 0]) == 3 and valid.tolist() == [[True, True], [True, False]]
+    expected = np.array([[True, False, True, False], [False, False, False, True]])
+    np.testing.assert_array_equal(ar.row_selection_targets(index, valid, 4), expected)
+
+
+def causal_mod_block():
+    """A MoD block whose main router scores sigmoid(10 · x0) and whose aux router says yes iff x0 > 0."""
+    from lm_core.model import Block
+    from moma.depths import MoDBlock
+    from moma.experts import moma_ffn_factory
+
+    config = tiny_config()
+    block = MoDBlock(Block(config, 0, moma_ffn_factory(parse_variant("dense")), rngs=nnx.Rngs(0)), config, 0.25,
+                     rngs=nnx.Rngs(1))
+    block.router[...] = jnp.zeros((64, 1)).at[0, 0].set(10.0)
+    block.aux_router = ar.AuxRouter(config, 1, rngs=nnx.Rngs(2))
+    block.aux_router.w1[...] = jnp.zeros_like(block.aux_router.w1[...]).at[0, :].set(1.0)  # logit ∝ silu(x0)
+    block.aux_router.w2[...] = jnp.ones_like(block.aux_router.w2[...])
+    return block
+
+
+MOD_X0 = np.array([[0.1, -0.2, 0.5, 0.0, 0.3, -0.1, 0.2, 0.4],
+                   [-0.5, 0.05, -0.3, 0.15, -0.4, 0.35, 0.25, -0.1]], np.float32)
+
+
+def test_causal_mod_fills_each_rows_slots_first_come():
+    block = causal_mod_block()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 64)).at[..., 0].set(MOD_X0)
+    real = jnp.ones((2, 8), bool)
+    # expert choice: each row's top 2 by main score (row 0: 2, 7; row 1: 5, 6), aux stats against those targets
+    selection, stats = block.select(x, real)
+    np.testing.assert_array_equal(selection.index, [[2, 7], [5, 6]])
+    assert float(stats["mod_aux_router_pairs"]) == 16 and float(stats["mod_aux_router_selected"]) == 4
+    assert float(stats["mod_aux_router_recall"]) == 1.0  # x0 > 0 covers every row's top 2
+    assert float(stats["mod_aux_router_accuracy"]) == pytest.approx(11 / 16)  # false yes: 0, 4, 6 | 1, 3
+    # causal, 2 slots per row: the first two tokens with x0 > 0 of each row (row 0: 0, 2, 4, 6, 7; row 1: 1, 3, 5, 6)
+    block.routing_mode, block.causal_capacity = ar.CAUSAL, 0.25
+    selection, stats = block.select(x, real)
+    np.testing.assert_array_equal(selection.index, [[0, 2], [1, 3]])
+    assert selection.valid.all() and float(stats["mod_causal_overflow"]) == pytest.approx(5 / 9)
+    weights = 1 / (1 + np.exp(-10 * MOD_X0[[0, 0, 1, 1], [0, 2, 1, 3]].astype(np.float64)))
+    np.testing.assert_allclose(selection.weight.reshape(-1), weights, rtol=1e-6)  # the main router still gates
+    # padding never decides; row 1's only real "yes" (token 1) gets a slot, the other slot is invalid
+    selection, _ = block.select(x, real.at[1, 2:].set(False))
+    assert int(selection.index[1, 0]) == 1 and selection.valid.tolist() == [[True, True], [True, False]]
+    assert float(selection.weight[1, 1]) == 0.0
+
+
 def test_aux_router_statistics_by_hand():
     logits = jnp.array([[2.0, -1.0], [-3.0, 1.0], [5.0, 5.0]])
     targets = jnp.array([[True, False], [True, True], [False, False]])
@@ -77,7 +129,7 @@ def test_causal_mode_makes_earlier_tokens_independent_of_later_ones(variant):
     np.testing.assert_allclose(after[:, :cut], before[:, :cut], atol=1e-5)
     assert np.abs(after[:, cut:] - before[:, cut:]).max() > 1e-2  # the change itself does matter
 
-    ar.set_routing_mode(model, ar.EXPERT_CHOICE)  # the batch-wide top-k lets later tokens move earlier routing
+    ar.set_routing_mode(model, ar.EXPERT_CHOICE)  # a top-k over the batch (MoD: the row) lets later tokens move it
     before, after = logits_of(model, batch), logits_of(model, changed)
     assert np.abs(after[:, :cut] - before[:, :cut]).max() > 1e-3
 

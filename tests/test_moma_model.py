@@ -14,7 +14,7 @@ from lm_core.errors import UserError
 from lm_core.layers import TokenContext
 from lm_core.model import Block
 from lm_core.sharding import MeshConfig, make_mesh
-from moma.depths import MoDBlock, build_moma_model
+from moma.depths import MoDBlock, build_moma_model, select_tokens, selected_context
 from moma.experts import moma_ffn_factory, with_router_noise
 from moma.upcycle import check_upcycle, upcycle_model
 from moma.variants import parse_variant
@@ -32,50 +32,117 @@ def mod_block() -> MoDBlock:
     return block
 
 
-def run_mod(block, x, segment_ids):
+def run_mod(block, x, segment_ids, with_kv=False):
     tokens = jnp.ones(segment_ids.shape, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
-    out, _, _, aux = block(x, TokenContext(tokens, positions, segment_ids), None, None, None, None)
-    return out, aux
+    out, _, kv, aux = block(x, TokenContext(tokens, positions, segment_ids), None, None, None, None)
+    return (out, aux, kv) if with_kv else (out, aux)
 
 
 def changed_tokens(out, x):
     return np.any(np.asarray(out) != np.asarray(x), axis=-1)  # [batch, seq]
 
 
-def test_mod_processes_the_top_quarter_and_the_rest_pass_through_unchanged():
+# router scores sigmoid(10 · x0): per row, 2 slots (c_d = 0.25 of 8). Row 0 picks tokens 2 and 7, row 1 tokens 5 and
+# 6; a top-4 over the flattened batch would instead take 2, 7, 4 of row 0 and only 5 of row 1.
+ROUTER_X0 = np.array([[0.1, -0.2, 0.5, 0.0, 0.3, -0.1, 0.2, 0.4],
+                      [-0.5, 0.05, -0.3, 0.15, -0.4, 0.35, 0.25, -0.1]], np.float32)
+PACKED = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)  # row 0: two documents
+
+
+def scored_x(seed: int = 0) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (2, 8, 64)).at[..., 0].set(ROUTER_X0)
+
+
+def sigmoid10(values) -> np.ndarray:
+    return 1 / (1 + np.exp(-10 * np.asarray(values, np.float64)))
+
+
+def block_on(block, x_row, positions, segments):
+    """The wrapped Block run on exactly these tokens of one row: [n, d] -> [n, d]."""
+    n = x_row.shape[0]
+    context = TokenContext(jnp.ones((1, n), jnp.int32), jnp.asarray(positions)[None], jnp.asarray(segments)[None])
+    return np.asarray(block.block(x_row[None], context, None, None, None, None)[0][0])
+
+
+def test_select_tokens_by_hand():
+    scores = jnp.asarray(sigmoid10(np.concatenate([ROUTER_X0, ROUTER_X0[:1]])), jnp.float32)
+    real = jnp.array([[True] * 8, [True] * 3 + [False] * 5, [False] * 8])  # row 1: 3 real tokens; row 2: padding
+    scores = scores.at[1, 3:].set(1.0)  # padding's scores are the best, and still never picked
+    selection = select_tokens(scores, real, 0.25)
+    np.testing.assert_array_equal(selection.index[:2], [[2, 7], [1, 2]])  # row 1: 1 (best real), then 2 (next)
+    np.testing.assert_array_equal(selection.valid, [[True, True], [True, False], [False, False]])  # ceil(0.75) = 1
+    np.testing.assert_allclose(selection.weight[:2], [sigmoid10([0.5, 0.4]), [sigmoid10(0.05), 0.0]], rtol=1e-6)
+    np.testing.assert_array_equal(selection.weight[2], [0.0, 0.0])
+    # the sub-batch context: each row's positions and own document ids; invalid slots get segment 0
+    positions = jnp.broadcast_to(jnp.arange(8), (3, 8))
+    context = TokenContext(positions + 10, positions, jnp.concatenate([PACKED, PACKED[:1]]) * real)
+    sub = selected_context(context, selection)
+    np.testing.assert_array_equal(sub.positions[:2], [[2, 7], [1, 2]])
+    np.testing.assert_array_equal(sub.tokens[:2], [[12, 17], [11, 12]])
+    np.testing.assert_array_equal(sub.segment_ids, [[1, 2], [1, 0], [0, 0]])
+
+
+def test_mod_processes_each_rows_top_quarter_and_the_rest_pass_through_unchanged():
     block = mod_block()
-    x = jax.random.normal(jax.random.key(0), (2, 8, 64))
-    segments = jnp.ones((2, 8), jnp.int32)
-    out, aux = run_mod(block, x, segments)
-    out = np.asarray(out)
+    x = scored_x()
+    out, aux, kv = run_mod(block, x, PACKED, with_kv=True)
+    out, x_np = np.asarray(out), np.asarray(x)
     changed = changed_tokens(out, x)
-    expected = np.zeros(16, bool)
-    expected[np.argsort(-np.asarray(x[..., 0]).reshape(-1))[:4]] = True  # c_d = 0.25 of 16 tokens, best scores
-    np.testing.assert_array_equal(changed.reshape(-1), expected)
+    expected = np.zeros((2, 8), bool)
+    expected[0, [2, 7]] = expected[1, [5, 6]] = True
+    np.testing.assert_array_equal(changed, expected)
+    np.testing.assert_array_equal(out[~changed], x_np[~changed])  # skipped tokens: bit for bit
     assert float(aux["mod_selected_fraction"]) == 0.25
-    np.testing.assert_array_equal(out[~changed], np.asarray(x)[~changed])  # skipped tokens: bit for bit
-
-    # padding is never selected, even with the best router scores: budget ceil(0.25 * 10 real tokens) = 3
-    padded_segments = segments.at[1, 2:].set(0)
-    padded_x = x.at[1, 2:, 0].set(5.0)
-    out, aux = run_mod(block, padded_x, padded_segments)
-    changed = changed_tokens(out, padded_x)
-    assert changed.sum() == 3 and not changed[1, 2:].any()
-    assert float(aux["mod_selected_fraction"]) == pytest.approx(0.3)
+    assert kv.keys.shape == (2, 2, 4, 8) and kv.values.shape == (2, 2, 4, 8)  # [batch, slots, kv_heads, hd]
+    # the selected tokens: x + score · (Block(those tokens of the row, own positions and documents) - x)
+    for row, index, segments in ((0, [2, 7], [1, 2]), (1, [5, 6], [1, 1])):
+        reference = block_on(block, x[row, np.array(index)], index, segments)
+        weight = sigmoid10(ROUTER_X0[row, index])[:, None]
+        expected_out = x_np[row, index] + weight * (reference - x_np[row, index])
+        np.testing.assert_allclose(out[row, index], expected_out, atol=1e-5)
 
 
-def test_mod_attention_is_causal_in_the_original_order_and_per_row():
+def test_mod_padding_is_never_selected_and_short_rows_get_a_smaller_budget():
+    block = mod_block()
+    segments = jnp.ones((2, 8), jnp.int32).at[1, 3:].set(0)  # row 1: 3 real tokens
+    x = scored_x().at[1, 3:, 0].set(5.0)  # padding has the best router scores
+    out, aux = run_mod(block, x, segments)
+    out, x_np = np.asarray(out), np.asarray(x)
+    changed = changed_tokens(out, x)
+    expected = np.zeros((2, 8), bool)
+    expected[0, [2, 7]] = expected[1, 1] = True  # row 1: ceil(0.25 · 3) = 1 valid slot, its best real token
+    np.testing.assert_array_equal(changed, expected)
+    np.testing.assert_array_equal(out[~changed], x_np[~changed])
+    assert float(aux["mod_selected_fraction"]) == pytest.approx(3 / 11)  # valid slots / real tokens, batch pooled
+    reference = block_on(block, x[1, 1:2], [1], [1])  # the invalid slot (token 2, segment 0) is not seen
+    expected_out = x_np[1, 1] + sigmoid10(0.05) * (reference[0] - x_np[1, 1])
+    np.testing.assert_allclose(out[1, 1], expected_out, atol=1e-5)
+
+
+def test_mod_rows_do_not_leak_into_each_other():
+    block = mod_block()
+    x = scored_x()
+    out = np.asarray(run_mod(block, x, PACKED)[0])
+    # a new row 1, with router scores that would win every slot of a batch-wide top-k, and other documents
+    other = x.at[1].set(jax.random.normal(jax.random.key(7), (8, 64)) + 1.0).at[1, :, 0].set(3.0)
+    out_other = np.asarray(run_mod(block, other, PACKED.at[1, 4:].set(2))[0])
+    np.testing.assert_allclose(out_other[0], out[0], atol=1e-6, rtol=0)  # row 0: same tokens, same output
+    assert changed_tokens(out_other, other)[0].tolist() == changed_tokens(out, x)[0].tolist()
+    assert changed_tokens(out_other, other)[1].sum() == 2 and not np.allclose(out_other[1], out[1])
+
+
+def test_mod_attention_is_causal_in_the_original_order():
     block = mod_block()
     # router scores rise with position in row 0, so score order is the reverse of token order there
-    scores = jnp.array([[-3, -3, -3, -3, -3, 1, 2, 3], [1.5, -3, -3, -3, -3, -3, -3, -3]], jnp.float32)
+    scores = jnp.array([[-3, -3, -3, -3, -3, 1, 2, 3], [1.5, -3, -3, -3, -3, -3, 0.5, -3]], jnp.float32)
     x = jax.random.normal(jax.random.key(0), (2, 8, 64)).at[..., 0].set(scores)
     segments = jnp.ones((2, 8), jnp.int32)
     out = np.asarray(run_mod(block, x, segments)[0])
     selected = changed_tokens(out, x)
-    assert selected[0, 5:].all() and selected[1, 0] and selected.sum() == 4
+    assert selected[0, 6:].all() and selected[1, [0, 6]].all() and selected.sum() == 4
     # move row 0's last token (the best-scored) without touching coordinate 0, so the selection stays the same:
-    # the earlier selected tokens of row 0 and the other row's token must not see it
+    # the earlier selected token of row 0 and the other row's tokens must not see it
     moved = x.at[0, 7, 1:].add(3.0)
     out_moved = np.asarray(run_mod(block, moved, segments)[0])
     assert (changed_tokens(out_moved, moved) == selected).all()
@@ -83,6 +150,9 @@ def test_mod_attention_is_causal_in_the_original_order_and_per_row():
     others[0, 7] = False
     np.testing.assert_allclose(out_moved[others], out[others], atol=1e-6)
     assert not np.allclose(out_moved[0, 7], out[0, 7])
+    # ... while the later selected token does see the earlier one
+    earlier = x.at[0, 6, 1:].add(3.0)
+    assert not np.allclose(np.asarray(run_mod(block, earlier, segments)[0])[0, 7], out[0, 7], atol=1e-3)
 
 
 def test_upcycled_experts_are_copies_of_the_modality_ffn():

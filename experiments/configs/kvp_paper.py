@@ -7,6 +7,10 @@ Base: OpenELM-1.1B-like (28 layers, d=2048, head_dim 64; 1.5B parameters with un
 varies widths per layer); auxiliary models: canonical 450M-like (20 layers,
 d=1536) and 270M-like (16 layers, d=1280), and layer-pruned 0.75 / 0.50 / 0.25. Expected (paper, TriviaQA):
 KVP-C-450M 16.1 vs 450M alone 11.0 at a 2.36x TTFT FLOPs reduction; KVP-LP-0.75 20.7 vs 15.0 at 1.34x.
+Mesh target: TPU v5p:2x4x4 (32 chips, 95 GB HBM each), FSDP over all 32 (mesh fsdp=-1, data=1), 8 rows of 2048
+tokens per chip, remat "full", layers scanned, output layers in 4096-token chunks (also in the KVP 3-term loss).
+Check before launching: python -m experiments.compile_check --config=experiments/configs/kvp_paper.py \
+    --topology=v5p:2x4x4 [--stage=base]   (per-chip peaks measured here are in README.md, "Mesh readiness")
 The `retrieval:` wrapper mixes the fact-recall documents the exact-match evaluation asks about into the corpus (here
 2% of its characters); the canonical auxiliaries are pretrained on the same data first, as the paper's were.
 """
@@ -21,6 +25,9 @@ def get_config():
     config.data.source = "retrieval:share=0.02,facts=4,filler_chars=2000:builtin"  # swap builtin for your corpus
     config.data.seq_len = 2048
     config.data.global_batch_size = 256
+    config.mesh.update(dict(data=1, fsdp=-1))
+    config.model.update(dict(remat="full", scan_layers=True))
+    config.loss_chunk_tokens = 4096
     config.optimizer.learning_rate = 5e-4
     config.steps = 100_000
     config.log_every = 100

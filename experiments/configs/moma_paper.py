@@ -14,6 +14,11 @@ linear decay to 1e-6 (ours decays by a cosine to 1e-6: the closest lm_core has).
 512x512 images -> 32x32 = 1024 codes of a codebook of 8192 (moma.vq trains a small one; train it long, or swap in
 a pretrained VQ by writing its codes with CodedPairs). Expect (paper, 1.4B, 1T tokens): η 4t4i 3.7x (text 2.6x,
 image 5.2x), 8x 3.0x, mod 4t4i 4.2x; at 90M the paper's savings are smaller. None of this has been run here.
+Mesh target: TPU v5p:2x4x4 (32 chips), FSDP over the batch axes (mesh fsdp=-1, data=1; routed variants add
+--config.mesh.expert=E and fsdp=32/E), 8 rows of 4096 tokens per chip, remat "full", layers scanned (MoD layers
+scan in pairs), the output layer in 4096-token chunks. Check before launching:
+    python -m experiments.compile_check --config=experiments/configs/moma_paper.py:1.4b,dense --topology=v5p:2x4x4
+MoD picks each row's top 25% (moma/depths.py), so no attention row holds more than 4096 tokens.
 """
 
 from experiments.configs.moma_tiny import moma_section
@@ -42,6 +47,9 @@ def get_config(argument: str = "90m,moe_4t4i"):
                              d_ff=4 * shape["d_model"], dtype="bfloat16", **shape))
     config.data.seq_len = 4096
     config.data.global_batch_size = 256
+    config.mesh.update(dict(data=1, fsdp=-1))
+    config.model.update(dict(remat="full", scan_layers=True))
+    config.loss_chunk_tokens = 4096
     config.optimizer.update(dict(learning_rate=1e-4, warmup_steps=4000, b1=0.9, b2=0.95, weight_decay=0.1,
                                  grad_clip=1.0, final_lr_fraction=0.01))  # cosine to 1e-6 (paper: linear)
     config.steps = 100_000

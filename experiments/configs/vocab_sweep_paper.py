@@ -4,6 +4,9 @@ Command (a TPU/GPU pod; shard with the mesh flags, e.g. --config.mesh.fsdp=-1 --
     python -m experiments.vocab_scaling.sweep --config=experiments/configs/vocab_sweep_paper.py --workdir=DIR \
         --config.data.source=tfds:<a large English corpus>
 Expected: the paper's Approach 1-3 constants (within fitting noise) and its table, e.g. V_opt ~ 62K for N_nv = 7B.
+Mesh target: TPU v5p:2x4x4 (32 chips), FSDP over all 32, 16 rows of 2048 tokens per chip, remat "full", layers
+scanned, the output layer in 4096-token chunks (V up to 96K). Check the largest group before launching:
+    python -m experiments.compile_check --config=experiments/configs/vocab_sweep_paper.py --topology=v5p:2x4x4
 The budgets here span the paper's range; the full grid is thousands of GPU-days — trim groups/budgets to fit.
 """
 
@@ -14,7 +17,9 @@ def get_config():
     config = tiny_config("tiny")
     config.data.seq_len = 2048
     config.data.global_batch_size = 512
-    config.model.dtype = "bfloat16"
+    config.model.update(dict(dtype="bfloat16", remat="full", scan_layers=True))
+    config.mesh.update(dict(data=1, fsdp=-1))
+    config.loss_chunk_tokens = 4096
     config.optimizer.learning_rate = 4e-4
     config.optimizer.final_lr_fraction = 0.1
     config.log_every = 100

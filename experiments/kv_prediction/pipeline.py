@@ -179,7 +179,8 @@ def kvp_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> 
         return state._replace(params=params)
 
     loss = functools.partial(kvp_loss, lambda_base=kvp.lambda_base, lambda_aux=kvp.lambda_aux,
-                             lambda_consistency=kvp.lambda_consistency or None, z_loss_weight=config.z_loss)
+                             lambda_consistency=kvp.lambda_consistency or None, z_loss_weight=config.z_loss,
+                             chunk_tokens=config.loss_chunk_tokens)
     base_config = model_config_from(config)
     return TrainTask(loss_fn=loss, create_model=lambda model_config, seed: build_kvp_model(model_config, aux, seed),
                      initialize=initialize, make_optimizer=make_kvp_optimizer,

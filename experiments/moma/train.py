@@ -270,11 +270,12 @@ def mixed_eval_batches(workdir: str | Path, max_batches: int | None = None, batc
 # --- the task -----------------------------------------------------------------------------------------------------
 
 
-def moma_task(config, workdir: str | Path):  # -> lm_core.trainer.TrainTask
+def moma_task(config, workdir: str | Path, check_data: bool = True):  # -> lm_core.trainer.TrainTask
     """The TrainTask of a MoMa run. Validates everything a user can get wrong before anything is written.
 
     Relative moma.image_tokenizer.dir / moma.upcycle_from are made absolute in `config`, so the config.json the
-    trainer writes names them wherever it is read from."""
+    trainer writes names them wherever it is read from. check_data=False skips opening the image source and the
+    upcycling run (experiments.compile_check compiles the step without data); make_data then opens the source."""
     import jax
     from flax import nnx
 
@@ -293,12 +294,15 @@ def moma_task(config, workdir: str | Path):  # -> lm_core.trainer.TrainTask
     check_fits_mesh(moma, config.mesh.expert)
     check_fits_model(moma, model_config)
     vq_config_from(config)
-    _check_image_tokenizer(config)
-    source = image_source(config)
-    if config.moma.upcycle_from:
-        _check_upcycle_source(config, moma)
+    source = None
+    if check_data:
+        _check_image_tokenizer(config)
+        source = image_source(config)
+        if config.moma.upcycle_from:
+            _check_upcycle_source(config, moma)
     vocab = mixed_vocab_for(config)
-    loss_fn = functools.partial(mixed_modal_loss, vocab=vocab, z_loss_weight=config.z_loss)
+    loss_fn = functools.partial(mixed_modal_loss, vocab=vocab, z_loss_weight=config.z_loss,
+                                chunk_tokens=config.loss_chunk_tokens)
 
     def initialize_upcycled(state):  # TrainState -> TrainState: the 1t1i weights, every expert a copy
         from moma.upcycle import upcycle_params
@@ -317,7 +321,8 @@ def moma_task(config, workdir: str | Path):  # -> lm_core.trainer.TrainTask
         training_flops_per_token=moma_flops_per_token(model_config, moma, config.data.seq_len,
                                                       image_fraction).training,
         extra_meta={"moma": {k: v for k, v in dataclasses.asdict(moma).items() if k != "router_noise"}},
-        make_data=lambda config, workdir, model_config: make_mixed_data(config, workdir, model_config, source),
+        make_data=lambda config, workdir, model_config: make_mixed_data(config, workdir, model_config,
+                                                                        source or image_source(config)),
         train_row_fn=per_modality_train_row,
         eval_row_fn=per_modality_eval_row,
     )

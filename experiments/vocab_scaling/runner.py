@@ -86,12 +86,26 @@ def unigram_eval_fn(log_p: np.ndarray):
     return sums
 
 
-def run_config(base: ml_collections.ConfigDict, planned: PlannedRun) -> ml_collections.ConfigDict:
-    """The lm_core training config of one planned run."""
+# What a sweep's model group decides about the model; every other model field (dtype, remat, attention_impl,
+# scan_layers, ...) is the sweep config's own.
+GROUP_MODEL_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
+                      "max_seq_len", "tie_embeddings")
+
+
+def group_run_config(base: ml_collections.ConfigDict, group: ModelGroup, vocab_size: int
+                     ) -> ml_collections.ConfigDict:
+    """The sweep config with one group's model at one vocabulary size (the `sweep` section removed)."""
     config = copy.deepcopy(base)
     config.unlock()
-    model = planned.group.model_config(planned.vocab_size, base.data.seq_len)
-    config.model.update(model.to_dict())
+    model = group.model_config(vocab_size, base.data.seq_len).to_dict()
+    config.model.update({name: model[name] for name in GROUP_MODEL_FIELDS})
+    del config["sweep"]
+    return config
+
+
+def run_config(base: ml_collections.ConfigDict, planned: PlannedRun) -> ml_collections.ConfigDict:
+    """The lm_core training config of one planned run."""
+    config = group_run_config(base, planned.group, planned.vocab_size)
     config.steps = planned.steps
     config.optimizer.total_steps = planned.steps
     config.optimizer.warmup_steps = max(1, int(base.sweep.warmup_fraction * planned.steps))
@@ -99,7 +113,6 @@ def run_config(base: ml_collections.ConfigDict, planned: PlannedRun) -> ml_colle
     config.eval_every = max(1, planned.steps // evals)
     config.checkpoint_every = config.eval_every
     config.log_every = max(1, min(config.log_every, config.eval_every))
-    del config["sweep"]
     return config
 
 
