@@ -135,15 +135,21 @@ def test_compile_check_bad_input_is_one_line_and_exit_2(args, message):
 
 
 @pytest.mark.slow
-def test_compile_check_cli_json_on_cpu():
-    result = run_cli("--config=experiments/configs/lm_tiny.py", "--topology=cpu:2", "--json",
+@pytest.mark.parametrize("topology", ["cpu:2", "v5e:2x2"])
+def test_compile_check_cli_json(topology):
+    # the command users run before a launch, end to end; on v5e:2x2 "auto" attention becomes the splash kernel
+    if topology.startswith("v5e"):
+        pytest.importorskip("libtpu")
+    result = run_cli("--config=experiments/configs/lm_tiny.py", f"--topology={topology}", "--json",
                      "--config.model.num_layers=1", "--config.data.global_batch_size=4")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     for key in ("topology", "num_devices", "device_kind", "per_device_peak_bytes", "device_memory_bytes", "fits",
                 "compiled_flops_per_device", "analytic_flops_per_device", "compile_s"):
         assert key in report and key in report["results"][0]
-    assert report["topology"] == "cpu:2" and report["num_devices"] == 2 and report["fits"] is True
+    assert report["topology"] == topology and report["fits"] is True
+    assert (report["num_devices"], report["attention_impl"]) == ((2, "xla_blocked") if topology == "cpu:2"
+                                                                else (4, "splash"))
 
 
 def test_stages_of_each_kind_of_config():

@@ -20,7 +20,8 @@ variants do not reach dense's final loss within 300 steps (no η; the paper's sa
 Train-step throughput vs dense (CPU; two runs, with the slot bounds below): 1t1i -6% / -12%, 4t4i -17% / -19%,
 8x -7% / -13%, mod 4t4i -34% (the paper's GPU system: -6%, -17%, -9%, -31%). Measured before with every slot
 sized for the whole batch (max_*_fraction = 1.0) and the slower attention of earlier versions: -30%, -35%, -9%,
--46%.
+-46%. The mod_moe_4t4i numbers were measured when MoD picked its top 25% over the whole batch; it now picks per
+row (moma/depths.py) and has not been re-measured at this size.
 """
 
 import ml_collections
