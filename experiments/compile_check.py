@@ -94,6 +94,7 @@ def _moma_stages(config: Any) -> list[Stage]:
     import numpy as np
 
     from experiments.moma.train import mixed_vocab_for, moma_config_from, moma_task
+    from moma.aux_routers import variant_routes
     from moma.mixed_modal import modality_counts
 
     config = copy.deepcopy(config)
@@ -103,8 +104,7 @@ def _moma_stages(config: Any) -> list[Stage]:
                              mixed_vocab_for(config))
     extra = {name: (value.shape, value.dtype) for name, value in counts.items()}
     stages = [Stage(f"moma {config.moma.variant}", config, task, extra)]
-    moma = moma_config_from(config)
-    if moma.mod or moma.text_experts > 1 or moma.image_experts > 1 or moma.mixed_experts > 1:
+    if variant_routes(moma_config_from(config)):
         stages.append(Stage(f"aux routers {config.moma.variant}", config, task, lower=_lower_aux_router_step))
     return stages
 
@@ -221,10 +221,11 @@ def main(argv: list[str]) -> None:
 
     register_text_sources()
     target = aot.target_for(_TOPOLOGY.value)
-    stages = [s for s in stages_for(_CONFIG.value) if _STAGE.value in s.name]
+    every_stage = stages_for(_CONFIG.value)
+    stages = [s for s in every_stage if _STAGE.value in s.name]
     if not stages:
-        names = [s.name for s in stages_for(_CONFIG.value)]
-        raise UserError(f"--stage={_STAGE.value!r} matches no stage; this config's stages: {names}")
+        raise UserError(f"--stage={_STAGE.value!r} matches no stage; this config's stages: "
+                        f"{[s.name for s in every_stage]}")
     results = []
     for stage in stages:
         results.append(compile_stage(stage, target))

@@ -118,8 +118,9 @@ def _trip_count(attrs: str, condition: list[str], body: list[str]) -> int:
         return int(known.group(1))
     constants = _constants(condition)
     compare = next((line for line in condition if " compare(" in line and "direction=LT" in line), "")
-    index = _tuple_index(condition, _operand_names(compare.split(" compare(", 1)[-1]))
-    bounds = [constants[n] for n in _operand_names(compare.split(" compare(", 1)[-1]) if n in constants]
+    compared = _operand_names(compare.split(" compare(", 1)[-1])
+    index = _tuple_index(condition, compared)
+    bounds = [constants[n] for n in compared if n in constants]
     if len(bounds) != 1 or index is None:
         return 1
     return -(-bounds[0] // _counter_step(body, index))

@@ -165,9 +165,14 @@ def check_routable(model: nnx.Module, variant: str = "") -> None:
         raise UserError(f"variant {variant or '?'!r} {NOTHING_TO_ROUTE}")
 
 
+def variant_routes(moma: MoMaConfig) -> bool:
+    """Whether a variant makes a non-causal routing decision (MoD, or an expert group of several experts)."""
+    return moma.mod or any(count > 1 for count in moma.groups.values())
+
+
 def check_variant_routable(moma: MoMaConfig) -> None:
     """The same check from the config alone (before any checkpoint is loaded)."""
-    if not (moma.mod or any(count > 1 for count in moma.groups.values())):
+    if not variant_routes(moma):
         raise UserError(f"variant {moma.variant!r} {NOTHING_TO_ROUTE}")
 
 

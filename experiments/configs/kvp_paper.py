@@ -10,7 +10,7 @@ KVP-C-450M 16.1 vs 450M alone 11.0 at a 2.36x TTFT FLOPs reduction; KVP-LP-0.75 
 Mesh target: TPU v5p:2x4x4 (32 chips, 95 GB HBM each), FSDP over all 32 (mesh fsdp=-1, data=1), 8 rows of 2048
 tokens per chip, remat "full", layers scanned, output layers in 4096-token chunks (also in the KVP 3-term loss).
 Check before launching: python -m experiments.compile_check --config=experiments/configs/kvp_paper.py \
-    --topology=v5p:2x4x4 [--stage=base]   (per-chip peaks measured here are in README.md, "Mesh readiness")
+    --topology=v5p:2x4x4 [--stage=base]   (per-chip peaks measured here: README.md, "On GPU and TPU meshes")
 The `retrieval:` wrapper mixes the fact-recall documents the exact-match evaluation asks about into the corpus (here
 2% of its characters); the canonical auxiliaries are pretrained on the same data first, as the paper's were.
 """
