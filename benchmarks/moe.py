@@ -33,6 +33,7 @@ from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 from lm_core.layers import SwiGLU, TokenContext, dense
 from moma import experts as moe_lib
+from moma.dispatch import combine_slots, gather_slots, swiglu_experts
 from moma.flops import executed_expert_overhead, ffn_layer_flops, group_shares
 from moma.variants import MoMaConfig, parse_variant
 
@@ -128,13 +129,13 @@ def profile_group(config: ModelConfig, moma: MoMaConfig, batch: int, seq: int, r
     shape), next to a dense SwiGLU on as many rows as the group's experts compute (experts x slots)."""
     vocab, tokens_n = config.vocab_size, batch * seq
     group = moe_lib.ModalityAwareMoE(config, moma, rngs=nnx.Rngs(0)).groups["text"]
-    flat_tokens = jnp.asarray(half_image_tokens(batch, seq, vocab)).reshape(-1)
-    x = jax.random.normal(jax.random.key(0), (tokens_n, config.d_model), config.compute_dtype)
+    flat_tokens = jnp.asarray(half_image_tokens(batch, seq, vocab)).reshape(1, -1)  # one routing group
+    x = jax.random.normal(jax.random.key(0), (1, tokens_n, config.d_model), config.compute_dtype)
     eligible = ~moe_lib.image_token_mask(flat_tokens, moma.image_token_range)
-    routing = moe_lib.expert_choice_route(group.scores(x), eligible, group.capacity_factor, group.max_fraction)
+    routing = moe_lib.group_route(group.scores(x), eligible, group.capacity_factor, group.max_fraction)
     graphdef, params, rest = nnx.split(group, nnx.Param, ...)
-    experts, slots = routing.token_index.shape
-    chosen = jnp.take(x, routing.token_index, axis=0)  # [experts, slots, d]
+    _, experts, slots = routing.token_index.shape
+    chosen = gather_slots(x, routing.token_index)  # [1, experts, slots, d]
     router = group.router[...]  # [d, experts]
 
     def scores(router: Array, x: Array) -> Array:
@@ -143,14 +144,13 @@ def profile_group(config: ModelConfig, moma: MoMaConfig, batch: int, seq: int, r
         return jax.nn.sigmoid(dense(x, router).astype(jnp.float32))
 
     def route(s: Array, e: Array) -> Array:
-        return moe_lib.expert_choice_route(s, e, group.capacity_factor, group.max_fraction).gate
+        return moe_lib.group_route(s, e, group.capacity_factor, group.max_fraction).gate
 
     def expert_ffns(p: nnx.State, chosen: Array) -> Array:
-        return nnx.merge(graphdef, p, rest).experts(chosen)
+        return swiglu_experts(chosen, nnx.merge(graphdef, p, rest).weights())
 
     def scatter(outputs: Array, index: Array) -> Array:
-        return jnp.zeros((tokens_n, outputs.shape[-1]), outputs.dtype).at[index.reshape(-1)].add(
-            outputs.reshape(-1, outputs.shape[-1]))
+        return combine_slots(x, index, outputs)
 
     def whole_group(p: nnx.State, x: Array, e: Array) -> Array:
         return nnx.merge(graphdef, p, rest)(x, e)[0]
@@ -160,7 +160,7 @@ def profile_group(config: ModelConfig, moma: MoMaConfig, batch: int, seq: int, r
     runs = {
         "router_scores": forward_backward(scores, (router, x)),
         "top_k_route": forward_backward(route, (scores(router, x),), (eligible,)),
-        "gather": forward_backward(lambda x, i: jnp.take(x, i, axis=0), (x,), (routing.token_index,)),
+        "gather": forward_backward(gather_slots, (x,), (routing.token_index,)),
         "expert_swiglus": forward_backward(expert_ffns, (params, chosen)),
         "scatter_add": forward_backward(scatter, (chosen,), (routing.token_index,)),
         "whole_group": forward_backward(whole_group, (params, x), (eligible,)),

@@ -16,7 +16,9 @@ per-device argument / output / temporary / peak bytes, the device's memory, whet
 matmul FLOPs per device of the compiled program next to the analytic count (remat recomputation shows up as the
 compiled count exceeding it), and compile time. `--json` prints one object with a `results` list of those
 (keys topology, num_devices, device_kind, per_device_peak_bytes, device_memory_bytes, fits,
-compiled_flops_per_device, analytic_flops_per_device, compile_s, ...). Bad topology, a mesh that does not match
+compiled_flops_per_device, analytic_flops_per_device, compile_s, collective_bytes (per device and step, by
+kind: all-to-all, all-gather, all-reduce, reduce-scatter, collective-permute; lm_core.hlo_flops),
+all_to_all_bytes_per_layer, ...). Bad topology, a mesh that does not match
 the device count or a missing libtpu: one `error:` line and exit code 2. Exit code 1 when a stage does not fit.
 """
 
@@ -54,8 +56,9 @@ class Stage:
     lower: Callable[[Any, Any, dict[str, Any]], tuple[Any, float]] | None = None
 
 
-def stages_for(config: Any) -> list[Stage]:
-    """Every run a config describes, as (name, training config, task)."""
+def stages_for(config: Any, num_devices: int | None = None) -> list[Stage]:
+    """Every run a config describes, as (name, training config, task), for a mesh over `num_devices` devices
+    (default: this process's)."""
     from lm_core.trainer import TrainTask
 
     if "kvp" in config:
@@ -63,7 +66,7 @@ def stages_for(config: Any) -> list[Stage]:
     if "sweep" in config:
         return _sweep_stages(config)
     if "moma" in config:
-        return _moma_stages(config)
+        return _moma_stages(config, num_devices)
     return [Stage("train", config, TrainTask())]
 
 
@@ -86,7 +89,7 @@ def _sweep_stages(config: Any) -> list[Stage]:
             for group in parse_groups(config.sweep.groups)]
 
 
-def _moma_stages(config: Any) -> list[Stage]:
+def _moma_stages(config: Any, num_devices: int | None) -> list[Stage]:
     """The variant's training step, and for a variant that routes batch-wide its aux-router stage
     (experiments.moma.train_aux_routers: main model frozen, BCE on the expert-choice selections)."""
     import tempfile
@@ -98,7 +101,8 @@ def _moma_stages(config: Any) -> list[Stage]:
     from moma.mixed_modal import modality_counts
 
     config = copy.deepcopy(config)
-    task = moma_task(config, Path(tempfile.gettempdir()) / "compile_check", check_data=False)
+    task = moma_task(config, Path(tempfile.gettempdir()) / "compile_check", check_data=False,
+                     num_devices=num_devices)
     rows, seq = config.data.global_batch_size, config.data.seq_len
     counts = modality_counts(np.zeros((rows, seq), np.int32), np.zeros((rows, seq), np.float32),
                              mixed_vocab_for(config))
@@ -178,7 +182,8 @@ def compile_stage(stage: Stage, target: Any) -> dict[str, Any]:
                 scan_layers=config.model.scan_layers, attention_impl=config.model.attention_impl,
                 **dataclasses.asdict(report), device_memory_bytes=target.device_memory_bytes,
                 fits=report.per_device_peak_bytes <= aot.FIT_FRACTION * target.device_memory_bytes,
-                analytic_flops_per_device=analytic, flops_ratio=report.compiled_flops_per_device / analytic)
+                analytic_flops_per_device=analytic, flops_ratio=report.compiled_flops_per_device / analytic,
+                all_to_all_bytes_per_layer=report.collective_bytes.get("all-to-all", 0.0) / config.model.num_layers)
 
 
 def _lower_train_step(task: Any) -> Callable[[Any, Any, dict[str, Any]], tuple[Any, float]]:
@@ -208,7 +213,13 @@ def describe(result: dict[str, Any]) -> str:
             f"{result['device_memory_bytes'] / gib:.1f} GiB: {'fits' if result['fits'] else 'DOES NOT FIT'}\n"
             f"  matmul FLOPs per device: compiled {result['compiled_flops_per_device']:.3e}, analytic "
             f"{result['analytic_flops_per_device']:.3e} ({result['flops_ratio']:.3f}x); XLA cost analysis "
-            f"{result['xla_cost_analysis_flops']:.3e} (counts loop bodies once); compile {result['compile_s']:.1f} s")
+            f"{result['xla_cost_analysis_flops']:.3e} (counts loop bodies once); compile {result['compile_s']:.1f} s\n"
+            f"  collectives per device and step: {_collectives(result['collective_bytes'])}; all-to-all per layer "
+            f"{result['all_to_all_bytes_per_layer'] / 2**20:.1f} MiB")
+
+
+def _collectives(by_kind: dict[str, float]) -> str:
+    return ", ".join(f"{kind} {amount / 2**30:.2f} GiB" for kind, amount in sorted(by_kind.items())) or "none"
 
 
 def main(argv: list[str]) -> None:
@@ -221,7 +232,7 @@ def main(argv: list[str]) -> None:
 
     register_text_sources()
     target = aot.target_for(_TOPOLOGY.value)
-    every_stage = stages_for(_CONFIG.value)
+    every_stage = stages_for(_CONFIG.value, len(target.devices))
     stages = [s for s in every_stage if _STAGE.value in s.name]
     if not stages:
         raise UserError(f"--stage={_STAGE.value!r} matches no stage; this config's stages: "

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from lm_core.errors import UserError
-from lm_core.hlo_flops import matmul_flops_by_origin
+from lm_core.hlo_flops import collective_bytes, matmul_flops_by_origin
 
 # HBM per chip, in bytes, by JAX device_kind (the vendors' figures in GB, so the checks err on the small side).
 TPU_MEMORY_BYTES = {"TPU v4": 32e9, "TPU v5 lite": 16e9, "TPU v5": 95e9, "TPU v5p": 95e9, "TPU v6 lite": 32e9}
@@ -99,6 +99,7 @@ class CompileReport:
     compiled_flops_by_origin: dict[str, float]  # the same by JAX operation: dot_general, gather, scatter-add, ...
     xla_cost_analysis_flops: float  # XLA's own figure, which counts each loop body once
     compile_s: float
+    collective_bytes: dict[str, float]  # bytes per device of all-to-all, all-gather, ... (lm_core.hlo_flops)
 
 
 def compile_lowered(lowered: jax.stages.Lowered) -> CompileReport:
@@ -110,10 +111,11 @@ def compile_lowered(lowered: jax.stages.Lowered) -> CompileReport:
             + memory.temp_size_in_bytes)
     costs = compiled.cost_analysis()
     costs = costs[0] if isinstance(costs, Sequence) else costs
-    by_origin = matmul_flops_by_origin(compiled.as_text())
+    hlo = compiled.as_text()
+    by_origin = matmul_flops_by_origin(hlo)
     return CompileReport(memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.alias_size_in_bytes,
                          memory.temp_size_in_bytes, int(peak), sum(by_origin.values()), by_origin,
-                         float((costs or {}).get("flops", 0.0)), compile_s)
+                         float((costs or {}).get("flops", 0.0)), compile_s, collective_bytes(hlo))
 
 
 def _first_line(error: Exception) -> str:

@@ -6,7 +6,8 @@ undercounts by the trip count. Here every `dot` and `convolution` (TPU compiles 
 2 · output elements · contracted size, a while body counts its trip count times, and fusions and calls count what
 they call. The trip count is XLA's `known_trip_count` where it recorded one, else the constant bound of the loop
 condition's `i < N` (what a JAX scan lowers to); a loop with neither counts once. Elementwise work is not counted:
-these are the matmul FLOPs an analytic 6·N-style count (lm_core.flops) is compared with.
+these are the matmul FLOPs an analytic 6·N-style count (lm_core.flops) is compared with. `collective_bytes` counts
+the bytes of the communication ops the same loop-aware way.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Callable, Iterable
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \((.*)\) -> .* \{$")
 # "%name = TYPE op(operands), attributes"; TYPE may be a tuple "(s32[], f32[8]{0:T(8)})" with spaces in it
@@ -176,21 +178,60 @@ def matmul_flops_by_origin(hlo_text: str) -> dict[str, float]:
     gradient) into one-hot matmuls, which show up under their own names. "custom-call" kernels (splash, cuDNN
     attention) are opaque: their FLOPs are not in here at all.
     """
+
+    def cost(op: str, out_type: str, operands: str, attrs: str, known: dict[str, list[int] | None]
+             ) -> dict[str, float]:
+        if op not in ("dot", "convolution"):
+            return {}
+        flops = _matmul_flops(op, _dims(out_type), [known.get(n) for n in _operand_names(operands)], attrs)
+        return {_origin(attrs): flops}
+
+    return loop_aware_totals(hlo_text, cost)
+
+
+COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+_ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
+                  "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_ARRAY_TYPE = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
+
+
+def collective_bytes(hlo_text: str) -> dict[str, float]:
+    """Bytes each device's collectives produce in one execution, by kind (`COLLECTIVES`), loops counted per
+    iteration: the gathered array of an all-gather, the reduced buffer of an all-reduce, the exchanged buffer of
+    an all-to-all (a device keeps 1/n of it and sends the rest). Asynchronous pairs count once, at their start."""
+
+    def cost(op: str, out_type: str, operands: str, attrs: str, known: dict[str, list[int] | None]
+             ) -> dict[str, float]:
+        kind = op.removesuffix("-start")
+        if kind not in COLLECTIVES:
+            return {}
+        sizes = [_ELEMENT_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                 for dtype, dims in _ARRAY_TYPE.findall(out_type)]
+        # a "-start" op returns (operands..., result, contexts...): its result is the largest of them
+        return {kind: float(max(sizes, default=0) if op.endswith("-start") else sum(sizes))}
+
+    return loop_aware_totals(hlo_text, cost)
+
+
+def loop_aware_totals(hlo_text: str, cost: Callable[..., dict[str, float]]) -> dict[str, float]:
+    """Sum `cost(op, out_type, operands, attrs, shapes_of_named_values)` (a dict of named amounts) over every
+    instruction one execution runs: while bodies times their trip count, fusions and calls what they call, the
+    costliest branch of a conditional."""
     bodies, shapes, entry = _parse(hlo_text)
 
     @functools.cache
-    def computation_flops(name: str) -> tuple[tuple[str, float], ...]:
+    def computation_totals(name: str) -> tuple[tuple[str, float], ...]:
         total: dict[str, float] = {}
 
-        def add(origin: str, flops: float) -> None:
-            total[origin] = total.get(origin, 0.0) + flops
+        def add(items: Iterable[tuple[str, float]], repeats: int = 1) -> None:
+            for key, amount in items:
+                total[key] = total.get(key, 0.0) + repeats * amount
 
         for line in bodies.get(name, []):
             _, out_type, op, operands, attrs = _INSTRUCTION.match(line).groups()
-            if op in ("dot", "convolution"):
-                known = shapes[name]
-                add(_origin(attrs), _matmul_flops(op, _dims(out_type), [known.get(n) for n in _operand_names(operands)],
-                                                  attrs))
+            add(cost(op, out_type, operands, attrs, shapes[name]).items())
+            if op.endswith("-done"):  # an async pair's work is counted at its start
+                continue
             called = re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", attrs)
             repeats = 1
             if op == "while":
@@ -200,13 +241,12 @@ def matmul_flops_by_origin(hlo_text: str) -> dict[str, float]:
             branches = re.search(r"branch_computations=\{(.*?)\}", attrs)
             if branches:  # one branch runs: count the costliest
                 called.append(max(_operand_names(branches.group(1)),
-                                  key=lambda n: sum(f for _, f in computation_flops(n))))
+                                  key=lambda n: sum(f for _, f in computation_totals(n))))
             for callee in called:
-                for origin, flops in computation_flops(callee):
-                    add(origin, repeats * flops)
+                add(computation_totals(callee), repeats)
         return tuple(total.items())
 
-    return dict(computation_flops(entry))
+    return dict(computation_totals(entry))
 
 
 def _origin(attrs: str) -> str:

@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lm_core.sharding import batch_shards
+
 Array = jax.Array
 Batch = dict[str, Array]
 
@@ -82,18 +84,24 @@ def chunked_cross_entropy(hidden: Array, output_matrix: Array, targets: Array, m
                           group_masks: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
     """`cross_entropy` of `hidden @ output_matrix` without ever holding all the logits.
 
-    hidden: [batch, seq, d]; output_matrix: [d, vocab]. The sequence is cut into chunks of
-    max(1, chunk_tokens // batch) positions; each step of the loop takes one chunk of EVERY row, so a chunk keeps
-    the batch axis (and its sharding over the data-parallel mesh axes: each device computes only its rows'
-    logits; chunking the flattened tokens instead would make every device loop over every chunk). Each chunk's
-    logits are recomputed in the backward pass (jax.checkpoint) instead of stored, so memory for the output layer
-    is O(chunk_tokens x vocab) rather than O(tokens x vocab). `group_masks` as in `output_layer_loss`.
+    hidden: [batch, seq, d]; output_matrix: [d, vocab]. `chunk_tokens` counts the tokens ONE DEVICE holds per
+    chunk: with `local_rows` = the rows of a batch shard (all rows without a mesh), the sequence is cut into chunks
+    of max(1, chunk_tokens // local_rows) positions, and each step of the loop takes one chunk of EVERY row, so a
+    chunk keeps the batch axis (and its sharding over the data-parallel mesh axes: each device computes only its
+    rows' logits; chunking the flattened tokens instead would make every device loop over every chunk). Counting
+    per device keeps the loop short on a large mesh: each step gathers the FSDP-sharded output matrix and
+    reduces its gradient, so a count per global batch would repeat that hundreds of times. Each chunk's logits are
+    recomputed in the backward pass (jax.checkpoint) instead of stored, so memory for the output layer is
+    O(chunk_tokens x vocab) per device rather than O(tokens x vocab). `group_masks` as in `output_layer_loss`.
     """
     names = sorted(group_masks or {})
     batch, seq, d = hidden.shape
     # row 0: the loss mask; row 1 + i: group i's mask
     masks = jnp.stack([mask] + [group_masks[n] for n in names]).astype(jnp.float32)  # [1 + groups, batch, seq]
-    chunk = max(1, min(seq, chunk_tokens // batch))
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else batch_shards(mesh)
+    local_rows = batch // shards if batch % shards == 0 else batch
+    chunk = max(1, min(seq, chunk_tokens // local_rows))
     padding = -seq % chunk
     if padding:  # padded positions carry mask 0, so they add nothing
         hidden = jnp.pad(hidden, ((0, 0), (0, padding), (0, 0)))

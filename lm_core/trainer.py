@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.steps = 200
     config.grad_accum_steps = 1
     config.z_loss = 1e-4
-    config.loss_chunk_tokens = 0  # > 0: output layer + loss in token chunks (large vocabularies; saves memory)
+    config.loss_chunk_tokens = 0  # > 0: output layer + loss in chunks of this many tokens per device (saves memory)
     # Derived fields stay 0 ("from the other fields") so a config that changes d_model or num_heads gets a
     # matching head_dim, d_ff and num_kv_heads instead of the defaults' resolved values.
     config.model = ml_collections.ConfigDict(dict(ModelConfig(vocab_size=1024).to_dict(), head_dim=0, d_ff=0,

@@ -17,20 +17,20 @@ so each compiles once under jit):
 - "oracle": the causal dispatch path driven by the expert-choice selections instead of the aux routers (the aux
   routers "forced to the truth"): a test hook showing the causal path reproduces expert choice, and an upper bound.
 
-Static shapes in causal mode: an expert may now receive any number of tokens. Each expert gets
-`ceil(causal_capacity · max_fraction · T)` slots (T = tokens of the batch) filled FIRST COME in flattened token order
-(row 0's tokens in order, then row 1's, ...); each MoD layer, which routes per row (`moma.depths`), gets
-`ceil(causal_capacity · seq)` slots in every row, filled first come in that row's token order. With the default
-causal_capacity = 1.0 (and a modality bound that holds) every eligible token fits, nothing is ever dropped and
-routing is exactly per token: the price is |group| times the expert compute of expert choice (every expert holds
-slots for all its modality's tokens), fine at research scale (a causal MoD layer's sub-batch likewise has seq slots
-per row, i.e. the layer's full attention cost). causal_capacity < 1 bounds that compute; tokens past an expert's
-(a MoD row's) slots are dropped (expert output 0; a MoD layer skipped) and reported as `<group>_slot_overflow`
-(MoD: `mod_causal_overflow`). Even then first-come filling means a token's routing never depends on any token
-after it in flattened order, so never on its own row's future (a later token can only lose a slot, never take one
-from an earlier token); for experts earlier ROWS of the batch can use up slots, though, so only capacity 1.0 makes
-rows independent there (MoD rows are always independent).
-At decode time (one token per row) the question does not arise.
+Static shapes in causal mode: an expert may now receive any number of tokens. Each expert gets `ceil(causal_capacity
+· max_fraction · T)` slots per routing group (T = tokens of the group, moma.experts) filled FIRST COME in the
+group's flattened token order (its first row's tokens in order, then the next row's, ...); each MoD layer, which
+routes per row (`moma.depths`), gets `ceil(causal_capacity · seq)` slots in every row, filled first come in that
+row's token order. With the default causal_capacity = 1.0 (and a modality bound that holds) every eligible token
+fits, nothing is ever dropped and routing is exactly per token: the price is |group| times the expert compute of
+expert choice (every expert holds slots for all its modality's tokens), fine at research scale (a causal MoD layer's
+sub-batch likewise has seq slots per row, i.e. the layer's full attention cost). causal_capacity < 1 bounds that
+compute; tokens past an expert's (a MoD row's) slots are dropped (expert output 0; a MoD layer skipped) and reported
+as `<group>_slot_overflow` (MoD: `mod_causal_overflow`). Even then first-come filling means a token's routing never
+depends on any token after it in flattened order, so never on its own row's future (a later token can only lose a
+slot, never take one from an earlier token); for experts earlier ROWS of the routing group can use up slots, though,
+so only capacity 1.0 makes rows independent there (MoD rows are always independent). At decode time (one token per
+row) the question does not arise.
 
 Dense [tokens, experts] bool targets exist only at group granularity (for the BCE); dispatch stays gather/scatter.
 Training touches only the aux routers' parameters (`AUX_ROUTER_PARAMS`): gradients are taken with respect to them
@@ -124,6 +124,11 @@ def selection_targets(token_index: Array, valid: Array, tokens: int) -> Array:
     expert_of_slot = jnp.broadcast_to(jnp.arange(experts)[:, None], token_index.shape)
     hits = jnp.zeros((tokens, experts), jnp.int32).at[token_index, expert_of_slot].add(valid.astype(jnp.int32))
     return hits > 0
+
+
+def group_selection_targets(token_index: Array, valid: Array, tokens: int) -> Array:
+    """`selection_targets` in every routing group: [groups, experts, slots] -> [groups, tokens, experts] bool."""
+    return jax.vmap(lambda index, ok: selection_targets(index, ok, tokens))(token_index, valid)
 
 
 def aux_router_statistics(name: str, logits: Array, targets: Array, eligible: Array) -> Aux:

@@ -1,33 +1,42 @@
 """Modality-aware expert-choice mixture of experts: the FFN MoMa plugs into lm_core's FFN seam.
 
-Expert choice (not token choice): each expert scores every eligible token of the batch with a sigmoid and takes
-its top k_e = capacity_factor · n_eligible / |group| of them, so on average a token gets one expert (some get
+Expert choice (not token choice): each expert scores every eligible token of its routing group with a sigmoid and
+takes its top k_e = capacity_factor · n_eligible / |group| of them, so on average a token gets one expert (some get
 several, some none) and no load-balancing loss is needed. A token's output is Σ_j g_j(x)·FFN_j(x) over the experts
-that chose it, g_j = its sigmoid score. Dispatch is a gather of the chosen tokens and a scatter-add of the gated
-results: no dense [tokens, experts, capacity] one-hot tensors.
+that chose it, g_j = its sigmoid score. Dispatch (moma.dispatch) is a gather of the chosen tokens and a scatter-add
+of the gated results, with an all-to-all over the mesh axis `expert` in between: no dense [tokens, experts,
+capacity] one-hot tensors.
 
-Static shapes under jit: how many tokens of a modality a batch holds varies, so every expert gets a slot array of
-static size `expert_slots` = ceil(capacity_factor · max_fraction · T / |group|) (T = all tokens of the batch,
+Routing groups (moma.variants.routing_groups): the paper's expert choice ranks the whole batch. At scale that
+would make every device see every token, so the batch's rows are split into equal groups of consecutive rows, by
+default one per batch shard, and each expert picks its top-k within each group, with capacity k = c_e · b_M,group
+(b_M,group = the group's tokens of modality M). On one device there is one group: the paper's batch-level choice.
+Smaller groups make the choice noisier (fewer candidates per slot), not different in kind.
+
+Static shapes under jit: how many tokens of a modality a group holds varies, so every expert gets a slot array of
+static size `expert_slots` = ceil(capacity_factor · max_fraction · T / |group|) (T = all tokens of the group,
 max_fraction = the config's bound on the modality's share, 1.0 by default), and only its first
 ceil(capacity_factor · n_eligible / |group|) slots, in score order, are valid. Invalid slots are computed with gate
-0: the price of static shapes. With max_fraction 1.0 a 50/50 batch leaves half of every modality group's slots idle
-(2x the dense FFN compute over both groups); a known data mix lets `max_*_fraction` cut that, and a batch beyond the
-bound clips each expert's top-k to its slots (aux `<group>_slot_overflow` > 0) instead of failing.
+0: the price of static shapes. With max_fraction 1.0 a 50/50 group leaves half of every modality group's slots idle
+(2x the dense FFN compute over both groups); a known data mix lets `max_*_fraction` cut that (smaller routing groups
+vary more around the mix: leave margin), and a group beyond the bound clips each expert's top-k to its slots
+(aux `<group>_slot_overflow` > 0) instead of failing.
 
 A group of ONE expert (MoMa 1t1i) is a modality-specific dense FFN: no router, every token of the modality, gate 1.
 Expert choice with one expert and c_e = 1 would select the very same tokens and only multiply them by a sigmoid
 gate, which the paper's "modality-specific FFNs" do not have; without the gate, 1t1i is exactly the dense model
 with the FFN untied per modality. It runs through the same slot machinery (constant scores, capacity 1).
 
-Causal inference: expert choice ranks the whole batch, so it is non-causal. `moma.aux_routers` attaches an auxiliary
-router to each routed group after training (`aux_router`, None until then, so main-training checkpoints do not
-change) and switches `routing_mode`: in "causal" mode each token's experts are those its aux router scores > 0.5,
+Causal inference: expert choice ranks the whole routing group, so it is non-causal. `moma.aux_routers` attaches an
+auxiliary router to each routed group after training (`aux_router`, None until then, so main-training checkpoints
+do not change) and switches `routing_mode`: in "causal" mode each token's experts are those its aux router scores > 0.5,
 gated by this group's router, dispatched through the same gather/scatter with first-come static slots.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -37,22 +46,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm_core.config import ModelConfig
-from lm_core.layers import Aux, FeedForward, FFNFactory, SwiGLU, TokenContext, dense, fan_in_init, param, silu
-from lm_core.sharding import constrain
+from lm_core.layers import Aux, FeedForward, FFNFactory, SwiGLU, TokenContext, dense, fan_in_init, param
+from lm_core.sharding import batch_shards, constrain
 from lm_core.train_step import LossFn
 from moma import aux_routers
-from moma.variants import MoMaConfig
+from moma.dispatch import ExpertWeights, dispatch, per_group
+from moma.variants import MoMaConfig, routing_groups
 
 Array = jax.Array
 NOISE_STREAM = 0x6D6F6D61  # folded into the loss rng so router noise draws differ from other uses of that rng
 
 
 class Routing(NamedTuple):
-    token_index: Array  # [experts, slots] int32: which token each slot holds, best score first
-    gate: Array  # [experts, slots] float32: the expert's score of that token, 0 for invalid slots
-    valid: Array  # [experts, slots] bool: within the expert's budget and holding an eligible token
-    budget: Array  # [] float32: tokens each expert should take, ceil(capacity_factor · n_eligible / experts)
-    # [tokens, experts] float32 logits of the auxiliary router, in expert-choice mode once one is attached
+    """One expert group's choice in every routing group (moma.variants.routing_groups)."""
+
+    token_index: Array  # [groups, experts, slots] int32: which token of its group each slot holds, best first
+    gate: Array  # [groups, experts, slots] float32: the expert's score of that token, 0 for invalid slots
+    valid: Array  # [groups, experts, slots] bool: within the expert's budget and holding an eligible token
+    budget: Array  # [groups] float32: tokens each expert should take, ceil(capacity_factor · n_eligible / experts)
+    # [groups, tokens, experts] float32 logits of the auxiliary router, in expert-choice mode once one is attached
     aux_logits: Array | None = None
 
 
@@ -63,7 +75,7 @@ def image_token_mask(tokens: Array, image_token_range: tuple[int, int]) -> Array
 
 
 def expert_slots(tokens: int, experts: int, capacity_factor: float, max_fraction: float = 1.0) -> int:
-    """Static slots per expert: the largest budget a batch of `tokens` can ask for (never more than `tokens`)."""
+    """Static slots per expert: the largest budget a group of `tokens` can ask for (never more than `tokens`)."""
     return max(1, min(tokens, math.ceil(capacity_factor * max_fraction * tokens / experts)))
 
 
@@ -71,8 +83,9 @@ def expert_choice_route(scores: Array, eligible: Array, capacity_factor: float, 
                         ) -> Routing:
     """Each expert (a column of `scores` [tokens, experts], values in [0, 1]) picks its top eligible tokens.
 
-    Ineligible tokens score -1, below any sigmoid, so they are picked only into slots past the eligible tokens,
-    which are invalid. Ties go to the lower token index (lax.top_k), so routing is deterministic.
+    One routing group, without the leading groups axis (`group_route` maps it over groups). Ineligible tokens
+    score -1, below any sigmoid, so they are picked only into slots past the eligible tokens, which are invalid.
+    Ties go to the lower token index (lax.top_k), so routing is deterministic.
     """
     tokens, experts = scores.shape
     slots = expert_slots(tokens, experts, capacity_factor, max_fraction)
@@ -83,10 +96,19 @@ def expert_choice_route(scores: Array, eligible: Array, capacity_factor: float, 
     return Routing(token_index.astype(jnp.int32), jnp.where(valid, top_scores, 0.0), valid, budget)
 
 
+def group_route(scores: Array, eligible: Array, capacity_factor: float, max_fraction: float = 1.0) -> Routing:
+    """`expert_choice_route` in every routing group: scores [groups, tokens, experts], eligible [groups, tokens]."""
+    return per_group(functools.partial(expert_choice_route, capacity_factor=capacity_factor,
+                                       max_fraction=max_fraction))(scores, eligible)
+
+
 def experts_per_token(routing: Routing, tokens: int) -> Array:
-    """[tokens] float32: how many experts chose each token."""
-    return jnp.zeros((tokens,), jnp.float32).at[routing.token_index.reshape(-1)].add(
-        routing.valid.reshape(-1).astype(jnp.float32))
+    """[groups, tokens] float32: how many experts chose each token of each routing group."""
+
+    def count(index: Array, valid: Array) -> Array:
+        return jnp.zeros((tokens,), jnp.float32).at[index.reshape(-1)].add(valid.reshape(-1).astype(jnp.float32))
+
+    return per_group(count)(routing.token_index, routing.valid)
 
 
 class ExpertGroup(nnx.Module):
@@ -120,103 +142,109 @@ class ExpertGroup(nnx.Module):
         self.down = param(rngs, kernel, (num_experts, ff, d), (expert_axis, "mlp", "embed"), dtype)
 
     def scores(self, x: Array) -> Array:
-        """[tokens, experts] float32 sigmoid affinities (float32 for a stable top-k); 1 for an unrouted group.
+        """x [..., d] -> [..., experts] float32 sigmoid affinities (float32 for a stable top-k); 1 if unrouted.
 
         With a noise key lent, Gumbel-sigmoid: sigmoid(logit + G' - G''), and G' - G'' of two standard Gumbels is
         a standard logistic draw. The noisy score both ranks the tokens and gates them.
         """
         if self.router is None:
-            return jnp.ones((x.shape[0], 1), jnp.float32)
+            return jnp.ones((*x.shape[:-1], 1), jnp.float32)
         logits = dense(x, self.router[...].astype(self.compute_dtype)).astype(jnp.float32)
         if self.router_noise and self.noise_key is not None:
             logits = logits + jax.random.logistic(self.noise_key, logits.shape, jnp.float32)
         return jax.nn.sigmoid(logits)
 
-    def experts(self, x: Array) -> Array:
-        """Every expert's SwiGLU on its own slots: x [experts, slots, d] -> [experts, slots, d]."""
+    def weights(self) -> ExpertWeights:
         dtype = self.compute_dtype
-        gate = jnp.einsum("esd,edf->esf", x, self.gate[...].astype(dtype))  # [experts, slots, d_ff]
-        up = jnp.einsum("esd,edf->esf", x, self.up[...].astype(dtype))
-        hidden = constrain(silu(gate) * up, ("expert", None, "act_mlp"))
-        return jnp.einsum("esf,efd->esd", hidden, self.down[...].astype(dtype))
+        return ExpertWeights(self.gate[...].astype(dtype), self.up[...].astype(dtype), self.down[...].astype(dtype))
 
     def route(self, x: Array, eligible: Array) -> Routing:
-        """Expert choice, or (moma.aux_routers) per-token decisions of the aux router gated by the main router."""
-        scores = self.scores(x)
+        """Expert choice in each routing group, or (moma.aux_routers) per-token decisions of the aux router gated
+        by the main router. x [groups, tokens, d], eligible [groups, tokens]."""
+        scores = self.scores(x)  # [groups, tokens, experts]
         if self.aux_router is None or self.routing_mode == aux_routers.EXPERT_CHOICE:
-            routing = expert_choice_route(scores, eligible, self.capacity_factor, self.max_fraction)
+            routing = group_route(scores, eligible, self.capacity_factor, self.max_fraction)
             return routing if self.aux_router is None else routing._replace(aux_logits=self.aux_router(x))
+        tokens = x.shape[1]
         if self.routing_mode == aux_routers.ORACLE:
-            routing = expert_choice_route(scores, eligible, self.capacity_factor, self.max_fraction)
-            decisions = aux_routers.selection_targets(routing.token_index, routing.valid, x.shape[0])
+            routing = group_route(scores, eligible, self.capacity_factor, self.max_fraction)
+            decisions = aux_routers.group_selection_targets(routing.token_index, routing.valid, tokens)
         else:
             decisions = self.aux_router(x) > 0  # aux score > 0.5
-        decisions = decisions & eligible[:, None]  # [tokens, experts]
-        slots = aux_routers.causal_slots(x.shape[0], self.causal_capacity * self.max_fraction)
-        token_index, valid = aux_routers.causal_expert_slots(decisions, slots)  # [experts, slots]
-        gate = jnp.take_along_axis(scores.T, token_index, axis=1)
-        budget = jnp.max(jnp.sum(decisions, axis=0)).astype(jnp.float32)  # the busiest expert's demand
+        decisions = decisions & eligible[..., None]  # [groups, tokens, experts]
+        slots = aux_routers.causal_slots(tokens, self.causal_capacity * self.max_fraction)
+        token_index, valid = jax.vmap(lambda group: aux_routers.causal_expert_slots(group, slots))(decisions)
+        gate = jnp.take_along_axis(jnp.swapaxes(scores, 1, 2), token_index, axis=2)  # [groups, experts, slots]
+        budget = jnp.max(jnp.sum(decisions, axis=1), axis=-1).astype(jnp.float32)  # the busiest expert's demand
         return Routing(token_index, jnp.where(valid, gate, 0.0), valid, budget)
 
     def __call__(self, x: Array, eligible: Array) -> tuple[Array, Routing]:
-        """x: [tokens, d]; eligible: [tokens] bool. Returns the [tokens, d] mixture (0 where no expert chose)."""
+        """x: [groups, tokens, d]; eligible: [groups, tokens] bool. Returns the [groups, tokens, d] mixture (0 where
+        no expert chose) and the routing; moma.dispatch moves the tokens (all-to-all under a mesh)."""
         routing = self.route(x, eligible)
-        chosen = constrain(jnp.take(x, routing.token_index, axis=0), ("expert", None, "act_embed"))  # [e, s, d]
-        outputs = self.experts(chosen) * routing.gate[..., None].astype(x.dtype)  # [experts, slots, d]
-        mixed = jnp.zeros_like(x).at[routing.token_index.reshape(-1)].add(outputs.reshape(-1, x.shape[-1]))
+        mixed = dispatch(x, routing.token_index, routing.gate, self.weights(), expert_parallel=self.routed)
         return mixed, routing
 
 
 class ModalityAwareMoE(nnx.Module):
     """MoMa's FFN: a text group and an image group (or one mixed group), each routing only its own tokens.
 
-    Routing spans the whole batch (all rows flattened), as in the paper; padding (segment id 0) is never routed.
+    Routing spans each routing group (moma.variants.routing_groups: one per batch shard by default, the whole
+    batch on one device, as in the paper); padding (segment id 0) is never routed.
     """
 
     def __init__(self, config: ModelConfig, moma: MoMaConfig, *, rngs: nnx.Rngs):
         self.image_token_range = moma.image_token_range
         self.group_names = tuple(moma.groups)
+        self.routing_groups = moma.routing_groups
         self.groups = nnx.Dict({
             name: ExpertGroup(config, count, capacity_factor=moma.capacity_factor,
                               max_fraction=moma.max_fraction(name), router_noise=moma.router_noise, rngs=rngs)
             for name, count in moma.groups.items()})
 
     def eligible(self, context: TokenContext) -> dict[str, Array]:
-        """[tokens] bool per group: the real (non-padding) tokens of the group's modality, batch flattened."""
-        real = context.segment_ids.reshape(-1) != 0
-        is_image = image_token_mask(context.tokens.reshape(-1), self.image_token_range)
+        """[batch, seq] bool per group: the real (non-padding) tokens of the group's modality."""
+        real = context.segment_ids != 0
+        is_image = image_token_mask(context.tokens, self.image_token_range)
         return {"text": real & ~is_image, "image": real & is_image, "mixed": real}
 
     def __call__(self, x: Array, context: TokenContext) -> tuple[Array, Aux]:
         batch, seq, d = x.shape
-        flat = x.reshape(batch * seq, d)  # [tokens, d]
-        eligible = self.eligible(context)
-        out = jnp.zeros_like(flat)
+        mesh = jax.sharding.get_abstract_mesh()
+        groups = routing_groups(self.routing_groups, batch, 1 if mesh.empty else batch_shards(mesh))
+        grouped = constrain(x.reshape(groups, batch // groups * seq, d), ("batch", None, "act_embed"))
+        modality_masks = self.eligible(context)
+        out = jnp.zeros_like(grouped)
         aux: Aux = {}
         for name in self.group_names:
-            y, routing = self.groups[name](flat, eligible[name])
+            eligible = modality_masks[name].reshape(groups, -1)
+            y, routing = self.groups[name](grouped, eligible)
             out = out + y
-            aux.update(routing_statistics(name, routing, eligible[name]))
+            aux.update(routing_statistics(name, routing, eligible))
             if routing.aux_logits is not None:
-                targets = aux_routers.selection_targets(routing.token_index, routing.valid, flat.shape[0])
-                aux.update(aux_routers.aux_router_statistics(name, routing.aux_logits, targets, eligible[name]))
+                targets = aux_routers.group_selection_targets(routing.token_index, routing.valid, eligible.shape[1])
+                experts = targets.shape[-1]
+                aux.update(aux_routers.aux_router_statistics(name, routing.aux_logits.reshape(-1, experts),
+                                                             targets.reshape(-1, experts), eligible.reshape(-1)))
         return out.reshape(batch, seq, d), aux
 
 
 def routing_statistics(name: str, routing: Routing, eligible: Array) -> Aux:
-    """Per-group statistics over the group's eligible tokens (none is a loss: expert choice needs no balancing).
+    """Per-group statistics over the group's eligible tokens of every routing group (none is a loss: expert choice
+    needs no balancing). eligible: [groups, tokens].
 
     routed_fraction: share of tokens with >= 1 expert; experts_per_token: mean experts per token (capacity_factor
     when nothing overflows); expert_load [experts]: share of the group's tokens each expert took; slot_overflow:
-    share of each expert's budget its static slots could not hold (0 unless max_*_fraction is too small).
+    share of the experts' budgets their static slots could not hold (0 unless max_*_fraction is too small).
     """
-    counts = experts_per_token(routing, eligible.shape[0])
+    counts = experts_per_token(routing, eligible.shape[1])
     n = jnp.maximum(jnp.sum(eligible, dtype=jnp.float32), 1.0)
-    slots = routing.token_index.shape[1]
+    slots = routing.token_index.shape[-1]
+    overflow = jnp.sum(jnp.maximum(routing.budget - slots, 0.0)) / jnp.maximum(jnp.sum(routing.budget), 1.0)
     return {f"{name}_routed_fraction": jnp.sum((counts > 0) & eligible) / n,
             f"{name}_experts_per_token": jnp.sum(counts) / n,
-            f"{name}_expert_load": jnp.sum(routing.valid, axis=1) / n,
-            f"{name}_slot_overflow": jnp.maximum(routing.budget - slots, 0.0) / jnp.maximum(routing.budget, 1.0)}
+            f"{name}_expert_load": jnp.sum(routing.valid, axis=(0, 2)) / n,
+            f"{name}_slot_overflow": overflow}
 
 
 def moma_ffn_factory(moma: MoMaConfig) -> FFNFactory:

@@ -14,6 +14,7 @@ the range if an experiment wants them routed with the image codes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import re
 
@@ -42,6 +43,10 @@ class MoMaConfig:
     router_noise: bool = False  # Gumbel-sigmoid noise on router logits while training (upcycling, moma.experts)
     mod: bool = False  # staged mixture-of-depths on alternating layers 0, 2, 4, ...
     mod_capacity: float = 0.25  # c_d: fraction of each row's tokens a MoD layer processes (moma/depths.py)
+    # Expert choice ranks the tokens of one routing group: the batch's rows split into this many equal groups of
+    # consecutive rows. 0 = one group per batch shard of the mesh (1 on one device: the paper's batch-level
+    # choice); a fixed count makes a single-device run route exactly like a sharded one. See `routing_groups`.
+    routing_groups: int = 0
 
     def __post_init__(self) -> None:
         problems = self._range_problems()
@@ -49,6 +54,9 @@ class MoMaConfig:
                   "mixed_experts": self.mixed_experts}
         problems += [f"{name}={count!r} must be a non-negative integer" for name, count in counts.items()
                      if not isinstance(count, int) or count < 0]
+        if not isinstance(self.routing_groups, int) or self.routing_groups < 0:
+            problems.append(f"routing_groups={self.routing_groups!r} must be a non-negative integer "
+                            "(0 = one group per batch shard)")
         if self.mixed_experts and (self.text_experts or self.image_experts):
             problems.append("a mixed group (mixed_experts) excludes text_experts/image_experts")
         if bool(self.text_experts) != bool(self.image_experts):
@@ -131,3 +139,41 @@ def check_fits_model(config: MoMaConfig, model: ModelConfig) -> None:
     """The image-code range must lie inside the model's vocabulary."""
     if config.image_token_range[1] > model.vocab_size:
         raise UserError(f"image_token_range={config.image_token_range} reaches past vocab_size={model.vocab_size}")
+
+
+def routing_groups(configured: int, rows: int, batch_shards: int) -> int:
+    """How many routing groups a batch of `rows` rows splits into on a mesh with `batch_shards` batch shards.
+
+    `configured` > 0 is used as given (it must divide `rows`); 0 means one group per batch shard, so each device
+    routes only its own tokens, or one group when the rows do not split evenly over the shards (e.g. decoding a
+    single row on a data-parallel mesh). Groups are consecutive rows, so a group never spans two shards when the
+    count is a multiple of `batch_shards`.
+    """
+    groups = configured or (batch_shards if rows % batch_shards == 0 else 1)
+    if rows % groups:
+        raise UserError(f"moma.routing_groups={configured} does not split a batch of {rows} rows into equal "
+                        f"groups; use a divisor of {rows} (or 0: one group per batch shard)")
+    return groups
+
+
+def check_routing_capacity(config: MoMaConfig, rows: int, seq_len: int, batch_shards: int) -> None:
+    """Each routed expert must have at least one slot by the capacity rule k = c_e · b_M,group (moma.experts).
+
+    b_M,group is bounded by the group's max_*_fraction of the routing group's tokens; MoD layers hand their FFN
+    only ceil(mod_capacity · seq) tokens per row (with unbounded fractions, moma.depths.build_moma_model).
+    """
+    groups = routing_groups(config.routing_groups, rows, batch_shards)
+    per_group_rows = rows // groups
+    layouts = [(seq_len, config.max_fraction)]
+    if config.mod:
+        layouts.append((math.ceil(config.mod_capacity * seq_len), lambda name: 1.0))
+    for tokens_per_row, max_fraction in layouts:
+        tokens = per_group_rows * tokens_per_row
+        for name, experts in config.groups.items():
+            capacity = config.capacity_factor * max_fraction(name) * tokens / experts
+            if experts > 1 and capacity < 1:
+                raise UserError(
+                    f"{name} experts get {capacity:.2f} < 1 slot each: {groups} routing groups of {tokens} tokens "
+                    f"({per_group_rows} rows) x capacity_factor {config.capacity_factor} x max fraction "
+                    f"{max_fraction(name)} / {experts} experts; use fewer routing_groups, longer rows or fewer "
+                    "experts")

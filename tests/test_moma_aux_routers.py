@@ -193,12 +193,13 @@ def test_causal_routing_expert_parallel_equals_single_device():
 def test_causal_capacity_bounds_slots_first_come():
     model = routed_model("moe_4t4i", num_layers=1)
     group = model.blocks[0].ffn.groups["text"]
-    x = jax.random.normal(jax.random.key(0), (16, 64))
+    x = jax.random.normal(jax.random.key(0), (1, 16, 64))  # one routing group
     group.aux_router.w2[...] = jnp.full_like(group.aux_router.w2[...], 0.0).at[:, 0].set(1.0)
     group.aux_router.w1[...] = jnp.zeros_like(group.aux_router.w1[...]).at[0, :].set(1.0)  # logit ∝ silu(x0)
-    eligible = jnp.ones(16, bool)
+    eligible = jnp.ones((1, 16), bool)
     ar.set_routing_mode(model, ar.CAUSAL, causal_capacity=0.25)  # 4 slots per expert
-    routing = group.route(x, eligible)
+    routing = jax.tree.map(lambda a: a[0], group.route(x, eligible))
+    x = x[0]
     wanted = np.flatnonzero(np.asarray(jax.nn.silu(x[:, 0])) > 0)
     kept = np.asarray(routing.token_index[0])[np.asarray(routing.valid[0])]
     np.testing.assert_array_equal(kept, wanted[:4])  # expert 0 keeps the earliest four that chose it

@@ -74,13 +74,24 @@ def test_gather_scatter_group_equals_reference_loop(capacity_factor):
     group = ExpertGroup(tiny_config(), 4, capacity_factor=capacity_factor, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (24, 64))
     eligible = jax.random.uniform(jax.random.key(2), (24,)) > 0.3
-    fast, routing = group(x, eligible)
-    np.testing.assert_allclose(fast, reference_group(group, x, eligible), atol=1e-5)
+    fast, routing = group(x[None], eligible[None])  # one routing group
+    np.testing.assert_allclose(fast[0], reference_group(group, x, eligible), atol=1e-5)
     # the gates are the sigmoid scores of the chosen tokens, and only eligible tokens are chosen
     scores = jax.nn.sigmoid(x @ group.router[...])
-    chosen_scores = jnp.take_along_axis(scores.T, routing.token_index, axis=1)
-    np.testing.assert_allclose(routing.gate, jnp.where(routing.valid, chosen_scores, 0.0), rtol=1e-6)
+    chosen_scores = jnp.take_along_axis(scores.T, routing.token_index[0], axis=1)
+    np.testing.assert_allclose(routing.gate[0], jnp.where(routing.valid[0], chosen_scores, 0.0), rtol=1e-6)
     assert bool(jnp.all(eligible[routing.token_index] | ~routing.valid))
+
+
+def test_routing_groups_route_each_group_on_its_own():
+    """Four groups of 6 tokens: each group's result is the reference loop on that group alone."""
+    group = ExpertGroup(tiny_config(), 4, capacity_factor=1.0, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 6, 64))
+    eligible = jax.random.uniform(jax.random.key(2), (4, 6)) > 0.3
+    fast, routing = group(x, eligible)
+    assert routing.token_index.shape == (4, 4, 2)  # ceil(6 tokens / 4 experts) = 2 slots per group
+    for g in range(4):
+        np.testing.assert_allclose(fast[g], reference_group(group, x[g], eligible[g]), atol=1e-5)
 
 
 def test_modalities_use_their_own_experts_and_padding_is_never_routed():
@@ -90,23 +101,23 @@ def test_modalities_use_their_own_experts_and_padding_is_never_routed():
     context = context_for(TOKENS, SEGMENTS)
     y, aux = moe(x, context)
     np.testing.assert_allclose(y[:, 5], 0.0)  # padding gets no expert output
-    eligible = moe.eligible(context)
-    image = np.asarray(image_token_mask(TOKENS, IMAGE_RANGE) & (SEGMENTS == 1)).reshape(-1)
+    eligible = {name: mask.reshape(1, -1) for name, mask in moe.eligible(context).items()}
+    image = np.asarray(image_token_mask(TOKENS, IMAGE_RANGE) & (SEGMENTS == 1)).reshape(1, -1)
     np.testing.assert_array_equal(eligible["image"], image)
     for name in ("text", "image"):
-        _, routing = moe.groups[name](x.reshape(12, 64), eligible[name])
-        assert bool(jnp.all(eligible[name][routing.token_index] | ~routing.valid))  # own modality only
+        _, routing = moe.groups[name](x.reshape(1, 12, 64), eligible[name])
+        assert bool(jnp.all(eligible[name][0][routing.token_index] | ~routing.valid))  # own modality only
     # 5 text tokens, 4 experts: each takes ceil(5/4) = 2, so 8 expert slots over 5 tokens = 1.6 per token
     assert float(aux["text_experts_per_token"]) == pytest.approx(1.6)
     np.testing.assert_allclose(aux["image_expert_load"], [0.4] * 4)
     assert float(aux["text_slot_overflow"]) == 0.0
     # an image token's hidden state cannot change any text token's output, and vice versa
     text = np.asarray(eligible["text"]).reshape(2, 6)
+    image = image.reshape(2, 6)
     y_image_moved, _ = moe(x.at[0, 1].add(5.0), context)
     np.testing.assert_allclose(np.asarray(y_image_moved)[text], np.asarray(y)[text], atol=1e-5)
     y_text_moved, _ = moe(x.at[1, 1].add(5.0), context)
-    np.testing.assert_allclose(np.asarray(y_text_moved)[image.reshape(2, 6)], np.asarray(y)[image.reshape(2, 6)],
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y_text_moved)[image], np.asarray(y)[image], atol=1e-5)
 
 
 def test_one_expert_per_modality_is_a_modality_specific_dense_ffn():
@@ -127,7 +138,7 @@ def test_mixed_group_routes_both_modalities_but_not_padding():
     moe = ModalityAwareMoE(tiny_config(), parse_variant("moe_8x", capacity_factor=2.0), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(5), (2, 6, 64))
     context = context_for(TOKENS, SEGMENTS)
-    _, routing = moe.groups["mixed"](x.reshape(12, 64), moe.eligible(context)["mixed"])
+    _, routing = moe.groups["mixed"](x.reshape(1, 12, 64), moe.eligible(context)["mixed"].reshape(1, 12))
     routed = np.unique(np.asarray(routing.token_index)[np.asarray(routing.valid)])
     assert 5 not in routed and 11 not in routed  # the padding positions
     assert {1, 3} & set(routed) and {0, 2} & set(routed)  # image and text tokens share the experts
@@ -206,13 +217,18 @@ def test_a_batch_beyond_the_slot_bound_is_clipped_and_reported_in_the_loss_metri
     tokens = jnp.array([[5, 100, 7, 120, 9, 101], [110, 3, 111, 4, 112, 102]])  # 7 image codes of 12
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": jnp.ones((2, 6))}
     overflows = {}
-    for bound in (1.0, 0.2):
-        moma = parse_variant("moe_2t2i", image_token_range=(94, 126), max_image_fraction=bound)
+    for bound, groups in ((1.0, 1), (0.2, 1), (0.4, 1), (0.4, 2), (0.2, 2)):
+        moma = parse_variant("moe_2t2i", image_token_range=(94, 126), max_image_fraction=bound,
+                             routing_groups=groups)
         model = build_moma_model(tiny_config(), moma, rngs=nnx.Rngs(0))
         _, metrics = mixed_modal_loss(model, batch, vocab=vocab)
-        overflows[bound] = per_modality_train_row({k: float(v) for k, v in metrics.items()})["slot_overflow"]
-    # 7 image tokens over 2 experts: budget ceil(7/2) = 4 each; a 0.2 bound gives ceil(0.2 * 12 / 2) = 2 slots
-    assert overflows == {1.0: 0.0, 0.2: pytest.approx(0.5)}
+        row = per_modality_train_row({k: float(v) for k, v in metrics.items()})
+        overflows[bound, groups] = row["slot_overflow"]
+    # One group: 7 image tokens over 2 experts, budget ceil(7/2) = 4 each; a 0.2 bound gives ceil(0.2 * 12 / 2) = 2
+    # slots (half the budget clipped), 0.4 gives 3 (a quarter). Two groups (one row each, 3 and 4 image tokens):
+    # budgets 2 and 2; a 0.4 bound gives ceil(0.4 * 6 / 2) = 2 slots per group (nothing clipped), 0.2 gives 1.
+    assert overflows == {(1.0, 1): 0.0, (0.2, 1): pytest.approx(0.5), (0.4, 1): pytest.approx(0.25),
+                         (0.4, 2): 0.0, (0.2, 2): pytest.approx(0.5)}
 
 
 def test_mod_layers_keep_unbounded_expert_slots():

@@ -183,9 +183,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     cases = {"--config.moma.variant=moe_3q": "unknown MoMa variant 'moe_3q'",
              "--config.mesh.expert=8": "does not fit the mesh's expert axis of size 8",
              "--config.moma.capacity_factor=0": "capacity_factor=0.0 must be > 0",
-             f"--config.moma.image_source=images:{no_images}": "has no readable image"}
-    for flag, message in cases.items():
-        result = run_entrypoint(config, f"--workdir={workdir}", flag)
+             f"--config.moma.image_source=images:{no_images}": "has no readable image",
+             "--config.moma.routing_groups=3": "routing_groups=3 does not split a batch of 8 rows",
+             "--config.moma.routing_groups=8 --config.moma.max_text_fraction=0.05":
+                 "text experts get 0.80 < 1 slot each: 8 routing groups of 64 tokens"}
+    for flags, message in cases.items():
+        result = run_entrypoint(config, f"--workdir={workdir}", *flags.split())
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert result.returncode == 2 and len(errors) == 1 and message in errors[0], (flag, result.stderr)
+        assert result.returncode == 2 and len(errors) == 1 and message in errors[0], (flags, result.stderr)
         assert not workdir.exists()

@@ -17,7 +17,7 @@ from vocab_scaling import fitting
 from vocab_scaling.approaches import PAPER_COEFFICIENTS
 
 ROOT = Path(__file__).resolve().parents[1]
-CHINCHILLA_POINTS = ROOT / ".." / "shared" / "data" / "chinchilla_svg_extracted_data.csv"
+CHINCHILLA_POINTS = ROOT / "vocab_scaling" / "data" / "chinchilla_svg_extracted_data.csv"
 HOFFMANN = fitting.ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
 
@@ -69,7 +69,6 @@ def test_chinchilla_fit_with_noise():
     assert fit["B"] == pytest.approx(410.7, rel=0.6)  # B and beta trade off; the loss surface pins them less
 
 
-@pytest.mark.skipif(not CHINCHILLA_POINTS.exists(), reason="needs ../shared/data beside the clone")
 def test_chinchilla_fit_on_the_published_points():
     with open(CHINCHILLA_POINTS, newline="") as file:
         rows = list(csv.DictReader(file))
@@ -110,6 +109,16 @@ def test_fitter_errors_are_one_line_user_errors():
     with pytest.raises(UserError, match="2 converged but none passed slope < 0"):
         fitting.robust_fit(lambda theta: (theta[0] * np.arange(3.0) - np.arange(3.0), np.arange(3.0)[:, None]),
                            [line], accept=lambda v: v["slope"] < 0, accept_rule="slope < 0")
+
+
+def test_keep_rejected_returns_the_best_solution_the_check_rejected():
+    slope = fitting.Parameter("slope", -5.0, 5.0, (0.0, 1.0))
+    fit = fitting.robust_fit(lambda theta: (theta[0] * np.arange(3.0) - np.arange(3.0), np.arange(3.0)[:, None]),
+                             [slope], accept=lambda v: v["slope"] < 0, keep_rejected=True)
+    assert fit.values["slope"] == pytest.approx(1.0) and fit.accepted == 0 and fit.converged == 2
+    law = fitting.VocabLossLaw(E=5.5, A1=1.8, A2=0.13, B=1.3, alpha1=0.44, alpha2=1.06, beta=0.44)
+    assert law.violations() == ["alpha2=1.06 is outside 0.1 < alpha2 < 1"]
+    assert PAPER_COEFFICIENTS.loss_law.violations() == []
 
 
 def test_fit_cli(tmp_path):

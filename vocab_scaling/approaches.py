@@ -36,6 +36,7 @@ from vocab_scaling.fitting import (
     fit_vocab_loss,
 )
 from vocab_scaling.flops import width_for
+from vocab_scaling.reference import fit_power_law_as_reference
 from vocab_scaling.tokenization_curve import PAPER_F, FCurve
 
 PAPER_MIN_FLOPS = 2.18e17  # Approach 3: the paper dropped points with C below this before fitting
@@ -169,8 +170,8 @@ def isoflop_envelope(flops: ArrayLike, loss: ArrayLike) -> np.ndarray:
 
     Walking the points (every run, every logged step) in increasing C and keeping those that beat the running
     minimum of L_u leaves, for each budget, the lowest-loss configuration reachable with at most that budget:
-    the envelope whose configurations are compute-optimal. (The paper optionally interpolates between runs;
-    this keeps measured points only.)
+    the envelope whose configurations are compute-optimal. This keeps the points it is given; the reference
+    code first adds virtual runs interpolated between the measured ones (`reference.interpolate_runs`).
     """
     c = np.asarray(flops, dtype=np.float64).ravel()
     values = np.asarray(loss, dtype=np.float64).ravel()
@@ -183,23 +184,33 @@ def isoflop_envelope(flops: ArrayLike, loss: ArrayLike) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
+APPROACH1_FITS = ("huber", "reference")
+
+
 def fit_approach1(flops: ArrayLike, loss: ArrayLike, n_nv: ArrayLike, n_v: ArrayLike, chars: ArrayLike, *,
-                  fixed_alpha: float | None = 0.5) -> Approach1Fit:
-    """Huber power-law fits of N_nv, N_v and H against C on the envelope (spec: α1 = α3 fixed at 0.5)."""
+                  fixed_alpha: float | None = 0.5, fit: str = "huber") -> Approach1Fit:
+    """Power-law fits of N_nv, N_v and H against C on the envelope (spec: α1 = α3 fixed at 0.5).
+
+    fit="huber": the converged Huber fit (`fit_power_law`); fit="reference": the reference code's optimizer
+    (`reference.fit_power_law_as_reference`), which the published constants came from.
+    """
+    if fit not in APPROACH1_FITS:
+        raise UserError(f"Approach 1: fit={fit!r} is unknown; valid: {', '.join(APPROACH1_FITS)}")
     data = finite_positive("Approach 1", flops=flops, N_nv=n_nv, N_v=n_v, H=chars)
     values = np.asarray(loss, dtype=np.float64).ravel()
     if values.shape != data["flops"].shape or not np.all(np.isfinite(values)):
         raise UserError("Approach 1: loss must be one finite value per point")
     envelope = isoflop_envelope(data["flops"], values)
     c = data["flops"][envelope]
-    return Approach1Fit(
-        n_nv=fit_power_law(c, data["N_nv"][envelope], exponent=fixed_alpha, exponent_bounds=(0.0, 1.0),
-                           what="Approach 1 N_nv(C)"),
-        n_v=fit_power_law(c, data["N_v"][envelope], exponent_bounds=(0.0, 1.0), what="Approach 1 N_v(C)"),
-        chars=fit_power_law(c, data["H"][envelope], exponent=fixed_alpha, exponent_bounds=(0.0, 1.0),
-                            what="Approach 1 H(C)"),
-        envelope=envelope,
-    )
+
+    def power_law(y: np.ndarray, exponent: float | None, what: str) -> PowerLaw:
+        if fit == "reference":
+            return fit_power_law_as_reference(c, y, exponent=exponent, what=what)
+        return fit_power_law(c, y, exponent=exponent, exponent_bounds=(0.0, 1.0), what=what)
+
+    return Approach1Fit(n_nv=power_law(data["N_nv"][envelope], fixed_alpha, "Approach 1 N_nv(C)"),
+                        n_v=power_law(data["N_v"][envelope], None, "Approach 1 N_v(C)"),
+                        chars=power_law(data["H"][envelope], fixed_alpha, "Approach 1 H(C)"), envelope=envelope)
 
 
 def optimal_flops(n_nv: float, coefficients: Coefficients = PAPER_COEFFICIENTS) -> float:
@@ -273,8 +284,11 @@ def approach2_vocab_params(n_nv: float, coefficients: Coefficients = PAPER_COEFF
 
 
 def fit_approach3(n_nv: ArrayLike, vocab_size: ArrayLike, d: ArrayLike, tokens: ArrayLike, loss: ArrayLike, *,
-                  flops: ArrayLike | None = None, min_flops: float = 0.0) -> VocabLossLaw:
-    """`fit_vocab_loss` on the points with C ≥ min_flops (the paper used `PAPER_MIN_FLOPS`)."""
+                  flops: ArrayLike | None = None, min_flops: float = 0.0, strict: bool = True) -> VocabLossLaw:
+    """`fit_vocab_loss` on the points with C ≥ min_flops (the paper used `PAPER_MIN_FLOPS`).
+
+    C is `flops` where given, else 6 (N_nv + V·d)·D. strict=False: see `fit_vocab_loss`.
+    """
     columns = [np.asarray(x, dtype=np.float64).ravel() for x in (n_nv, vocab_size, d, tokens, loss)]
     if min_flops > 0:
         c = np.asarray(flops, dtype=np.float64).ravel() if flops is not None else (
@@ -283,7 +297,7 @@ def fit_approach3(n_nv: ArrayLike, vocab_size: ArrayLike, d: ArrayLike, tokens: 
         if not kept.any():
             raise UserError(f"Approach 3: no point has C ≥ min_flops={min_flops:g} (largest C: {c.max():.3g})")
         columns = [column[kept] for column in columns]
-    return fit_vocab_loss(*columns)
+    return fit_vocab_loss(*columns, strict=strict)
 
 
 def loss_vocab_derivative(vocab_k: float, n_nv: float, d: float, flops: float, law: VocabLossLaw) -> float:

@@ -10,6 +10,15 @@ import numpy as np
 from lm_core.errors import UserError
 
 
+def read_header(path: str) -> list[str]:
+    """The column names of the CSV at `path`, stripped of spaces; UserError if it cannot be read."""
+    try:
+        with open(path, newline="") as file:
+            return [name.strip() for name in next(csv.reader(file), [])]
+    except OSError as error:
+        raise UserError(f"cannot read {path!r}: {error.strerror}") from None
+
+
 def read_numeric_columns(path: str, required: tuple[str, ...],
                          optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The `required` columns (and those of `optional` present) as float64 arrays; headers may carry spaces.

@@ -36,6 +36,7 @@ from numpy.typing import ArrayLike
 from lm_core.errors import UserError
 
 HUBER_DELTA = 1e-3  # spec and Hoffmann et al.: δ = 1e-3
+EXPONENT_RANGE = (0.1, 1.0)  # Approach 3 keeps only solutions with every exponent strictly inside (spec)
 
 # Normalised units of the parametric laws (spec, Approach 3): N in millions, V and d in thousands (so
 # N_v = V·d is in millions too), D in billions of tokens; hence C = 6·N·D is in units of 1e15.
@@ -93,8 +94,8 @@ def _scipy_openblas() -> ctypes.CDLL | None:
 
 
 @contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """Run L-BFGS-B with single-threaded BLAS.
+def one_blas_thread() -> Iterator[None]:
+    """Run L-BFGS-B (or scipy's interpolators) with single-threaded BLAS.
 
     Its BLAS calls are on 5x5 matrices; OpenBLAS still wakes its thread pool for each, which on a busy 2-core
     machine made a 243-start fit take 32 s instead of 2.3 s (measured). Only the speed depends on this, so
@@ -112,78 +113,129 @@ def _one_blas_thread() -> Iterator[None]:
         lib.scipy_openblas_set_num_threads(previous)
 
 
-def robust_fit(residuals: Residuals, parameters: Sequence[Parameter], *, delta: float = HUBER_DELTA,
-               fixed: Mapping[str, float] | None = None, tied: Mapping[str, str] | None = None,
-               accept: Callable[[dict[str, float]], bool] | None = None,
-               score: Callable[[np.ndarray], float] | None = None, accept_rule: str = "its acceptance check",
-               what: str = "fit") -> FitResult:
-    """Minimise Σ Huber(residuals(θ)) with L-BFGS-B from every point of the grid of starts; keep the best.
+@dataclasses.dataclass(frozen=True)
+class _FreeParameters:
+    """Which parameters L-BFGS-B optimises: θ_full = projection · θ_free + offset (fixed ones in the offset, a
+    tied one a copy of its target's column)."""
 
-    `fixed` pins parameters to values, `tied` makes a parameter equal another (free) one, e.g. {"beta": "alpha1"};
-    only the remaining free parameters are optimised and gridded. θ_full = P·θ_free + offset, so the gradient
-    of the objective is P^T J^T ψ(r) with the analytic Jacobian J the residual function returns.
-    `accept(values)` filters converged solutions (the paper keeps 0.1 < exponents < 1); `score(residuals)` picks
-    among them (default: the Huber objective). Raises UserError when no start converges to an accepted solution.
-    """
-    fixed, tied = dict(fixed or {}), dict(tied or {})
+    names: list[str]
+    free: list[Parameter]
+    projection: np.ndarray  # [parameters, free]
+    offset: np.ndarray  # [parameters]
+
+    def full(self, theta_free: np.ndarray) -> np.ndarray:
+        return self.projection @ theta_free + self.offset
+
+    def values(self, theta: np.ndarray) -> dict[str, float]:
+        return dict(zip(self.names, map(float, theta), strict=True))
+
+
+def _free_parameters(parameters: Sequence[Parameter], fixed: Mapping[str, float], tied: Mapping[str, str],
+                     what: str) -> _FreeParameters:
     names = [p.name for p in parameters]
     for name in [*fixed, *tied, *tied.values()]:
         if name not in names:
             raise ValueError(f"{what}: unknown parameter {name!r}; parameters: {names}")
     free = [p for p in parameters if p.name not in fixed and p.name not in tied]
     if any(target in tied or target in fixed for target in tied.values()):
-        raise ValueError(f"{what}: a parameter may only be tied to a free parameter: {tied}")
+        raise ValueError(f"{what}: a parameter may only be tied to a free parameter: {dict(tied)}")
     if not free:
         raise ValueError(f"{what}: every parameter is fixed or tied; nothing to fit")
     free_index = {p.name: i for i, p in enumerate(free)}
-    projection = np.zeros((len(parameters), len(free)))  # [parameters, free]
+    projection = np.zeros((len(parameters), len(free)))
     offset = np.zeros(len(parameters))
     for row, name in enumerate(names):
         if name in fixed:
             offset[row] = fixed[name]
         else:
             projection[row, free_index[tied.get(name, name)]] = 1.0
+    return _FreeParameters(names, free, projection, offset)
+
+
+def _huber_objective(residuals: Residuals, space: _FreeParameters,
+                     delta: float) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+    """θ_free -> (Σ Huber(r) / δ, its gradient P^T J^T ψ(r)) with the analytic Jacobian J of `residuals`."""
 
     def objective(theta_free: np.ndarray) -> tuple[float, np.ndarray]:
-        r, jacobian = residuals(projection @ theta_free + offset)
+        r, jacobian = residuals(space.full(theta_free))
         loss, psi = huber(r, delta)
         value = float(np.sum(loss))
         if not math.isfinite(value):  # steer L-BFGS-B's line search back from an overflow
-            return math.inf, np.zeros(len(free))
-        return value, projection.T @ (jacobian.T @ psi)
+            return math.inf, np.zeros(len(space.free))
+        return value, space.projection.T @ (jacobian.T @ psi)
 
-    bounds = [(p.lower, p.upper) for p in free]
-    points = len(residuals(offset + projection @ np.array([p.starts[0] for p in free]))[0])
-    starts = list(itertools.product(*(p.starts for p in free)))
-    best: tuple[float, np.ndarray, float] | None = None
-    converged = accepted = 0
-    with _one_blas_thread():
-        outcomes = [_minimize(objective, start, bounds) for start in starts]
+    return objective
+
+
+def _converged(result: scipy.optimize.OptimizeResult, points: int) -> bool:
+    # status 2 (line search could not improve) happens when the objective is at machine precision: a
+    # converged solution, unless the gradient says otherwise.
+    gradient_small = np.max(np.abs(result.jac), initial=0.0) < 1e-6 * points
+    return math.isfinite(result.fun) and (result.status == 0 or (result.status == 2 and gradient_small))
+
+
+@dataclasses.dataclass
+class _Selection:
+    """The best converged solution among the starts (`best`), and the best of those `accept` rejected."""
+
+    best: tuple[float, np.ndarray, float] | None = None  # (rank, θ_full, objective)
+    best_rejected: tuple[float, np.ndarray, float] | None = None
+    converged: int = 0
+    accepted: int = 0
+
+
+def _select(outcomes: Sequence[scipy.optimize.OptimizeResult | None], residuals: Residuals,
+            space: _FreeParameters, points: int, accept: Callable[[dict[str, float]], bool] | None,
+            score: Callable[[np.ndarray], float] | None) -> _Selection:
+    selection = _Selection()
     for result in outcomes:
-        if result is None:
+        if result is None or not _converged(result, points):
             continue
-        # status 2 (line search could not improve) happens when the objective is at machine precision: a
-        # converged solution, unless the gradient says otherwise.
-        gradient_small = np.max(np.abs(result.jac), initial=0.0) < 1e-6 * points
-        if not (math.isfinite(result.fun) and (result.status == 0 or (result.status == 2 and gradient_small))):
-            continue
-        converged += 1
-        theta = projection @ result.x + offset
-        values = dict(zip(names, map(float, theta), strict=True))
-        if accept is not None and not accept(values):
-            continue
-        accepted += 1
+        selection.converged += 1
+        theta = space.full(result.x)
         rank = result.fun if score is None else score(residuals(theta)[0])
-        if best is None or rank < best[0]:
-            best = (rank, theta, float(result.fun))
+        candidate = (rank, theta, float(result.fun))
+        if accept is not None and not accept(space.values(theta)):
+            if selection.best_rejected is None or rank < selection.best_rejected[0]:
+                selection.best_rejected = candidate
+            continue
+        selection.accepted += 1
+        if selection.best is None or rank < selection.best[0]:
+            selection.best = candidate
+    return selection
+
+
+def robust_fit(residuals: Residuals, parameters: Sequence[Parameter], *, delta: float = HUBER_DELTA,
+               fixed: Mapping[str, float] | None = None, tied: Mapping[str, str] | None = None,
+               accept: Callable[[dict[str, float]], bool] | None = None,
+               score: Callable[[np.ndarray], float] | None = None, accept_rule: str = "its acceptance check",
+               keep_rejected: bool = False, what: str = "fit") -> FitResult:
+    """Minimise Σ Huber(residuals(θ)) with L-BFGS-B from every point of the grid of starts; keep the best.
+
+    `fixed` pins parameters to values, `tied` makes a parameter equal another (free) one, e.g. {"beta": "alpha1"};
+    only the remaining free parameters are optimised and gridded. θ_full = P·θ_free + offset, so the gradient
+    of the objective is P^T J^T ψ(r) with the analytic Jacobian J the residual function returns.
+    `accept(values)` filters converged solutions (the paper keeps 0.1 < exponents < 1); `score(residuals)` picks
+    among them (default: the Huber objective). Raises UserError when no start converges to an accepted solution,
+    unless `keep_rejected`: then the best converged solution `accept` rejected is returned (`accepted` == 0 says
+    so), for callers that report a violated constraint rather than nothing.
+    """
+    space = _free_parameters(parameters, dict(fixed or {}), dict(tied or {}), what)
+    objective = _huber_objective(residuals, space, delta)
+    bounds = [(p.lower, p.upper) for p in space.free]
+    points = len(residuals(space.full(np.array([p.starts[0] for p in space.free])))[0])
+    starts = list(itertools.product(*(p.starts for p in space.free)))
+    with one_blas_thread():
+        outcomes = [_minimize(objective, start, bounds) for start in starts]
+    selection = _select(outcomes, residuals, space, points, accept, score)
+    best = selection.best if selection.best is not None or not keep_rejected else selection.best_rejected
     if best is None:
-        why = (f"{converged} converged but none passed {accept_rule}" if converged
+        why = (f"{selection.converged} converged but none passed {accept_rule}" if selection.converged
                else "none converged")
         raise UserError(f"{what}: no solution from {len(starts)} L-BFGS-B starts ({why}); check the data "
                         "(enough points spanning the ranges?)")
     rank, theta, value = best
-    return FitResult(dict(zip(names, map(float, theta), strict=True)), value, float(rank), len(starts),
-                     converged, accepted)
+    return FitResult(space.values(theta), value, float(rank), len(starts), selection.converged, selection.accepted)
 
 
 def _minimize(objective: Callable[[np.ndarray], tuple[float, np.ndarray]], start: Sequence[float],
@@ -345,9 +397,16 @@ class VocabLossLaw:
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
+    def violations(self) -> list[str]:
+        """The paper's constraint broken by these constants, one line per exponent outside (0.1, 1); [] if none."""
+        low, high = EXPONENT_RANGE
+        return [f"{name}={value:.4g} is outside {low:g} < {name} < {high:g}"
+                for name, value in (("alpha1", self.alpha1), ("alpha2", self.alpha2), ("beta", self.beta))
+                if not low < value < high]
+
 
 def fit_vocab_loss(n_nv: ArrayLike, vocab_size: ArrayLike, d: ArrayLike, tokens: ArrayLike, loss: ArrayLike, *,
-                   tie_beta: bool = True, delta: float = HUBER_DELTA) -> VocabLossLaw:
+                   tie_beta: bool = True, delta: float = HUBER_DELTA, strict: bool = True) -> VocabLossLaw:
     """Approach 3's fit (spec): Huber on the L_u residual, α1 = β tied, best of a grid of starts.
 
     Inputs in raw units (N_nv parameters, V tokens, d, D tokens). Coefficients are fitted as logs (A1 = e^a1,
@@ -355,6 +414,8 @@ def fit_vocab_loss(n_nv: ArrayLike, vocab_size: ArrayLike, d: ArrayLike, tokens:
     exponents {0, 0.5, 1}); only solutions with every exponent in (0.1, 1) are kept, the best by mean relative
     error |prediction − L_u| / |L_u| (fine while L_u stays away from 0, as it does: the unigram term keeps it
     around −3 to −5 nats at the paper's scales). Drop low-compute points (the paper: C < 2.18e17) first.
+    `strict=False` returns the best solution even when every start breaks the exponent constraint (its
+    `violations()` then name what it breaks) instead of raising UserError.
     """
     what = "vocabulary-loss fit"
     data = finite_positive(what, N_nv=n_nv, V=vocab_size, d=d, D=tokens)
@@ -385,9 +446,11 @@ def fit_vocab_loss(n_nv: ArrayLike, vocab_size: ArrayLike, d: ArrayLike, tokens:
                   Parameter("alpha1", 0.0, 2.0, exponent_starts), Parameter("alpha2", 0.0, 2.0, exponent_starts),
                   Parameter("beta", 0.0, 2.0, exponent_starts)]
     scale = np.maximum(np.abs(target), 1e-12)
+    low, high = EXPONENT_RANGE
     fit = robust_fit(residuals, parameters, delta=delta, tied={"beta": "alpha1"} if tie_beta else None,
-                     accept=lambda v: all(0.1 < v[k] < 1.0 for k in ("alpha1", "alpha2", "beta")),
-                     accept_rule="0.1 < exponents < 1", score=lambda r: float(np.mean(np.abs(r) / scale)), what=what)
+                     accept=lambda v: all(low < v[k] < high for k in ("alpha1", "alpha2", "beta")),
+                     accept_rule=f"{low:g} < exponents < {high:g}", score=lambda r: float(np.mean(np.abs(r) / scale)),
+                     keep_rejected=not strict, what=what)
     v = fit.values
     return VocabLossLaw(E=math.exp(v["e"]), A1=math.exp(v["a1"]), A2=math.exp(v["a2"]), B=math.exp(v["b"]),
                         alpha1=v["alpha1"], alpha2=v["alpha2"], beta=v["beta"])

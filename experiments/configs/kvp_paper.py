@@ -8,7 +8,8 @@ varies widths per layer); auxiliary models: canonical 450M-like (20 layers,
 d=1536) and 270M-like (16 layers, d=1280), and layer-pruned 0.75 / 0.50 / 0.25. Expected (paper, TriviaQA):
 KVP-C-450M 16.1 vs 450M alone 11.0 at a 2.36x TTFT FLOPs reduction; KVP-LP-0.75 20.7 vs 15.0 at 1.34x.
 Mesh target: TPU v5p:2x4x4 (32 chips, 95 GB HBM each), FSDP over all 32 (mesh fsdp=-1, data=1), 8 rows of 2048
-tokens per chip, remat "full", layers scanned, output layers in 4096-token chunks (also in the KVP 3-term loss).
+tokens per chip, remat "full", layers scanned, output layers in chunks of 4096 tokens per chip (also in the KVP
+3-term loss).
 Check before launching: python -m experiments.compile_check --config=experiments/configs/kvp_paper.py \
     --topology=v5p:2x4x4 [--stage=base]   (per-chip peaks measured here: README.md, "On GPU and TPU meshes")
 The `retrieval:` wrapper mixes the fact-recall documents the exact-match evaluation asks about into the corpus (here

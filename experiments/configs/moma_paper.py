@@ -15,9 +15,19 @@ linear decay to 1e-6 (ours decays by a cosine to 1e-6: the closest lm_core has).
 a pretrained VQ by writing its codes with CodedPairs). Expect (paper, 1.4B, 1T tokens): η 4t4i 3.7x (text 2.6x,
 image 5.2x), 8x 3.0x, mod 4t4i 4.2x; at 90M the paper's savings are smaller. None of this has been run here.
 Mesh target: TPU v5p:2x4x4 (32 chips), FSDP over the batch axes (mesh fsdp=-1, data=1; routed variants add
---config.mesh.expert=E and fsdp=32/E), 8 rows of 4096 tokens per chip, remat "full", layers scanned (MoD layers
-scan in pairs), the output layer in 4096-token chunks. Check before launching:
-    python -m experiments.compile_check --config=experiments/configs/moma_paper.py:1.4b,dense --topology=v5p:2x4x4
+--config.mesh.expert=E and fsdp=32/E, e.g. expert=4 fsdp=8 for moe_4t4i, expert=8 fsdp=4 for moe_8x), 8 rows of
+4096 tokens per chip, remat "full", layers scanned (MoD layers scan in pairs), the output layer in chunks of
+4096 tokens per chip. Check before launching:
+    python -m experiments.compile_check --config=experiments/configs/moma_paper.py:1.4b,moe_4t4i --topology=v5p:2x4x4 \
+        --config.mesh.expert=4 --config.mesh.fsdp=8
+Routing groups (moma.routing_groups = 0): each chip's experts choose among the 8 x 4096 = 32,768 tokens of its own
+batch shard, not among the paper's whole batch (256 x 4096); the chosen slots travel to the chips holding the
+experts by all-to-all (moma/dispatch.py). Per-shard expert choice is what expert-choice systems do at scale: the
+capacity rule k = c_e · b_M is the same, applied per group, so only the pool each expert ranks is smaller.
+`--config.moma.routing_groups=1` restores the whole-batch choice (its dispatch then gathers and reduces the global
+batch on every chip: measured at 1.4B moe_4t4i it fits, 36.6 vs 19.5 GiB, but moves ~50x more bytes; README). Expert
+slots are sized for all of a group's tokens (max_*_fraction 1.0), so the experts execute 2x the active FLOPs on a
+mixed batch; set the bounds from the data's mix to cut that.
 MoD picks each row's top 25% (moma/depths.py), so no attention row holds more than 4096 tokens.
 """
 

@@ -39,6 +39,9 @@ def moma_section(variant: str) -> ml_collections.ConfigDict:
         mod_capacity=0.25,  # c_d of the mixture-of-depths layers
         max_text_fraction=1.0,  # static expert-slot bounds (moma.variants); 1.0 never drops a token
         max_image_fraction=1.0,
+        # expert choice ranks each routing group's tokens: 0 = one group per batch shard (the whole batch on one
+        # device, as in the paper); a count k splits the batch's rows into k groups on any mesh (moma.variants)
+        routing_groups=0,
         image_fraction=0.6,  # share of image-code tokens assumed by the FLOPs accounting (MFU, compute matching)
         image_source="builtin:8000",  # builtin[:<count>] | images:<folder> | tfds:<name>[/<config>] (data.data_dir)
         upcycle_from="",  # a moe_1t1i workdir: start from its weights (router noise on, LR schedule reset)

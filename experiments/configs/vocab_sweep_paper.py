@@ -5,7 +5,7 @@ Command (a TPU/GPU pod; shard with the mesh flags, e.g. --config.mesh.fsdp=-1 --
         --config.data.source=tfds:<a large English corpus>
 Expected: the paper's Approach 1-3 constants (within fitting noise) and its table, e.g. V_opt ~ 62K for N_nv = 7B.
 Mesh target: TPU v5p:2x4x4 (32 chips), FSDP over all 32, 16 rows of 2048 tokens per chip, remat "full", layers
-scanned, the output layer in 4096-token chunks (V up to 96K). Check the largest group before launching:
+scanned, the output layer in chunks of 4096 tokens per chip (V up to 96K). Check the largest group before launching:
     python -m experiments.compile_check --config=experiments/configs/vocab_sweep_paper.py --topology=v5p:2x4x4
 The budgets here span the paper's range; the full grid is thousands of GPU-days — trim groups/budgets to fit.
 """

@@ -5,8 +5,10 @@
 
 The config has train_lm's fields (`steps`, `mesh.*`, `model.*`, `data.seq_len`, `data.global_batch_size`,
 `data.tokenizer`, `optimizer.*`, ...) plus `moma.*` (variant, capacity_factor, image_source, image_tokenizer.*,
-upcycle_from; see experiments/configs/moma_tiny.py). Experts are sharded over the mesh axis `expert`
-(`--config.mesh.expert=4` needs expert groups divisible by 4).
+upcycle_from, routing_groups; see experiments/configs/moma_tiny.py). Experts are sharded over the mesh axis
+`expert` (`--config.mesh.expert=4` needs expert groups divisible by 4); each device routes its own batch shard and
+sends the chosen tokens to the experts by all-to-all (`moma.routing_groups` = 0, moma/dispatch.py), and
+`--config.moma.routing_groups=K` fixes K groups of rows on any mesh (1: the paper's whole-batch choice).
 
 What it does: trains the VQ image tokenizer first if `moma.image_tokenizer.dir` holds none (the default dir is a
 cache keyed by its settings), quantises the image source once (cached next to the tokenizer), trains a text
@@ -106,7 +108,7 @@ def moma_config_from(config):  # -> moma.variants.MoMaConfig
     return parse_variant(section.variant, image_token_range=mixed_vocab_for(config).image_token_range,
                          capacity_factor=section.capacity_factor, mod_capacity=section.mod_capacity,
                          max_text_fraction=section.max_text_fraction, max_image_fraction=section.max_image_fraction,
-                         router_noise=bool(section.upcycle_from))
+                         routing_groups=section.get("routing_groups", 0), router_noise=bool(section.upcycle_from))
 
 
 def vq_config_from(config):  # -> moma.vq.VQConfig
@@ -270,12 +272,14 @@ def mixed_eval_batches(workdir: str | Path, max_batches: int | None = None, batc
 # --- the task -----------------------------------------------------------------------------------------------------
 
 
-def moma_task(config, workdir: str | Path, check_data: bool = True):  # -> lm_core.trainer.TrainTask
-    """The TrainTask of a MoMa run. Validates everything a user can get wrong before anything is written.
+def moma_task(config, workdir: str | Path, check_data: bool = True, num_devices: int | None = None):
+    """The TrainTask of a MoMa run (lm_core.trainer.TrainTask). Validates everything a user can get wrong before
+    anything is written.
 
     Relative moma.image_tokenizer.dir / moma.upcycle_from are made absolute in `config`, so the config.json the
     trainer writes names them wherever it is read from. check_data=False skips opening the image source and the
-    upcycling run (experiments.compile_check compiles the step without data); make_data then opens the source."""
+    upcycling run (experiments.compile_check compiles the step without data); make_data then opens the source.
+    num_devices: the devices the mesh will span (default: this process's jax.device_count())."""
     import jax
     from flax import nnx
 
@@ -284,15 +288,13 @@ def moma_task(config, workdir: str | Path, check_data: bool = True):  # -> lm_co
     from moma.experts import with_router_noise
     from moma.flops import moma_flops_per_token
     from moma.losses import mixed_modal_loss, per_modality_eval_row, per_modality_eval_sums, per_modality_train_row
-    from moma.variants import check_fits_mesh, check_fits_model
 
     for field, parent in (("dir", config.moma.image_tokenizer), ("upcycle_from", config.moma)):
         if parent[field]:
             parent[field] = str(Path(parent[field]).absolute())
     moma = moma_config_from(config)
     model_config = model_config_from(config)
-    check_fits_mesh(moma, config.mesh.expert)
-    check_fits_model(moma, model_config)
+    _check_fits(config, moma, model_config, num_devices or jax.device_count())
     vq_config_from(config)
     source = None
     if check_data:
@@ -326,6 +328,18 @@ def moma_task(config, workdir: str | Path, check_data: bool = True):  # -> lm_co
         train_row_fn=per_modality_train_row,
         eval_row_fn=per_modality_eval_row,
     )
+
+
+def _check_fits(config, moma, model_config, num_devices: int) -> None:
+    """The variant against the mesh (expert axis, routing groups with at least one slot each) and the model."""
+    from lm_core.sharding import MeshConfig
+    from moma.variants import check_fits_mesh, check_fits_model, check_routing_capacity
+
+    check_fits_mesh(moma, config.mesh.expert)
+    check_fits_model(moma, model_config)
+    data, fsdp, _, expert = MeshConfig(**config.mesh.to_dict()).resolved_shape(num_devices)
+    rows_per_step = config.data.global_batch_size // max(1, config.grad_accum_steps)  # a microbatch is routed
+    check_routing_capacity(moma, rows_per_step, config.data.seq_len, data * fsdp * expert)
 
 
 def load_moma(workdir: str | Path):  # -> (lm_core.model.Transformer, ml_collections.ConfigDict)
