@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lm_core.sharding import batch_shards
+from lm_core.sharding import traced_batch_shards
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -98,8 +98,7 @@ def chunked_cross_entropy(hidden: Array, output_matrix: Array, targets: Array, m
     batch, seq, d = hidden.shape
     # row 0: the loss mask; row 1 + i: group i's mask
     masks = jnp.stack([mask] + [group_masks[n] for n in names]).astype(jnp.float32)  # [1 + groups, batch, seq]
-    mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh.empty else batch_shards(mesh)
+    shards = traced_batch_shards()
     local_rows = batch // shards if batch % shards == 0 else batch
     chunk = max(1, min(seq, chunk_tokens // local_rows))
     padding = -seq % chunk

@@ -57,6 +57,11 @@ class MeshConfig:
     tensor: int = 1
     expert: int = 1
 
+    def batch_shards(self, num_devices: int) -> int:
+        """How many shards the batch splits into on `num_devices` (the product of the BATCH_AXES sizes)."""
+        sizes = dict(zip(MESH_AXES, self.resolved_shape(num_devices), strict=True))
+        return math.prod(sizes[axis] for axis in BATCH_AXES)
+
     def resolved_shape(self, num_devices: int) -> tuple[int, int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor, self.expert]
         bad = [f"{name}={size}" for name, size in zip(MESH_AXES, sizes, strict=True) if size == 0 or size < -1]
@@ -173,5 +178,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh.axis_names))
 
 
-def batch_shards(mesh: Mesh) -> int:
+def batch_shards(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
+def traced_batch_shards() -> int:
+    """`batch_shards` of the mesh being traced for (`jax.set_mesh`); 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else batch_shards(mesh)

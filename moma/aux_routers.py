@@ -51,6 +51,7 @@ from flax import nnx
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 from lm_core.layers import Aux, dense, fan_in_init, param, silu
+from moma.dispatch import per_group
 from moma.variants import MoMaConfig
 
 Array = jax.Array
@@ -128,7 +129,7 @@ def selection_targets(token_index: Array, valid: Array, tokens: int) -> Array:
 
 def group_selection_targets(token_index: Array, valid: Array, tokens: int) -> Array:
     """`selection_targets` in every routing group: [groups, experts, slots] -> [groups, tokens, experts] bool."""
-    return jax.vmap(lambda index, ok: selection_targets(index, ok, tokens))(token_index, valid)
+    return per_group(lambda index, ok: selection_targets(index, ok, tokens))(token_index, valid)
 
 
 def aux_router_statistics(name: str, logits: Array, targets: Array, eligible: Array) -> Aux:

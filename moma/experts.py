@@ -47,7 +47,7 @@ from flax import nnx
 
 from lm_core.config import ModelConfig
 from lm_core.layers import Aux, FeedForward, FFNFactory, SwiGLU, TokenContext, dense, fan_in_init, param
-from lm_core.sharding import batch_shards, constrain
+from lm_core.sharding import constrain, traced_batch_shards
 from lm_core.train_step import LossFn
 from moma import aux_routers
 from moma.dispatch import ExpertWeights, dispatch, per_group
@@ -173,7 +173,7 @@ class ExpertGroup(nnx.Module):
             decisions = self.aux_router(x) > 0  # aux score > 0.5
         decisions = decisions & eligible[..., None]  # [groups, tokens, experts]
         slots = aux_routers.causal_slots(tokens, self.causal_capacity * self.max_fraction)
-        token_index, valid = jax.vmap(lambda group: aux_routers.causal_expert_slots(group, slots))(decisions)
+        token_index, valid = per_group(lambda group: aux_routers.causal_expert_slots(group, slots))(decisions)
         gate = jnp.take_along_axis(jnp.swapaxes(scores, 1, 2), token_index, axis=2)  # [groups, experts, slots]
         budget = jnp.max(jnp.sum(decisions, axis=1), axis=-1).astype(jnp.float32)  # the busiest expert's demand
         return Routing(token_index, jnp.where(valid, gate, 0.0), valid, budget)
@@ -210,8 +210,7 @@ class ModalityAwareMoE(nnx.Module):
 
     def __call__(self, x: Array, context: TokenContext) -> tuple[Array, Aux]:
         batch, seq, d = x.shape
-        mesh = jax.sharding.get_abstract_mesh()
-        groups = routing_groups(self.routing_groups, batch, 1 if mesh.empty else batch_shards(mesh))
+        groups = routing_groups(self.routing_groups, batch, traced_batch_shards())
         grouped = constrain(x.reshape(groups, batch // groups * seq, d), ("batch", None, "act_embed"))
         modality_masks = self.eligible(context)
         out = jnp.zeros_like(grouped)

@@ -337,9 +337,9 @@ def _check_fits(config, moma, model_config, num_devices: int) -> None:
 
     check_fits_mesh(moma, config.mesh.expert)
     check_fits_model(moma, model_config)
-    data, fsdp, _, expert = MeshConfig(**config.mesh.to_dict()).resolved_shape(num_devices)
+    shards = MeshConfig(**config.mesh.to_dict()).batch_shards(num_devices)
     rows_per_step = config.data.global_batch_size // max(1, config.grad_accum_steps)  # a microbatch is routed
-    check_routing_capacity(moma, rows_per_step, config.data.seq_len, data * fsdp * expert)
+    check_routing_capacity(moma, rows_per_step, config.data.seq_len, shards)
 
 
 def load_moma(workdir: str | Path):  # -> (lm_core.model.Transformer, ml_collections.ConfigDict)
