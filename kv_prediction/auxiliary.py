@@ -54,7 +54,7 @@ def build_layer_pruned(base_model: Transformer, keep_fraction: float, rngs: nnx.
     aux = Transformer(layer_pruned_config(base_model.config, keep_fraction), rngs=rngs)
     nnx.update(aux.embedding, _copied(nnx.state(base_model.embedding)))
     for aux_layer, base_layer in enumerate(kept):
-        nnx.update(aux.blocks[aux_layer], _copied(nnx.state(base_model.blocks[base_layer])))
+        aux.set_block_state(aux_layer, _copied(base_model.block_state(base_layer)))
     nnx.update(aux.final_norm, _copied(nnx.state(base_model.final_norm)))
     if not base_model.config.tie_embeddings:
         aux.output.set_value(jnp.copy(base_model.output.get_value()))

@@ -53,8 +53,8 @@ def normalized_keys(base: Transformer, kv: Sequence[LayerKV]) -> tuple[LayerKV, 
     """Each layer's keys after that base layer's key norm (unchanged without QK-norm)."""
     if not base.config.qk_norm:
         return tuple(kv)
-    return tuple(LayerKV(block.attention.key_norm(layer.keys), layer.values)
-                 for block, layer in zip(base.blocks, kv, strict=True))
+    return tuple(LayerKV(base.block(i).attention.key_norm(layer.keys), layer.values)
+                 for i, layer in enumerate(kv))
 
 
 def consistency_terms(predicted: Sequence[LayerKV], true: Sequence[LayerKV], mask: Array) -> tuple[Array, Array]:

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from lm_core.errors import UserError
-from lm_core.hlo_flops import collective_bytes, matmul_flops_by_origin
+from lm_core.hlo_flops import collective_bytes, matmul_flops_by_origin, opaque_kernel_calls, recomputed_matmul_flops
 
 # HBM per chip, in bytes, by JAX device_kind (the vendors' figures in GB, so the checks err on the small side).
 TPU_MEMORY_BYTES = {"TPU v4": 32e9, "TPU v5 lite": 16e9, "TPU v5": 95e9, "TPU v5p": 95e9, "TPU v6 lite": 32e9}
@@ -97,6 +97,8 @@ class CompileReport:
     per_device_peak_bytes: int
     compiled_flops_per_device: float  # matmul FLOPs of the compiled program (lm_core.hlo_flops)
     compiled_flops_by_origin: dict[str, float]  # the same by JAX operation: dot_general, gather, scatter-add, ...
+    recomputed_flops_per_device: float  # the part of it that remat's recomputation adds
+    opaque_kernel_calls: dict[str, float]  # kernels whose FLOPs no count can see (splash, cuDNN), calls per step
     xla_cost_analysis_flops: float  # XLA's own figure, which counts each loop body once
     compile_s: float
     collective_bytes: dict[str, float]  # bytes per device of all-to-all, all-gather, ... (lm_core.hlo_flops)
@@ -115,6 +117,7 @@ def compile_lowered(lowered: jax.stages.Lowered) -> CompileReport:
     by_origin = matmul_flops_by_origin(hlo)
     return CompileReport(memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.alias_size_in_bytes,
                          memory.temp_size_in_bytes, int(peak), sum(by_origin.values()), by_origin,
+                         recomputed_matmul_flops(hlo), opaque_kernel_calls(hlo),
                          float((costs or {}).get("flops", 0.0)), compile_s, collective_bytes(hlo))
 
 

@@ -101,8 +101,10 @@ def check_same_model(saved: dict[str, Any], config: ModelConfig, directory: Path
     if differing:
         details = ", ".join(f"{name}: checkpoint {getattr(saved_config, name)!r} vs config "
                             f"{getattr(config, name)!r}" for name in differing)
-        raise UserError(f"{directory} holds a checkpoint of a different model ({details}); use another --workdir "
-                        "or the matching config")
+        layout = (" (scan_layers stores the blocks' parameters stacked, unrolled models one set per layer: set "
+                  "it as the checkpoint has it)") if "scan_layers" in differing else ""
+        raise UserError(f"{directory} holds a checkpoint of a different model ({details}){layout}; use another "
+                        "--workdir or the matching config")
 
 
 def _short(error: Exception) -> str:

@@ -16,8 +16,9 @@ ATTENTION_IMPLS = ("auto", "xla_blocked", "dot_product", "splash")
 # What a rematerialised block keeps for the backward pass (lm_core/model.py REMAT_POLICIES): "none" = no remat.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "ffn_only")
 # Fields that choose HOW the same function is computed, not WHICH function: a checkpoint written with one value
-# restores under another (the parameter tree is the same), so checkpoint checks ignore them.
-EXECUTION_FIELDS = ("attention_impl", "remat", "scan_layers")
+# restores under another (the parameter tree is the same), so checkpoint checks ignore them. `scan_layers` is not
+# one of them: it computes the same function but stores the blocks stacked (lm_core.stacked), another tree.
+EXECUTION_FIELDS = ("attention_impl", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,8 @@ class ModelConfig:
     # Recompute each block's activations in the backward pass to save memory; one of REMAT_POLICIES
     # (True / False are accepted as "full" / "none").
     remat: str = "none"
-    # Run the layers as one scanned body (compile time ~independent of depth); blocks keep their own parameters.
+    # Store the blocks' parameters stacked and run the layers as one scan over them (lm_core.stacked): compile
+    # time nearly independent of depth; checkpoints hold the stacked layout.
     scan_layers: bool = False
     attention_impl: str = "auto"
 
@@ -97,8 +99,8 @@ class ModelConfig:
     def differing_fields(self, other: ModelConfig, *, include_execution: bool = False) -> list[str]:
         """Names of fields whose values differ, e.g. to explain why a checkpoint does not fit.
 
-        EXECUTION_FIELDS (attention kernel, remat, scan) are skipped unless `include_execution`: they do not change
-        the parameters or the function, so a checkpoint fits whatever they are set to.
+        EXECUTION_FIELDS (attention kernel, remat) are skipped unless `include_execution`: they do not change the
+        parameters or the function, so a checkpoint fits whatever they are set to.
         """
         mine, theirs = self.to_dict(), other.to_dict()
         return [name for name in mine if mine[name] != theirs[name]

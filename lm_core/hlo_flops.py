@@ -112,7 +112,7 @@ def _trip_count(attrs: str, condition: list[str], body: list[str]) -> int:
     """Iterations of a while loop: XLA's known_trip_count, else bound / step of the loop counter.
 
     The counter is the tuple element the condition compares (`i < N`, N a constant); its step is the constant
-    the body adds to it (1 for a JAX scan, 2 for the bidirectional "windowed einsum" loops XLA writes for an
+    the body writes back (1 for a JAX scan, 2 for the bidirectional "windowed einsum" loops XLA writes for an
     all-gathered matmul). A loop not of this form counts once.
     """
     known = _TRIP_COUNT.search(attrs)
@@ -147,23 +147,28 @@ def _tuple_index(lines: list[str], names: list[str]) -> int | None:
 
 
 def _counter_step(body: list[str], index: int) -> int:
-    """The constant the loop body adds to tuple element `index` (following copies); 1 if none is found."""
-    derived, constants = set(), _constants(body)
+    """The constant the loop body adds to tuple element `index`: what the body's ROOT tuple puts back there,
+    followed through copies and converts to an `add(counter, constant)`; 1 if it is not of that form.
+
+    Only the value written back counts: a windowed-einsum body also computes `i + 1` (the second shard's index)
+    on the way, which is not the step (taking it had counted those loops twice).
+    """
+    definitions, constants, root = {}, _constants(body), None
     for line in body:
         match = _INSTRUCTION.match(line)
         if match is None:
             continue
-        name, _, op, operands, attrs = match.groups()
-        names = _operand_names(operands)
-        reads_counter = names and names[0] in derived
-        if (op == "get-tuple-element" and re.search(rf"index={index}\b", attrs)) or (
-                op in ("copy", "bitcast", "convert") and reads_counter):
-            derived.add(name)
-        elif op == "add" and any(n in derived for n in names):
-            steps = [constants[n] for n in names if n in constants]
-            if steps and steps[0] > 0:
-                return steps[0]
-    return 1
+        name, _, op, operands, _ = match.groups()
+        definitions[name] = (op, _operand_names(operands))
+        root = (op, _operand_names(operands)) if line.lstrip().startswith("ROOT ") else root
+    if root is None or root[0] != "tuple" or index >= len(root[1]):
+        return 1
+    name = root[1][index]
+    while definitions.get(name, ("", []))[0] in ("copy", "bitcast", "convert"):
+        name = definitions[name][1][0]
+    op, operands = definitions.get(name, ("", []))
+    steps = [constants[n] for n in operands if n in constants]
+    return steps[0] if op == "add" and len(steps) == 1 and steps[0] > 0 else 1
 
 
 def matmul_flops(hlo_text: str) -> float:
@@ -179,12 +184,44 @@ def matmul_flops_by_origin(hlo_text: str) -> dict[str, float]:
     attention) are opaque: their FLOPs are not in here at all.
     """
 
-    def cost(op: str, out_type: str, operands: str, attrs: str, known: dict[str, list[int] | None]
+    def cost(name: str, op: str, out_type: str, operands: str, attrs: str, known: dict[str, list[int] | None]
              ) -> dict[str, float]:
         if op not in ("dot", "convolution"):
             return {}
         flops = _matmul_flops(op, _dims(out_type), [known.get(n) for n in _operand_names(operands)], attrs)
         return {_origin(attrs): flops}
+
+    return loop_aware_totals(hlo_text, cost)
+
+
+def recomputed_matmul_flops(hlo_text: str) -> float:
+    """The part of `matmul_flops` that rematerialisation adds: matmuls of `jax.checkpoint`'s recomputation in the
+    backward pass (op names under "rematted_computation": remat'd blocks, the chunked loss's recomputed logits)."""
+
+    def cost(name: str, op: str, out_type: str, operands: str, attrs: str, known: dict[str, list[int] | None]
+             ) -> dict[str, float]:
+        if op not in ("dot", "convolution") or "/rematted_computation/" not in _op_name(attrs):
+            return {}
+        return {"recomputed": _matmul_flops(op, _dims(out_type), [known.get(n) for n in _operand_names(operands)],
+                                            attrs)}
+
+    return loop_aware_totals(hlo_text, cost).get("recomputed", 0.0)
+
+
+OPAQUE_KERNEL_TARGETS = ("tpu_custom_call", "__cudnn", "__gpu$xla.gpu.triton")
+
+
+def opaque_kernel_calls(hlo_text: str) -> dict[str, float]:
+    """Executions per program run of kernels whose work XLA cannot see (Pallas/Mosaic TPU kernels such as splash
+    attention, cuDNN attention, Triton), by instruction name without its ".N" suffix: their FLOPs are not in
+    `matmul_flops`."""
+
+    def cost(name: str, op: str, out_type: str, operands: str, attrs: str, known: dict[str, list[int] | None]
+             ) -> dict[str, float]:
+        target = re.search(r'custom_call_target="([^"]+)"', attrs)
+        if op != "custom-call" or target is None or not target.group(1).startswith(OPAQUE_KERNEL_TARGETS):
+            return {}
+        return {re.sub(r"\.\d+$", "", name): 1.0}
 
     return loop_aware_totals(hlo_text, cost)
 
@@ -200,7 +237,7 @@ def collective_bytes(hlo_text: str) -> dict[str, float]:
     iteration: the gathered array of an all-gather, the reduced buffer of an all-reduce, the exchanged buffer of
     an all-to-all (a device keeps 1/n of it and sends the rest). Asynchronous pairs count once, at their start."""
 
-    def cost(op: str, out_type: str, operands: str, attrs: str, known: dict[str, list[int] | None]
+    def cost(name: str, op: str, out_type: str, operands: str, attrs: str, known: dict[str, list[int] | None]
              ) -> dict[str, float]:
         kind = op.removesuffix("-start")
         if kind not in COLLECTIVES:
@@ -214,13 +251,14 @@ def collective_bytes(hlo_text: str) -> dict[str, float]:
 
 
 def loop_aware_totals(hlo_text: str, cost: Callable[..., dict[str, float]]) -> dict[str, float]:
-    """Sum `cost(op, out_type, operands, attrs, shapes_of_named_values)` (a dict of named amounts) over every
+    """Sum `cost(name, op, out_type, operands, attrs, shapes_of_named_values)` (a dict of named amounts) over every
     instruction one execution runs: while bodies times their trip count, fusions and calls what they call, the
-    costliest branch of a conditional."""
+    costliest branch of a conditional. An instruction without op_name metadata (XLA drops it inside some fusions)
+    is given its caller's, so costs keyed by op name land where they came from."""
     bodies, shapes, entry = _parse(hlo_text)
 
     @functools.cache
-    def computation_totals(name: str) -> tuple[tuple[str, float], ...]:
+    def computation_totals(name: str, caller_op_name: str) -> tuple[tuple[str, float], ...]:
         total: dict[str, float] = {}
 
         def add(items: Iterable[tuple[str, float]], repeats: int = 1) -> None:
@@ -228,8 +266,11 @@ def loop_aware_totals(hlo_text: str, cost: Callable[..., dict[str, float]]) -> d
                 total[key] = total.get(key, 0.0) + repeats * amount
 
         for line in bodies.get(name, []):
-            _, out_type, op, operands, attrs = _INSTRUCTION.match(line).groups()
-            add(cost(op, out_type, operands, attrs, shapes[name]).items())
+            instruction, out_type, op, operands, attrs = _INSTRUCTION.match(line).groups()
+            op_name = _op_name(attrs) or caller_op_name
+            if op_name and not _op_name(attrs):
+                attrs = f'{attrs}, metadata={{op_name="{op_name}"}}'
+            add(cost(instruction, op, out_type, operands, attrs, shapes[name]).items())
             if op.endswith("-done"):  # an async pair's work is counted at its start
                 continue
             called = re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", attrs)
@@ -241,14 +282,18 @@ def loop_aware_totals(hlo_text: str, cost: Callable[..., dict[str, float]]) -> d
             branches = re.search(r"branch_computations=\{(.*?)\}", attrs)
             if branches:  # one branch runs: count the costliest
                 called.append(max(_operand_names(branches.group(1)),
-                                  key=lambda n: sum(f for _, f in computation_totals(n))))
+                                  key=lambda n: sum(f for _, f in computation_totals(n, op_name))))
             for callee in called:
-                add(computation_totals(callee), repeats)
+                add(computation_totals(callee, op_name), repeats)
         return tuple(total.items())
 
-    return dict(computation_totals(entry))
+    return dict(computation_totals(entry, ""))
+
+
+def _op_name(attrs: str) -> str:
+    op_name = re.search(r'op_name="([^"]*)"', attrs)
+    return op_name.group(1) if op_name else ""
 
 
 def _origin(attrs: str) -> str:
-    op_name = re.search(r'op_name="([^"]*)"', attrs)
-    return op_name.group(1).rsplit("/", 1)[-1] if op_name else "unknown"
+    return _op_name(attrs).rsplit("/", 1)[-1] or "unknown"

@@ -31,6 +31,7 @@ from lm_core.layers import (
     param,
 )
 from lm_core.sharding import constrain
+from lm_core.stacked import layer_view, scan_stacked, set_layer_state, stack_modules
 
 Array = jax.Array
 HIDDEN_AXES = ("batch", "act_seq", "act_embed")
@@ -78,12 +79,28 @@ class Block(nnx.Module):
         return constrain(out, HIDDEN_AXES), cache, kv, aux
 
 
+BlockWrapper = Callable[[int, Block], nnx.Module]  # (layer index, its Block) -> the module run as that layer
+
+
 class Transformer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, ffn_factory: FFNFactory | None = None):
+    """Unrolled, the layers are `blocks` (one module each). With `config.scan_layers` they are `stacked_blocks`:
+    one module per position of the structure's repeating period (1, or 2 for MoMa's MoD stack) whose parameters
+    carry a leading "layers" axis (lm_core.stacked). Either way `block(i)` is layer i and `set_block_state`
+    writes one; the two layouts hold the same values for the same seed, but their checkpoints differ."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, ffn_factory: FFNFactory | None = None,
+                 wrap_block: BlockWrapper | None = None):
         self.config = config
         ffn_factory = ffn_factory or dense_ffn_factory
         self.embedding = Embedding(config, rngs=rngs)
-        self.blocks = nnx.List([Block(config, i, ffn_factory, rngs=rngs) for i in range(config.num_layers)])
+        blocks = [Block(config, i, ffn_factory, rngs=rngs) for i in range(config.num_layers)]
+        if wrap_block is not None:  # MoMa wraps every other block in a mixture-of-depths router
+            blocks = [wrap_block(i, block) for i, block in enumerate(blocks)]
+        if config.scan_layers:
+            period = block_period(blocks)
+            self.stacked_blocks = nnx.List([stack_modules(blocks[j::period]) for j in range(period)])
+        else:
+            self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(config.d_model, config, rngs=rngs)
         if not config.tie_embeddings:
             self.output = param(rngs, fan_in_init(0, 1), (config.d_model, config.vocab_size), ("embed", "vocab"),
@@ -127,7 +144,8 @@ class Transformer(nnx.Module):
             x, all_kv, all_aux = self._scanned_blocks(x, context, injected_kv, return_kv)
             return self.final_norm(x), None, all_kv, all_aux
         new_layers, all_kv, all_aux = [], [], []
-        for i, block in enumerate(self.blocks):
+        for i in range(config.num_layers):
+            block = self.block(i)
             layer_cache = None if cache is None else cache.layers[i]
             layer_kv = None if injected_kv is None else injected_kv[i]
             x, layer_cache, kv, aux = remat_block_call(block, config.remat)(
@@ -142,35 +160,46 @@ class Transformer(nnx.Module):
 
     def _scanned_blocks(self, x: Array, context: TokenContext, injected_kv: Sequence[LayerKV] | None,
                         return_kv: bool) -> tuple[Array, tuple[LayerKV, ...], tuple[Aux, ...]]:
-        """The blocks as one `jax.lax.scan` (config.scan_layers): XLA compiles the body once, not once per layer.
-
-        Blocks keep their own parameters (the parameter tree and checkpoints are those of the unrolled model); each
-        call stacks them into [num_layers / period, ...] arrays, a copy of the (sharded) block weights, which the
-        scan slices again. Layers whose structure repeats with a period (MoMa's MoD on every other layer) scan
-        over groups of `period` blocks. Per-layer K,V (when `return_kv`) and aux outputs come back unstacked.
-        """
-        period = block_period(self.blocks)
-        graphdefs = [nnx.split(self.blocks[j])[0] for j in range(period)]
-        stacked = [_stack([nnx.state(self.blocks[i]) for i in range(j, len(self.blocks), period)])
-                   for j in range(period)]
+        """The stacked blocks as one `jax.lax.scan` over their layer axis (config.scan_layers): XLA compiles the
+        body once, not once per layer, and the parameters are scanned as stored. With a period p > 1 (MoMa's
+        MoD on every other layer) each step runs p blocks. Per-layer K,V (when `return_kv`) and aux outputs come
+        back unstacked, in layer order."""
+        period = len(self.stacked_blocks)
         kv_in = None if injected_kv is None else [_stack(injected_kv[j::period]) for j in range(period)]
         policy = self.config.remat
 
-        def body(h: Array, xs: tuple) -> tuple[Array, tuple]:
-            states, kvs = xs
+        def body(h: Array, blocks: list[nnx.Module], kvs: list[LayerKV] | None) -> tuple[Array, tuple]:
             outputs = []
-            for j in range(period):
-                block = nnx.merge(graphdefs[j], states[j])
+            for j, block in enumerate(blocks):
                 h, _, kv, aux = remat_block_call(block, policy)(block, h, context, None, None, None,
                                                                  None if kvs is None else kvs[j])
                 outputs.append((kv if return_kv else None, aux))
             return h, tuple(outputs)
 
-        x, outputs = jax.lax.scan(body, x, (stacked, kv_in))
-        steps = len(self.blocks) // period
+        x, outputs = scan_stacked(body, x, self.stacked_blocks, kv_in)
+        steps = self.config.num_layers // period
         layers = [jax.tree.map(lambda a, s=step: a[s], outputs[j]) for step in range(steps) for j in range(period)]
         all_kv = tuple(kv for kv, _ in layers) if return_kv else ()
         return x, all_kv, tuple(aux for _, aux in layers)
+
+    def block(self, index: int) -> nnx.Module:
+        """Layer `index`'s block. Stacked, a view of its slice: reading it is fine, changing it changes nothing
+        (`set_block_state` writes)."""
+        if not self.config.scan_layers:
+            return self.blocks[index]
+        period = len(self.stacked_blocks)
+        return layer_view(self.stacked_blocks[index % period], index // period)
+
+    def block_state(self, index: int) -> nnx.State:
+        return nnx.state(self.block(index))
+
+    def set_block_state(self, index: int, state: nnx.State) -> None:
+        """Overwrite layer `index`'s variables with `state` (the state of one unstacked block)."""
+        if not self.config.scan_layers:
+            nnx.update(self.blocks[index], state)
+            return
+        period = len(self.stacked_blocks)
+        set_layer_state(self.stacked_blocks[index % period], index // period, state)
 
     def logits(self, hidden: Array) -> Array:
         """Output layer: hidden [batch, seq, d_model] -> float32 logits [batch, seq, vocab], accumulated in float32."""
@@ -207,7 +236,7 @@ class Transformer(nnx.Module):
         layers = tuple(
             LayerCache(jnp.pad(block.attention.keys_for_cache(layer.keys.astype(dtype), positions), pad),
                        jnp.pad(layer.values.astype(dtype), pad))
-            for block, layer in zip(self.blocks, kv, strict=True))
+            for block, layer in zip(map(self.block, range(self.config.num_layers)), kv, strict=True))
         segments = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, cache_len - seq)])
         return KVCache(layers, segments, jnp.asarray(seq, jnp.int32))
 

@@ -8,6 +8,7 @@ import jax
 import optax
 
 from lm_core.errors import UserError
+from lm_core.stacked import STACKED_BLOCKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,5 +49,10 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
 
 
 def _decay_mask(params: optax.Params) -> optax.Params:
-    # Decay matrices only: norm scales (1-D) are not decayed, the usual practice for transformers.
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    # Decay matrices only: norm scales (1-D) are not decayed, the usual practice for transformers. A stacked
+    # model's block parameters (lm_core.stacked) have one more axis, for their layer.
+    def is_matrix(path: tuple, p: jax.Array) -> bool:
+        stacked = any(getattr(key, "key", None) == STACKED_BLOCKS for key in path)
+        return p.ndim - stacked > 1
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)

@@ -51,6 +51,7 @@ from flax import nnx
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 from lm_core.layers import Aux, dense, fan_in_init, param, silu
+from lm_core.stacked import stack_depth, stack_modules
 from moma.dispatch import per_group
 from moma.variants import MoMaConfig
 
@@ -186,7 +187,9 @@ def attach_aux_routers(model: nnx.Module, config: ModelConfig, *, rngs: nnx.Rngs
     """Give every routed module a fresh `AuxRouter` (replacing any it had); returns how many were attached."""
     modules = routed_modules(model)
     for module in modules:
-        setattr(module, AUX_ROUTER, AuxRouter(config, module.aux_router_outputs, rngs=rngs))
+        depth = stack_depth(module)  # a module of stacked layers gets one router per layer, stacked as well
+        routers = [AuxRouter(config, module.aux_router_outputs, rngs=rngs) for _ in range(max(depth, 1))]
+        setattr(module, AUX_ROUTER, stack_modules(routers) if depth else routers[0])
     return len(modules)
 
 

@@ -19,9 +19,10 @@ within their own row. The experts keep batch-level expert choice (`moma.experts`
 they route over the whole [batch, slots] sub-batch).
 
 The FFN seam cannot express "skip attention too", so MoD wraps whole blocks: `build_moma_model` builds an lm_core
-`Transformer` and replaces blocks 0, 2, 4, ... by `MoDBlock`s around them (the wrapped block's parameters move
-under `blocks/<i>/block/...`). Static shapes: every row has ceil(c_d · seq) slots; with padding only
-ceil(c_d · n_real_in_row) of them are valid, the rest run with segment id 0 and an update weight of 0.
+`Transformer` whose blocks 0, 2, 4, ... are `MoDBlock`s around them (`wrap_block`; the wrapped block's parameters
+sit under `blocks/<i>/block/...`, or stacked with a scanned model: `stacked_blocks/0/block/...`).
+Static shapes: every row has ceil(c_d · seq) slots; with padding only ceil(c_d · n_real_in_row) of them are
+valid, the rest run with segment id 0 and an update weight of 0.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def build_moma_model(model_config: ModelConfig, moma: MoMaConfig, *, rngs: nnx.R
     def ffn_factory(config: ModelConfig, layer_index: int, layer_rngs: nnx.Rngs) -> FeedForward:
         return (unbounded if layer_index in routed_layers else bounded)(config, layer_index, layer_rngs)
 
-    model = Transformer(model_config, rngs=rngs, ffn_factory=ffn_factory)
-    for index in routed_layers:
-        model.blocks[index] = MoDBlock(model.blocks[index], model_config, moma.mod_capacity, rngs=rngs)
-    return model
+    def wrap_block(index: int, block: Block) -> nnx.Module:
+        return MoDBlock(block, model_config, moma.mod_capacity, rngs=rngs) if index in routed_layers else block
+
+    return Transformer(model_config, rngs=rngs, ffn_factory=ffn_factory, wrap_block=wrap_block)

@@ -43,7 +43,7 @@ def upcycle_params(source: nnx.State, target: nnx.State) -> nnx.State:
         value, old = variable.get_value(), source_values.get(path)
         if old is not None and old.shape == value.shape:
             new = old
-        elif old is not None and path[-1] in EXPERT_WEIGHTS and old.shape == (1, *value.shape[1:]):
+        elif old is not None and path[-1] in EXPERT_WEIGHTS and _one_expert_of(old.shape, value.shape):
             new = jnp.broadcast_to(old, value.shape)  # [1, ...] -> [experts, ...]: every expert = the modality FFN
         elif old is None and path[-1] == "router":
             new = value  # a fresh expert router
@@ -56,6 +56,12 @@ def upcycle_params(source: nnx.State, target: nnx.State) -> nnx.State:
     if leftover := sorted("/".join(map(str, p)) for p in set(source_values) - used):
         raise UserError(f"cannot upcycle: source parameters {leftover[:3]} have no place in the target")
     return nnx.from_flat_state(filled)
+
+
+def _one_expert_of(source: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether `source` is `target` with one expert where it has several (axis 0, or 1 behind stacked layers)."""
+    return len(source) == len(target) and sum(s != t for s, t in zip(source, target, strict=True)) == 1 and all(
+        s == t or s == 1 for s, t in zip(source, target, strict=True))
 
 
 def upcycle_model(source_model: Transformer, source: MoMaConfig, target: MoMaConfig, *, rngs: nnx.Rngs

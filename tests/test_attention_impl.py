@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lm_core.attention import _attention_weights, _softmax_attention, resolve_attention_impl
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
+from lm_core.hlo_flops import opaque_kernel_calls
 from lm_core.kv_cache import init_cache
 from lm_core.model import Transformer
 from lm_core.sharding import MeshConfig, make_mesh
@@ -190,6 +191,10 @@ def test_splash_compiles_for_tpu(monkeypatch):
         compiled = lowered.compile()
     assert "tpu_custom_call" in lowered.as_text()  # the Mosaic kernel, not interpret mode
     assert compiled.memory_analysis() is not None
+    # compile_check lists the kernel's calls apart (its FLOPs are invisible): per layer one forward, one dK/dV
+    # and one dQ kernel
+    calls = opaque_kernel_calls(compiled.as_text())
+    assert sum(calls.values()) == 3 * config.num_layers and all(name.startswith("splash") for name in calls)
 
 
 @pytest.mark.parametrize("impl,platform,expected", [

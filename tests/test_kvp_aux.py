@@ -65,13 +65,13 @@ def test_validate_layer_map_errors(layer_map, message):
     assert validate_layer_map([0, 0, 1, 1], 4, 2) == (0, 0, 1, 1)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_build_layer_pruned_copies_kept_layers(tie):
-    base = Transformer(small(tie_embeddings=tie, qk_norm=True), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("tie,scan", [(True, False), (False, False), (False, True)])
+def test_build_layer_pruned_copies_kept_layers(tie, scan):
+    base = Transformer(small(tie_embeddings=tie, qk_norm=True, scan_layers=scan), rngs=nnx.Rngs(0))
     aux = build_layer_pruned(base, 0.5, nnx.Rngs(5))
-    assert aux.config.num_layers == 2
+    assert aux.config.num_layers == 2 and aux.config.scan_layers == scan
     pairs = [(aux.embedding, base.embedding), (aux.final_norm, base.final_norm),
-             (aux.blocks[0], base.blocks[0]), (aux.blocks[1], base.blocks[2])]
+             (aux.block(0), base.block(0)), (aux.block(1), base.block(2))]
     for aux_part, base_part in pairs:
         aux_leaves, base_leaves = jax.tree.leaves(nnx.state(aux_part)), jax.tree.leaves(nnx.state(base_part))
         for a, b in zip(aux_leaves, base_leaves, strict=True):

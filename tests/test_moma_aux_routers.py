@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from lm_core.errors import UserError
+from lm_core.stacked import stacked_layout
 from moma import aux_routers as ar
 from moma.depths import build_moma_model
 from moma.variants import parse_variant
@@ -314,3 +315,21 @@ def test_entrypoint_bad_workdir_is_one_error_line_exit_2(tmp_path):
                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and "has no config.json" in errors[0], result.stderr
+
+
+@pytest.mark.parametrize("variant", ["moe_4t4i", "mod_moe_2t2i"])
+def test_stacked_layers_get_stacked_aux_routers_and_route_like_unrolled(variant):
+    # A scanned model keeps its blocks stacked (lm_core.stacked), so each routed module gets one aux router per
+    # layer, stacked as well; with the unrolled model's parameters, stacked, every routing mode gives its logits.
+    unrolled = routed_model(variant, num_layers=4)
+    structure = nnx.eval_shape(lambda: routed_model(variant, num_layers=4, scan_layers=True))
+    period = len(structure.stacked_blocks)
+    assert period == (2 if variant.startswith("mod_") else 1)
+    scanned = nnx.merge(nnx.graphdef(structure), stacked_layout(nnx.state(unrolled), period))
+    routers = nnx.state(scanned, ar.AUX_ROUTER_PARAMS)
+    assert all(leaf.shape[0] == 4 // period for leaf in jax.tree.leaves(routers))
+    batch = batch_of(2)
+    for mode in (ar.EXPERT_CHOICE, ar.CAUSAL, ar.ORACLE):
+        ar.set_routing_mode(unrolled, mode)
+        ar.set_routing_mode(scanned, mode)
+        np.testing.assert_allclose(logits_of(scanned, batch), logits_of(unrolled, batch), atol=2e-5, err_msg=mode)

@@ -155,8 +155,9 @@ def test_mod_attention_is_causal_in_the_original_order():
     assert not np.allclose(np.asarray(run_mod(block, earlier, segments)[0])[0, 7], out[0, 7], atol=1e-3)
 
 
-def test_upcycled_experts_are_copies_of_the_modality_ffn():
-    config = tiny_config(num_layers=1)
+@pytest.mark.parametrize("scan", [False, True])
+def test_upcycled_experts_are_copies_of_the_modality_ffn(scan):
+    config = tiny_config(num_layers=1 + scan, scan_layers=scan)  # scanned: experts stacked behind a layer axis
     source_moma = parse_variant("moe_1t1i", image_token_range=IMAGE_RANGE)
     target_moma = parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE, router_noise=True)
     source = build_moma_model(config, source_moma, rngs=nnx.Rngs(0))
@@ -164,22 +165,22 @@ def test_upcycled_experts_are_copies_of_the_modality_ffn():
     fresh = build_moma_model(config, target_moma, rngs=nnx.Rngs(1))
     for layer in range(config.num_layers):
         for modality in ("text", "image"):
-            dense_ffn = source.blocks[layer].ffn.groups[modality]
-            experts = upcycled.blocks[layer].ffn.groups[modality]
+            dense_ffn = source.block(layer).ffn.groups[modality]
+            experts = upcycled.block(layer).ffn.groups[modality]
             for name in ("gate", "up", "down"):
                 for e in range(4):
                     np.testing.assert_array_equal(getattr(experts, name)[...][e], getattr(dense_ffn, name)[...][0])
-            np.testing.assert_array_equal(experts.router[...], fresh.blocks[layer].ffn.groups[modality].router[...])
+            np.testing.assert_array_equal(experts.router[...], fresh.block(layer).ffn.groups[modality].router[...])
     np.testing.assert_array_equal(upcycled.embedding.table[...], source.embedding.table[...])
-    np.testing.assert_array_equal(upcycled.blocks[0].attention.query_proj[...],
-                                  source.blocks[0].attention.query_proj[...])
+    np.testing.assert_array_equal(upcycled.block(0).attention.query_proj[...],
+                                  source.block(0).attention.query_proj[...])
 
     # at init a token's FFN output is the 1t1i FFN's, times the sum of the gates of the experts that chose it
     tokens = jnp.array([[5, 100, 7, 120, 9, 101], [110, 3, 111, 4, 112, 6]])
     context = TokenContext(tokens, jnp.broadcast_to(jnp.arange(6), (2, 6)), jnp.ones((2, 6), jnp.int32))
     x = jax.random.normal(jax.random.key(3), (2, 6, 64))
-    moe = upcycled.blocks[0].ffn
-    y_source, _ = source.blocks[0].ffn(x, context)
+    moe = upcycled.block(0).ffn
+    y_source, _ = source.block(0).ffn(x, context)
     y_upcycled, _ = moe(x, context)
     gate_sums = jnp.zeros(12)
     for name, eligible in moe.eligible(context).items():

@@ -1,8 +1,9 @@
 """Scanned layers (ModelConfig.scan_layers) and remat policies (ModelConfig.remat) compute the unrolled model.
 
-scan == unrolled for logits, per-layer K,V, gradients, injected K,V, decoding and MoMa's period-2 MoD stacks; every
-remat policy gives the same loss and gradients; "ffn_only" keeps attention out of the recomputation;
-checkpoints move between execution settings but not between models; the config validates both fields.
+scan == unrolled for logits, per-layer K,V, gradients, injected K,V, decoding and MoMa's period-2 MoD stacks (the
+scanned model's parameters are the unrolled model's, stacked: lm_core.stacked converts between the layouts); every
+remat policy gives the same loss and gradients; "ffn_only" keeps attention out of the recomputation; checkpoints
+move between remat settings but not between layer layouts or models; the config validates both fields.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lm_core.kv_cache import init_cache
 from lm_core.loss import cross_entropy, next_token_loss, output_layer_loss, with_aux_losses
 from lm_core.model import Transformer, block_period
 from lm_core.sharding import MeshConfig, make_mesh
+from lm_core.stacked import stacked_layout, unrolled_layout
 from moma.depths import MoDBlock, build_moma_model
 from moma.variants import parse_variant
 from tests.helpers import random_batch, tiny_config
@@ -102,7 +104,12 @@ def test_scanned_forward_is_one_scan_over_the_layers():
     tokens = batch_of(False)["inputs"]
     assert scan_lengths(unrolled, tokens) == []
     assert scan_lengths(scanned, tokens) == [3]  # one scan, one step per layer
-    assert flat(nnx.state(scanned, nnx.Param)).keys() == flat(nnx.state(unrolled, nnx.Param)).keys()
+    # the same seed gives the same values, stacked along a leading "layers" axis
+    stacked = nnx.state(scanned, nnx.Param)
+    assert stacked["stacked_blocks"][0]["attention"]["query_proj"].logical_axes[0] == "layers"
+    assert len(stacked["stacked_blocks"]) == 1 and "blocks" not in stacked
+    assert_trees_close(unrolled_layout(stacked), nnx.state(unrolled, nnx.Param), atol=0.0)
+    assert_trees_close(stacked_layout(nnx.state(unrolled, nnx.Param), 1), stacked, atol=0.0)
     # return_kv=False: the scan collects no K,V (fewer scan outputs) and none come back
     graphdef, params, rest = split(scanned)
 
@@ -148,7 +155,7 @@ def test_scan_equals_unrolled_logits_kv_and_gradients(changes, packed, remat):
         assert mine.keys.shape == theirs.keys.shape == (2, 12, config(**changes).num_kv_heads, 8)
         np.testing.assert_allclose(mine.keys, theirs.keys, atol=ATOL, err_msg=f"keys of layer {layer}")
         np.testing.assert_allclose(mine.values, theirs.values, atol=ATOL, err_msg=f"values of layer {layer}")
-    assert_trees_close(grads_s, grads_u)
+    assert_trees_close(unrolled_layout(grads_s), grads_u)
     assert all(np.abs(g).sum() > 0 for name, g in flat(grads_u).items() if "blocks" in name)
 
 
@@ -185,7 +192,7 @@ def test_every_remat_policy_with_and_without_scan_gives_the_same_loss_and_gradie
         model = Transformer(config(remat=policy, scan_layers=scan), rngs=nnx.Rngs(0))
         value, grads = loss_and_grads(model, batch)
         np.testing.assert_allclose(value, reference_loss, atol=ATOL, err_msg=f"{policy} scan={scan}")
-        assert_trees_close(grads, reference_grads)
+        assert_trees_close(unrolled_layout(grads), reference_grads)
 
 
 # --- 4. ffn_only keeps attention out of the backward pass --------------------------------------------------
@@ -221,12 +228,12 @@ def test_block_period_and_scanned_mod_moma_equals_unrolled():
     def build(scan):
         return build_moma_model(config(num_layers=4, scan_layers=scan), moma, rngs=nnx.Rngs(0))
 
-    # the unrolled model's parameters in the scanned structure (the same tree; built once, not twice)
+    # the unrolled model's parameters, stacked in pairs of layers into the scanned structure (built once, not twice)
     unrolled = build(False)
-    scanned = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build(True))), nnx.state(unrolled))
+    scanned = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build(True))), stacked_layout(nnx.state(unrolled), 2))
     assert not unrolled.config.scan_layers and scanned.config.scan_layers
-    assert [isinstance(b, MoDBlock) for b in scanned.blocks] == [True, False, True, False]
-    assert block_period(unrolled.blocks) == block_period(scanned.blocks) == 2
+    assert [isinstance(scanned.block(i), MoDBlock) for i in range(4)] == [True, False, True, False]
+    assert block_period(unrolled.blocks) == len(scanned.stacked_blocks) == 2
     batch = batch_of(True, seed=2, seq=8)
     batch["segment_ids"] = batch["segment_ids"].at[0, -3:].set(0)  # some padding
     batch["loss_mask"] = batch["loss_mask"].at[0, -4:].set(0.0)
@@ -251,8 +258,8 @@ def test_block_period_and_scanned_mod_moma_equals_unrolled():
     for mine, theirs in zip(aux_s, aux_u, strict=True):
         for name in theirs:
             np.testing.assert_allclose(mine[name], theirs[name], atol=ATOL, err_msg=name)
-    assert_trees_close(grads_s, grads_u)
-    assert np.abs(flat(grads_s)["['blocks'][2]['router'].value"]).sum() > 0  # the second MoD layer's router
+    assert_trees_close(unrolled_layout(grads_s), grads_u)
+    assert np.abs(flat(grads_u)["['blocks'][2]['router'].value"]).sum() > 0  # the second MoD layer's router
 
 
 # --- 6. decoding ---------------------------------------------------------------------------------------------------
@@ -286,54 +293,56 @@ def test_cached_decode_of_a_scanned_model_matches_its_full_forward():
 
 # --- 7. checkpoints ---------------------------------------------------------------------------------------------------
 
-def test_unrolled_checkpoint_resumes_scanned_with_remat_but_not_another_depth(tmp_path):
+def in_layout(tree, convert):
+    """`convert` (lm_core.stacked.unrolled_layout / stacked_layout) applied to every model-shaped state in a
+    train state: the parameters and AdamW's moments."""
+    return jax.tree.map(lambda x: convert(x) if isinstance(x, nnx.State) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nnx.State))
+
+
+def test_checkpoints_resume_under_another_remat_but_not_another_layer_layout(tmp_path):
     # The trainer's resume path (lm_core.trainer.train) without its data pipeline: a state after one train step
-    # (train_step.make_train_step), saved with the trainer's meta; then check_same_model, an orbax restore into the
-    # layouts of an unrolled and a scanned + remat model, and one more train step of each.
+    # (train_step.make_train_step), saved unrolled and (converted) scanned with the trainer's meta; then
+    # check_same_model, an orbax restore into the layout of the same model with remat="full", one more step each.
     unrolled_config = config(num_layers=2)
-    scanned_config = unrolled_config.replace(scan_layers=True, remat="full")
+    scanned_config = unrolled_config.replace(scan_layers=True)
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     optimizer = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0, learning_rate=1e-2, total_steps=10))
 
     def setup(model_config):
         graphdef, abstract, shardings = ts.train_state_layout(lambda: Transformer(model_config, rngs=nnx.Rngs(0)),
                                                               optimizer, mesh)
-        return graphdef, abstract, shardings, ts.make_train_step(graphdef, next_token_loss, optimizer, mesh,
-                                                                 shardings)
+        return abstract, shardings, ts.make_train_step(graphdef, next_token_loss, optimizer, mesh, shardings)
 
-    graphdef, abstract, shardings, unrolled_step = setup(unrolled_config)
+    _, shardings, first_step = setup(unrolled_config)
     params = nnx.state(Transformer(unrolled_config, rngs=nnx.Rngs(0)), nnx.Param)
     state = jax.device_put(ts.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
                                          jax.random.key_data(jax.random.key(0))), shardings)
-    state, _ = unrolled_step(state, batch_of(True, seed=3))
-    checkpointer = Checkpointer(tmp_path / "checkpoints")
-    checkpointer.save(1, state, {"position": 1}, {"model": unrolled_config.to_dict()}, wait=True)
-    saved_params = flat(state.params)
-    meta = checkpointer.read_meta(1)
-
-    assert unrolled_config.differing_fields(scanned_config) == []
-    assert unrolled_config.differing_fields(scanned_config, include_execution=True) == ["remat", "scan_layers"]
-    check_same_model(meta, scanned_config, tmp_path)  # execution fields do not make another model
-    with pytest.raises(UserError, match="num_layers: checkpoint 2 vs config 3"):
-        check_same_model(meta, scanned_config.replace(num_layers=3), tmp_path)
-
-    next_batch = batch_of(True, seed=4)
+    state, _ = first_step(state, batch_of(True, seed=3))
+    saved = {"unrolled": state, "scanned": in_layout(state, lambda x: stacked_layout(x, 1))}
     final = {}
-    for name in ("unrolled", "scanned"):
-        if name == "scanned":
-            graphdef, abstract, shardings, scanned_step = setup(scanned_config)
+    for name, model_config in (("unrolled", unrolled_config), ("scanned", scanned_config)):
+        checkpointer = Checkpointer(tmp_path / name / "checkpoints")
+        checkpointer.save(1, saved[name], {"position": 1}, {"model": model_config.to_dict()}, wait=True)
+        meta = checkpointer.read_meta(1)
+        rematted = model_config.replace(remat="full")
+        check_same_model(meta, rematted, tmp_path / name)  # an execution field does not make another model
+        other_layout = model_config.replace(scan_layers=not model_config.scan_layers)
+        with pytest.raises(UserError, match=f"scan_layers: checkpoint {model_config.scan_layers} vs config "
+                                            f"{not model_config.scan_layers}.*stacked"):
+            check_same_model(meta, other_layout, tmp_path / name)
+        with pytest.raises(UserError, match="num_layers: checkpoint 2 vs config 3"):
+            check_same_model(meta, rematted.replace(num_layers=3), tmp_path / name)
+        abstract, _, next_step = setup(rematted)
         restored = checkpointer.restore(1, abstract).state
+        checkpointer.close()
         assert int(restored.step) == 1
-        for key, value in flat(restored.params).items():
-            np.testing.assert_array_equal(value, saved_params[key])
-        assert nnx.merge(graphdef, restored.params).config.scan_layers == (name == "scanned")
-        final[name] = (unrolled_step if name == "unrolled" else scanned_step)(restored, next_batch)
-    checkpointer.close()
+        assert_trees_close(restored.params, saved[name].params, atol=0.0)
+        final[name] = next_step(restored, batch_of(True, seed=4))
     (scanned, scanned_metrics), (unrolled, unrolled_metrics) = final["scanned"], final["unrolled"]
     assert float(scanned_metrics["loss"]) == pytest.approx(float(unrolled_metrics["loss"]), abs=ATOL)
-    assert_trees_close(scanned.params, unrolled.params, atol=1e-5, rtol=1e-4)
-    assert_trees_close(scanned.opt_state, unrolled.opt_state, atol=1e-5, rtol=1e-4)
-    assert any(not np.allclose(v, saved_params[k]) for k, v in flat(scanned.params).items())  # it trained
+    assert_trees_close(in_layout(scanned, unrolled_layout), unrolled, atol=1e-5, rtol=1e-4)
+    assert any(not np.allclose(v, flat(state.params)[k]) for k, v in flat(unrolled.params).items())  # it trained
 
 
 # --- 8. config validation ---------------------------------------------------------------------------------------------
