@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from lm_core.errors import UserError
+from lm_core.errors import RunStopped, UserError
 
 EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 143  # 128 + SIGTERM, as a process killed by it
 
 
 def fail(message: str) -> None:
@@ -49,6 +50,9 @@ def run(main: Callable[[list[str]], None]) -> None:
             main(argv)
         except UserError as error:
             fail(str(error))
+        except RunStopped as stopped:  # the run saved its checkpoint and said so; rerun the command to resume
+            print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_STOPPED)
         except FloatingPointError as error:  # training diverged: not the user's input, but still one clear line
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(1)

@@ -27,7 +27,7 @@ from flax import nnx
 from lm_core import distributed, flops, sharding
 from lm_core.checkpoint import Checkpointer, abstract_like, check_same_model
 from lm_core.config import ModelConfig
-from lm_core.errors import UserError
+from lm_core.errors import RunStopped, UserError
 from lm_core.layers import FFNFactory
 from lm_core.loss import cross_entropy, next_token_loss
 from lm_core.metrics import MetricsLog, Progress
@@ -281,6 +281,18 @@ def step_parts(config: ml_collections.ConfigDict, task: TrainTask | None = None)
     return StepParts(model_config, optimizer, create_model, loss_fn, flops_per_token)
 
 
+def train_to_end(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTask | None = None
+                 ) -> TrainResult:
+    """`train`, raising `RunStopped` when a signal stopped it: what a pipeline of several runs calls, so a stop
+    stops the pipeline (no later run is built on an unfinished one, none is marked finished) and a rerun resumes
+    from the saved checkpoint."""
+    result = train(config, workdir, task)
+    if result.stopped_by_signal:
+        raise RunStopped(f"run {result.workdir} stopped at step {result.step} of {config.steps}; rerun the same "
+                         "command to resume")
+    return result
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTask | None = None) -> TrainResult:
     """Train (or resume) the run described by `config` in `workdir`."""
     task = task or TrainTask()
@@ -295,6 +307,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
 
     # Everything that can reject the user's input runs before anything is written to the workdir.
     checkpointer = latest = None
+    saved_meta: dict[str, Any] = {}
     if (workdir / "checkpoints").is_dir():
         checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     save_every=config.checkpoint_every)
@@ -353,7 +366,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
         return task.eval_row_fn(summary) if task.eval_row_fn is not None else summary
 
     last_row: dict[str, Any] = {}
-    tokens_seen = chars_seen = 0.0
+    # counted from the run's start, also across a resume (a sweep turns them into FLOPs spent)
+    tokens_seen, chars_seen = float(start_step * tokens_per_step), float(saved_meta.get("chars_seen", 0.0))
     window_start, window_steps = time.monotonic(), 0
     stop_signal = None
     with StopRequested() as stop:
@@ -387,7 +401,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
                 progress.print(step, last_row)
                 window_start, window_steps = time.monotonic(), 0
             if checkpointer.should_save(step) or step == config.steps or stop.signal_name:
-                checkpointer.save(step, state, loader.state(), meta, wait=bool(stop.signal_name))
+                checkpointer.save(step, state, loader.state(), {**meta, "chars_seen": chars_seen},
+                                  wait=bool(stop.signal_name))
             if stop.signal_name:
                 stop_signal = stop.signal_name
                 print(f"received {stop_signal}: saved checkpoint at step {step} in {checkpointer.directory}; "

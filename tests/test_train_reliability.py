@@ -119,6 +119,9 @@ def test_sigterm_saves_exits_and_resumes_exactly(tmp_path, corpus, reference):
     result = train(workdir, corpus, *STEPS)
     assert result.returncode == 0, result.stderr[-2000:]
     assert losses(workdir) == losses(reference)
+    # the tokens and characters seen count from the run's start across the resume (a sweep's FLOPs axis)
+    seen = [(row["step"], row["tokens"], row["chars"]) for row in read_metrics(workdir / "metrics.jsonl")]
+    assert seen == [(row["step"], row["tokens"], row["chars"]) for row in read_metrics(reference / "metrics.jsonl")]
 
 
 def test_one_and_eight_devices_log_the_same_losses_and_checkpoints_move_between_meshes(tmp_path, corpus,

@@ -1,14 +1,22 @@
 """The sweep planner's arithmetic and one end-to-end micro sweep (real tokenizers, real training, fits, report)."""
 
+import csv
 import math
+import os
 import pydoc_data.topics
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
-import ml_collections
+import numpy as np
 import pytest
 
 from lm_core.errors import UserError
 from vocab_scaling.sweep import ModelGroup, chars_for_budget, isoflop_points, plan_sweep
 from vocab_scaling.tokenization_curve import FCurve
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FLAT_F = FCurve(0.0, 0.0, 0.25)  # 0.25 tokens per character at every V: easy hand arithmetic
 
@@ -33,6 +41,14 @@ def test_plan_sweep_isoflop_design():
     assert runs[0].tokens > runs[2].tokens
     with pytest.raises(UserError, match="reaches 10000 steps"):
         plan_sweep([group], [256], [1e6], FLAT_F, tokens_per_step=100, min_steps=10000)
+    # repeats with other seeds, for the seeded vocabulary sizes only, under their own names
+    seeded = plan_sweep([group], [256, 512], [1e9], FLAT_F, tokens_per_step=100, min_steps=1, extra_seeds=(1, 2),
+                        seeded_vocab_sizes=(512,))
+    assert [(r.vocab_size, r.seed) for r in seeded] == [(256, 0), (512, 0), (512, 1), (512, 2)]
+    assert seeded[1].name == "g_V512_C1.00e09" and seeded[3].name == "g_V512_C1.00e09_s2"
+    assert seeded[3].steps == seeded[1].steps and seeded[3].as_row()["seed"] == 2
+    with pytest.raises(UserError, match=r"seeded vocabulary sizes \[1024\]"):
+        plan_sweep([group], [256], [1e9], FLAT_F, tokens_per_step=100, extra_seeds=(1,), seeded_vocab_sizes=(1024,))
 
 
 def test_isoflop_points_convert_characters_to_flops():
@@ -44,30 +60,153 @@ def test_isoflop_points_convert_characters_to_flops():
     assert points[0]["L_u"] == -0.5
 
 
-@pytest.mark.slow
-def test_micro_sweep_end_to_end(tmp_path, monkeypatch):
-    from experiments.vocab_scaling.runner import run_sweep
-    from lm_core.trainer import default_config
+def pydoc_corpus(directory: Path, documents: int) -> Path:
+    """A small text corpus from the standard library's pydoc topics (no download)."""
+    directory.mkdir()
+    for name, text in sorted(pydoc_data.topics.topics.items())[:documents]:
+        (directory / f"{name}.txt").write_text(text)
+    return directory
 
-    monkeypatch.setenv("LM_CORE_CACHE", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name, text in sorted(pydoc_data.topics.topics.items())[:40]:
-        (corpus / f"{name}.txt").write_text(text)
+
+MICRO_SWEEP = """
+import ml_collections
+from lm_core.trainer import default_config
+
+def get_config():
     config = default_config()
-    config.data.source = f"files:{corpus}/*.txt"
+    config.data.source = "files:{corpus}/*.txt"
     config.data.seq_len = 32
     config.data.global_batch_size = 8
     config.log_every = 5
-    config.eval_batches = 2
     config.sweep = ml_collections.ConfigDict(dict(
         groups=(("a", 32, 1, 2, 64), ("b", 48, 2, 2, 96)), vocab_sizes=(384, 448, 512), budgets=(3e9,),
-        min_steps=5, warmup_fraction=0.1, evals_per_run=2))
-    report = run_sweep(config, tmp_path / "sweep")
-    text = report.read_text()
-    assert "## Fitted constants" in text and "| 512 |" in text
+        min_steps=5, warmup_fraction=0.1, evals_per_run=2, eval_chars=20_000, extra_seeds=(1,),
+        seeded_vocab_sizes=(448,)))
+    return config
+"""
+
+
+def run_sweep_cli(config_file: Path, workdir: Path, env: dict[str, str], stop_at_run: int = 0
+                  ) -> subprocess.CompletedProcess:
+    """The sweep entrypoint in a subprocess; with stop_at_run, SIGTERM once it starts that run's training."""
+    command = [sys.executable, "-m", "experiments.vocab_scaling.sweep", f"--config={config_file}",
+               f"--workdir={workdir}"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if stop_at_run and line.startswith("step ") and any(f"== run {stop_at_run} of" in o for o in output):
+            process.send_signal(signal.SIGTERM)
+            stop_at_run = 0
+    process.wait(timeout=600)
+    return subprocess.CompletedProcess(command, process.returncode, "".join(output), "")
+
+
+@pytest.mark.slow
+def test_micro_sweep_end_to_end_and_a_stop_resumes_to_the_same_results(tmp_path):
+    corpus = pydoc_corpus(tmp_path / "corpus", 40)
+    config_file = tmp_path / "micro_sweep.py"
+    config_file.write_text(MICRO_SWEEP.format(corpus=corpus))
+    env = dict(os.environ, LM_CORE_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    whole = run_sweep_cli(config_file, tmp_path / "sweep", env)
+    assert whole.returncode == 0, whole.stdout[-2000:]
+    text = (tmp_path / "sweep" / "REPORT.md").read_text()
+    assert "## Fitted constants" in text and "| 512 |" in text and "## The paper's claims on our runs" in text
     assert (tmp_path / "sweep" / "isoflop.png").stat().st_size > 0
     rows = (tmp_path / "sweep" / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("name,group,N_nv,V") and len(rows) > 6
-    # rerunning skips the finished runs and gives the same report
-    assert run_sweep(config, tmp_path / "sweep").read_text() == text
+    assert rows[0].startswith("name,group,N_nv,V,d,N_v,budget,seed,") and len(rows) > 6
+    seeds = {(row["V"], row["seed"]) for row in csv.DictReader(rows)}
+    assert ("448", "1") in seeds and ("512", "1") not in seeds  # the seeded V's repeat, the others do not
+
+    # SIGTERM in the middle of the third run: exit 143, that run is not marked finished, later runs not started;
+    # the rerun resumes it and ends with the uninterrupted sweep's results
+    stopped = run_sweep_cli(config_file, tmp_path / "stopped", env, stop_at_run=3)
+    assert stopped.returncode == 143, stopped.stdout[-2000:]
+    finished = sorted(p.parent.name for p in (tmp_path / "stopped" / "runs").glob("*/result.json"))
+    assert len(finished) == 2 and not (tmp_path / "stopped" / "results.csv").exists()
+    resumed = run_sweep_cli(config_file, tmp_path / "stopped", env)
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    assert (tmp_path / "stopped" / "results.csv").read_text() == "\n".join(rows) + "\n"
+
+
+def test_every_vocabulary_is_scored_on_the_same_characters(tmp_path, monkeypatch):
+    from experiments.vocab_scaling.runner import leading_documents, same_text_data
+    from lm_core.config import ModelConfig
+    from lm_core.trainer import default_config
+
+    monkeypatch.setenv("LM_CORE_CACHE", str(tmp_path / "cache"))
+    corpus = pydoc_corpus(tmp_path / "corpus", 60)
+    assert leading_documents(["ab", "cde", "f"], 4) == ["ab", "cde"] and leading_documents(["ab"], 0) == ["ab"]
+    config = default_config()
+    config.data.source = f"files:{corpus}/*.txt"
+    config.data.seq_len, config.data.global_batch_size, config.eval_batches = 32, 4, 1
+    covered = {}
+    for vocab_size in (400, 800):
+        config.model.vocab_size = vocab_size
+        data = same_text_data(6_000)(config, tmp_path / f"run{vocab_size}", ModelConfig(vocab_size=vocab_size))
+        assert data.tokenizer.vocab_size == vocab_size
+        tokens = sum(float(b["loss_mask"].sum()) for b in data.eval_batches)
+        covered[vocab_size] = (sum(float(b["chars"].sum()) for b in data.eval_batches), tokens)
+    # the same characters (whole documents, >= 6,000 of them), in fewer tokens at the larger vocabulary; the
+    # trainer's own eval_batches=1 would have covered 4 x 32 tokens only
+    assert covered[400][0] == covered[800][0] >= 6_000
+    assert covered[800][1] < covered[400][1] and covered[800][1] > 4 * 32
+
+
+def test_unigram_table_counts_each_documents_eos_target(tmp_path):
+    # the model is scored on each document's tokens and then its EOS (never on BOS), so the table counts those
+    from experiments.vocab_scaling.runner import log_unigram
+    from lm_core.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    p = np.exp(log_unigram(tokenizer, ["ab", "a"], tmp_path / "V.npy"))
+    a, b = tokenizer.encode("ab")
+    seen = {a: 2, b: 1, tokenizer.eos_id: 2}
+    total = sum(seen.values()) + tokenizer.vocab_size - len(seen)  # every unseen id counts 1
+    np.testing.assert_allclose(p[tokenizer.eos_id], 2 / total, rtol=1e-6)
+    np.testing.assert_allclose(p[a], 2 / total, rtol=1e-6)
+    np.testing.assert_allclose(p[tokenizer.bos_id], 1 / total, rtol=1e-6)
+    np.testing.assert_allclose(np.exp(log_unigram(tokenizer, [], tmp_path / "V.npy")), p)  # cached
+
+
+def test_approach2_anchor_is_the_smallest_models_best_v_where_it_is_compute_optimal():
+    from experiments.vocab_scaling.report import _anchor
+
+    def run(n_nv, d, vocab, budget, loss):
+        return {"N_nv": n_nv, "N_v": vocab * d, "V": vocab, "budget": budget, "L_u": loss}
+
+    finals = [run(1e5, 64, 512, 1e11, 3.0), run(1e5, 64, 1024, 1e11, 3.1), run(4e5, 128, 512, 1e11, 3.2),
+              run(1e5, 64, 512, 1e12, 2.9), run(1e5, 64, 1024, 1e12, 2.8), run(4e5, 128, 1024, 1e12, 2.6)]
+    # at 1e12 the larger model wins, so the smallest one's compute-optimal budget is 1e11, where V=512 is best
+    assert _anchor(finals) == (1e5, 512 * 64)
+    # a smallest model that never wins is anchored at its smallest budget
+    assert _anchor([dict(p, L_u=p["L_u"] + (1.0 if p["N_nv"] == 1e5 else 0.0)) for p in finals]) == (1e5, 512 * 64)
+
+
+def test_claims_say_whether_the_best_vocabulary_moves_up_beyond_the_noise():
+    from experiments.vocab_scaling import claims
+
+    def point(vocab, budget, loss, seed=0):
+        return {"group": "g", "V": vocab, "budget": budget, "L_u": loss, "bpc": 1.0, "seed": seed}
+
+    small = [point(512, 1e11, -1.0), point(1024, 1e11, -1.2), point(1024, 1e11, -1.18, seed=1),
+             point(2048, 1e11, -1.1), point(4096, 1e11, -0.9)]
+    large = [point(512, 1e12, -2.0), point(1024, 1e12, -2.2), point(1024, 1e12, -2.22, seed=1),
+             point(2048, 1e12, -2.4), point(4096, 1e12, -2.3)]
+    finals = small + large
+    assert claims.seed_noise(finals) == pytest.approx(0.02)
+    means = claims.seed_means(finals)
+    assert len(means) == 8
+    assert sorted(p["L_u"] for p in means if p["V"] == 1024) == [pytest.approx(-2.21), pytest.approx(-1.19)]
+    line = claims.compute_claim(means, claims.seed_noise(finals))
+    # 1024 -> 2048 is x2.0, both interior, and at 1e12 V=2048 beats V=1024 by 0.19 > 0.02
+    assert line.startswith("Best V grows with compute") and "REPRODUCED" in line and "x2.00" in line
+    assert "beats V=1024 by 0.1900" in line
+    # an optimum at the edge of the V range, or a margin inside the noise bar, is not called a shift
+    edge = [dict(p, L_u=p["L_u"] - 1.0) if p["V"] == 4096 and p["budget"] == 1e12 else p for p in means]
+    assert "NOT reproduced" in claims.compute_claim(edge, 0.02) and "at an edge" in claims.compute_claim(edge, 0.02)
+    assert "NOT reproduced" in claims.compute_claim(means, 0.5)
+    assert "NOT reproduced" in claims.compute_claim(means, None) and "no noise bar" in claims.compute_claim(means, None)
+    assert "not testable" in claims.compute_claim(claims.seed_means(small), 0.02)
+    assert claims.shift_claims(means, 0.02)[0].startswith("Under/over-training shift in group g")

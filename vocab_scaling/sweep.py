@@ -46,10 +46,12 @@ class PlannedRun:
     chars: float  # H: characters of training text the budget buys
     tokens: float  # D = H · f(V)
     steps: int
+    seed: int = 0  # added to the config's seed: repeats of a run for a noise bar
 
     @property
     def name(self) -> str:
-        return f"{self.group.name}_V{self.vocab_size}_C{self.flops_budget:.2e}".replace("+", "")
+        repeat = f"_s{self.seed}" if self.seed else ""
+        return f"{self.group.name}_V{self.vocab_size}_C{self.flops_budget:.2e}{repeat}".replace("+", "")
 
     @property
     def n_v(self) -> int:
@@ -58,7 +60,7 @@ class PlannedRun:
     def as_row(self) -> dict[str, Any]:
         return {"name": self.name, "group": self.group.name, "N_nv": self.n_nv, "V": self.vocab_size,
                 "d": self.group.d_model, "budget": self.flops_budget, "planned_H": self.chars,
-                "planned_D": self.tokens, "steps": self.steps}
+                "planned_D": self.tokens, "steps": self.steps, "seed": self.seed}
 
 
 def chars_for_budget(flops_budget: float, n_nv: float, vocab_size: float, d: float, f: FCurve) -> float:
@@ -67,8 +69,10 @@ def chars_for_budget(flops_budget: float, n_nv: float, vocab_size: float, d: flo
 
 
 def plan_sweep(groups: Sequence[ModelGroup], vocab_sizes: Sequence[int], budgets: Sequence[float], f: FCurve, *,
-               tokens_per_step: int, min_steps: int = 20) -> list[PlannedRun]:
-    """Every (group, V, budget) run whose budget buys at least `min_steps` optimizer steps."""
+               tokens_per_step: int, min_steps: int = 20, extra_seeds: Sequence[int] = (),
+               seeded_vocab_sizes: Sequence[int] = ()) -> list[PlannedRun]:
+    """Every (group, V, budget) run whose budget buys at least `min_steps` optimizer steps, and for the V's in
+    `seeded_vocab_sizes` one repeat per extra seed (the same run with another initialisation and data order)."""
     if not groups or not vocab_sizes or not budgets:
         raise UserError("a sweep needs at least one model group, one vocabulary size and one budget")
     bad = [v for v in vocab_sizes if v <= 0] + [c for c in budgets if not c > 0]
@@ -83,9 +87,13 @@ def plan_sweep(groups: Sequence[ModelGroup], vocab_sizes: Sequence[int], budgets
                 tokens = chars * f(vocab_size)
                 steps = int(round(tokens / tokens_per_step))
                 if steps >= min_steps:
-                    runs.append(PlannedRun(group, vocab_size, budget, n_nv, chars, tokens, steps))
+                    seeds = (0, *extra_seeds) if vocab_size in seeded_vocab_sizes else (0,)
+                    runs += [PlannedRun(group, vocab_size, budget, n_nv, chars, tokens, steps, seed)
+                             for seed in seeds]
     if not runs:
         raise UserError(f"no run of the sweep reaches {min_steps} steps; raise the budgets")
+    if unknown := sorted(set(seeded_vocab_sizes) - set(vocab_sizes)):
+        raise UserError(f"seeded vocabulary sizes {unknown} are not among the sweep's {sorted(vocab_sizes)}")
     return runs
 
 

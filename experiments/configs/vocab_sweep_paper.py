@@ -23,7 +23,7 @@ def get_config():
     config.optimizer.learning_rate = 4e-4
     config.optimizer.final_lr_fraction = 0.1
     config.log_every = 100
-    config.eval_batches = 50
+    config.sweep.eval_chars = 10_000_000  # the same validation text at every V
     # (name, d_model, num_layers, num_heads, d_ff): the paper's table "Model family used for the sweeps"
     config.sweep.groups = (("33M", 512, 8, 8, 2048), ("85M", 768, 12, 12, 2048), ("151M", 768, 16, 12, 3072),
                            ("302M", 1024, 18, 16, 4096), ("631M", 1536, 20, 24, 4800),

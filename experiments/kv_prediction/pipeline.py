@@ -36,7 +36,7 @@ from lm_core.errors import UserError
 from lm_core.flops import flops_per_token
 from lm_core.model import Transformer
 from lm_core.train_step import TrainState
-from lm_core.trainer import TrainTask, check_same_meta, load_trained_model, model_config_from, train
+from lm_core.trainer import TrainTask, check_same_meta, load_trained_model, model_config_from, train_to_end
 
 CONFIG_FILE = "kvp_config.json"
 
@@ -255,5 +255,5 @@ def train_all(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any
             print(f"== run {index} of {len(runs)}: {name} (finished, {directory})", flush=True)
             continue
         print(f"== run {index} of {len(runs)}: {name} -> {directory}", flush=True)
-        results[name] = train(stage, directory, task)
+        results[name] = train_to_end(stage, directory, task)  # a signal stops the pipeline here
     return results

@@ -49,14 +49,14 @@ def scale_configs(scale: str, image_tokenizer_dir: Path) -> dict[str, Any]:
 def train_variants(configs: dict[str, Any], workdir: Path) -> dict[str, float]:
     """Train (or resume) every variant; -> variant -> wall-clock seconds of this call."""
     from experiments.moma.train import moma_task
-    from lm_core.trainer import train
+    from lm_core.trainer import train_to_end
 
     seconds = {}
     for index, (variant, config) in enumerate(configs.items(), 1):
         print(f"[moma {index}/{len(configs)}] training {variant} ({config.steps} steps)", flush=True)
         start = time.monotonic()
         run_dir = workdir / variant
-        train(config, run_dir, moma_task(config, run_dir))
+        train_to_end(config, run_dir, moma_task(config, run_dir))  # a signal stops the reproduction here
         seconds[variant] = time.monotonic() - start
     return seconds
 

@@ -25,5 +25,5 @@ def run(scale: str, workdir: Path) -> Section:
                f"{', '.join(str(v) for v in config.sweep.vocab_sizes)}; fitted: {', '.join(fits.get('fitted', []))}"
                f"{'; not fitted: ' + ', '.join(fits['failures']) if fits.get('failures') else ''}. "
                "IsoFLOP curves in `vocab_scaling/isoflop.png`; the paper's table from its coefficients in the "
-               "report.")
+               "report. " + " ".join(fits.get("claims", [])))
     return Section(TITLE, report, summary)

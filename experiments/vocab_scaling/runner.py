@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ from vocab_scaling.sweep import ModelGroup, PlannedRun, isoflop_points, plan_swe
 from vocab_scaling.tokenization_curve import PAPER_F, FCurve, fit_tokens_per_char, measure_tokens_per_char
 from vocab_scaling.unigram_loss import unigram_distribution, unigram_sums
 
-POINT_COLUMNS = ["name", "group", "N_nv", "V", "d", "N_v", "budget", "step", "C", "H", "D", "L_u", "loss", "bpc",
-                 "final"]
+POINT_COLUMNS = ["name", "group", "N_nv", "V", "d", "N_v", "budget", "seed", "step", "C", "H", "D", "L_u", "loss",
+                 "bpc", "final"]
 
 
 def parse_groups(specs: Sequence[Sequence[Any]]) -> list[ModelGroup]:
@@ -61,10 +62,15 @@ def measure_f(tokenizers: dict[int, Any], texts: Sequence[str]) -> tuple[dict[in
 
 
 def log_unigram(tokenizer: Any, train_texts: Sequence[str], cache: Path) -> np.ndarray:
-    """log p_unigram over the tokenized training split (unseen ids count 1), cached per tokenizer."""
+    """log p_unigram over the training split's targets (unseen ids count 1), cached per tokenizer.
+
+    Targets are what the model is scored on: each document's tokens and then its EOS (lm_core.data.packing;
+    BOS is only ever an input), so EOS counts once per document. Left out, it would count 1 in all and every
+    document end would add log(1 / total) ≈ -15 nats to L_u."""
     if cache.exists():
         return np.load(cache)
-    ids = [np.asarray(tokenizer.encode(train_texts[i]), np.int64) for i in range(len(train_texts))]
+    ids = [np.append(np.asarray(tokenizer.encode(train_texts[i]), np.int64), tokenizer.eos_id)
+           for i in range(len(train_texts))]
     distribution = unigram_distribution(ids, tokenizer.vocab_size)
     values = np.log(distribution).astype(np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +113,7 @@ def run_config(base: ml_collections.ConfigDict, planned: PlannedRun) -> ml_colle
     """The lm_core training config of one planned run."""
     config = group_run_config(base, planned.group, planned.vocab_size)
     config.steps = planned.steps
+    config.seed = base.seed + planned.seed
     config.optimizer.total_steps = planned.steps
     config.optimizer.warmup_steps = max(1, int(base.sweep.warmup_fraction * planned.steps))
     evals = max(1, int(base.sweep.evals_per_run))
@@ -116,14 +123,47 @@ def run_config(base: ml_collections.ConfigDict, planned: PlannedRun) -> ml_colle
     return config
 
 
+def leading_documents(texts: Sequence[str], max_chars: int) -> list[str]:
+    """Whole documents from the start of `texts`, in order, until they hold `max_chars` characters (at least one
+    document; all of them for max_chars=0)."""
+    documents, total = [], 0
+    for i in range(len(texts)):
+        if max_chars and documents and total >= max_chars:
+            break
+        documents.append(texts[i])
+        total += len(texts[i])
+    return documents
+
+
+def same_text_data(eval_chars: int) -> Callable[..., Any]:
+    """`TrainTask.make_data` of a sweep run: the trainer's text data, scored on the same characters at every V,
+    namely every token of `leading_documents(validation split, eval_chars)`. The trainer's own `eval_batches`
+    batches of tokens would cover fewer characters, from a different slice of text, at a small V than at a large
+    one: noise as large as the L_u differences that locate the optimum."""
+
+    def make_data(config: ml_collections.ConfigDict, workdir: Path, model_config: Any) -> Any:
+        from lm_core.data import get_text_source, iter_eval_batches
+        from lm_core.trainer import text_train_data
+
+        data = text_train_data(config, workdir, model_config)
+        source = get_text_source(config.data.source, data_dir=config.data.data_dir or None)
+        documents = leading_documents(source.split("validation"), eval_chars)
+        batches = iter_eval_batches(documents, data.tokenizer, config.data.seq_len, config.data.global_batch_size)
+        return dataclasses.replace(data, eval_batches=list(batches))
+
+    return make_data
+
+
 def train_run(base: ml_collections.ConfigDict, planned: PlannedRun, run_dir: Path, log_p: np.ndarray
               ) -> list[dict[str, float]]:
     """Train one run (or resume it) and return its (C, L_u, ...) points along training."""
-    from lm_core.trainer import TrainTask, train
+    from lm_core.trainer import TrainTask, train_to_end
 
     result_file = run_dir / "result.json"
     if not result_file.exists():
-        train(run_config(base, planned), run_dir, TrainTask(eval_sums_fn=unigram_eval_fn(log_p)))
+        eval_chars = int(base.sweep.get("eval_chars", 0))  # 0: the whole validation split
+        task = TrainTask(eval_sums_fn=unigram_eval_fn(log_p), make_data=same_text_data(eval_chars))
+        train_to_end(run_config(base, planned), run_dir, task)  # a signal stops the sweep: no result.json
         rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
         tmp = result_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"run": planned.as_row(), "eval_rows": rows}, indent=1))
@@ -148,7 +188,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     measured, f_curve = measure_f(tokenizers, validation_texts)
     tokens_per_step = config.data.global_batch_size * config.data.seq_len
     plan = plan_sweep(groups, vocab_sizes, budgets, f_curve, tokens_per_step=tokens_per_step,
-                      min_steps=config.sweep.min_steps)
+                      min_steps=config.sweep.min_steps, extra_seeds=tuple(config.sweep.get("extra_seeds", ())),
+                      seeded_vocab_sizes=tuple(config.sweep.get("seeded_vocab_sizes", ())))
     workdir.mkdir(parents=True, exist_ok=True)
 
     points: list[dict[str, Any]] = []
@@ -159,7 +200,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         print(f"== run {index} of {len(plan)}: {planned.name} (N_nv={planned.n_nv:,}, V={planned.vocab_size}, "
               f"C={planned.flops_budget:.2e}, {planned.steps} steps) | sweep ETA {format_seconds(eta)}", flush=True)
         log_p = log_unigram(tokenizers[planned.vocab_size], train_texts,
-                            workdir / "unigram" / f"V{planned.vocab_size}.npy")
+                            workdir / "unigram" / f"V{planned.vocab_size}_targets.npy")
         rows = train_run(config, planned, workdir / "runs" / planned.name, log_p)
         run_points = isoflop_points(rows, planned.n_nv, planned.vocab_size, planned.group.d_model, f_curve)
         for i, point in enumerate(run_points):
