@@ -186,12 +186,20 @@ def matmul_flops_by_origin(hlo_text: str) -> dict[str, float]:
 
     def cost(name: str, op: str, out_type: str, operands: str, attrs: str, known: dict[str, list[int] | None]
              ) -> dict[str, float]:
-        if op not in ("dot", "convolution"):
+        if op not in MATMUL_OPS:
             return {}
-        flops = _matmul_flops(op, _dims(out_type), [known.get(n) for n in _operand_names(operands)], attrs)
-        return {_origin(attrs): flops}
+        return {_origin(attrs): _instruction_matmul_flops(op, out_type, operands, attrs, known)}
 
     return loop_aware_totals(hlo_text, cost)
+
+
+MATMUL_OPS = ("dot", "convolution")
+
+
+def _instruction_matmul_flops(op: str, out_type: str, operands: str, attrs: str,
+                              known: dict[str, list[int] | None]) -> float:
+    """The FLOPs of one dot or convolution instruction, its operands' shapes looked up in `known`."""
+    return _matmul_flops(op, _dims(out_type), [known.get(n) for n in _operand_names(operands)], attrs)
 
 
 def recomputed_matmul_flops(hlo_text: str) -> float:
@@ -200,10 +208,9 @@ def recomputed_matmul_flops(hlo_text: str) -> float:
 
     def cost(name: str, op: str, out_type: str, operands: str, attrs: str, known: dict[str, list[int] | None]
              ) -> dict[str, float]:
-        if op not in ("dot", "convolution") or "/rematted_computation/" not in _op_name(attrs):
+        if op not in MATMUL_OPS or "/rematted_computation/" not in _op_name(attrs):
             return {}
-        return {"recomputed": _matmul_flops(op, _dims(out_type), [known.get(n) for n in _operand_names(operands)],
-                                            attrs)}
+        return {"recomputed": _instruction_matmul_flops(op, out_type, operands, attrs, known)}
 
     return loop_aware_totals(hlo_text, cost).get("recomputed", 0.0)
 

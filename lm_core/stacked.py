@@ -59,13 +59,18 @@ def unstacked_state(state: nnx.State) -> nnx.State:
     return jax.tree.map(lambda v: v.replace(v.get_value(), logical_axes=_axes(v)[1:]), state, is_leaf=_is_variable)
 
 
+def _layer_module(graphdef: nnx.GraphDef, layer_state: nnx.State) -> nnx.Module:
+    """An ordinary module of a stacked module's structure holding one layer's slice of its state."""
+    module = nnx.merge(graphdef, unstacked_state(layer_state))
+    mark_stacked(module, 0)
+    return module
+
+
 def layer_view(stacked: nnx.Module, index: int) -> nnx.Module:
     """Layer `index` of a stacked module as an ordinary module (a read-only view: changing it leaves the stack
     as it was; `set_layer_state` writes)."""
     graphdef, state = nnx.split(stacked)
-    module = nnx.merge(graphdef, unstacked_state(jax.tree.map(lambda a: a[index], state)))
-    mark_stacked(module, 0)
-    return module
+    return _layer_module(graphdef, jax.tree.map(lambda a: a[index], state))
 
 
 def set_layer_state(stacked: nnx.Module, index: int, layer: nnx.State) -> None:
@@ -84,10 +89,7 @@ def scan_stacked(body: Callable, carry: object, stacked: Sequence[nnx.Module], x
 
     def step(h: object, inputs: tuple) -> tuple[object, object]:
         layer_states, x = inputs
-        modules = [nnx.merge(g, unstacked_state(s)) for g, s in zip(graphdefs, layer_states, strict=True)]
-        for module in modules:
-            mark_stacked(module, 0)
-        return body(h, modules, x)
+        return body(h, [_layer_module(g, s) for g, s in zip(graphdefs, layer_states, strict=True)], x)
 
     return jax.lax.scan(step, carry, (list(states), xs))
 

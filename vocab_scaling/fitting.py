@@ -37,6 +37,7 @@ from lm_core.errors import UserError
 
 HUBER_DELTA = 1e-3  # spec and Hoffmann et al.: δ = 1e-3
 EXPONENT_RANGE = (0.1, 1.0)  # Approach 3 keeps only solutions with every exponent strictly inside (spec)
+LAW_EXPONENTS = ("alpha1", "alpha2", "beta")
 
 # Normalised units of the parametric laws (spec, Approach 3): N in millions, V and d in thousands (so
 # N_v = V·d is in millions too), D in billions of tokens; hence C = 6·N·D is in units of 1e15.
@@ -399,10 +400,14 @@ class VocabLossLaw:
 
     def violations(self) -> list[str]:
         """The paper's constraint broken by these constants, one line per exponent outside (0.1, 1); [] if none."""
-        low, high = EXPONENT_RANGE
-        return [f"{name}={value:.4g} is outside {low:g} < {name} < {high:g}"
-                for name, value in (("alpha1", self.alpha1), ("alpha2", self.alpha2), ("beta", self.beta))
-                if not low < value < high]
+        return exponent_violations(self.as_dict())
+
+
+def exponent_violations(values: Mapping[str, float]) -> list[str]:
+    """One line per exponent of the vocabulary loss law (`LAW_EXPONENTS` in `values`) outside EXPONENT_RANGE."""
+    low, high = EXPONENT_RANGE
+    return [f"{name}={values[name]:.4g} is outside {low:g} < {name} < {high:g}" for name in LAW_EXPONENTS
+            if not low < values[name] < high]
 
 
 def fit_vocab_loss(n_nv: ArrayLike, vocab_size: ArrayLike, d: ArrayLike, tokens: ArrayLike, loss: ArrayLike, *,
@@ -448,7 +453,7 @@ def fit_vocab_loss(n_nv: ArrayLike, vocab_size: ArrayLike, d: ArrayLike, tokens:
     scale = np.maximum(np.abs(target), 1e-12)
     low, high = EXPONENT_RANGE
     fit = robust_fit(residuals, parameters, delta=delta, tied={"beta": "alpha1"} if tie_beta else None,
-                     accept=lambda v: all(low < v[k] < high for k in ("alpha1", "alpha2", "beta")),
+                     accept=lambda v: not exponent_violations(v),
                      accept_rule=f"{low:g} < exponents < {high:g}", score=lambda r: float(np.mean(np.abs(r) / scale)),
                      keep_rejected=not strict, what=what)
     v = fit.values

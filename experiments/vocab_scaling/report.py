@@ -155,8 +155,7 @@ def _shape_summary(finals: list[dict[str, Any]]) -> str:
             if len(same) < 3:
                 continue
             curves += 1
-            best = min(same, key=lambda p: p["L_u"])["V"]
-            interior += min(p["V"] for p in same) < best < max(p["V"] for p in same)
+            interior += claims.best_point(same)[1]
     if not curves:
         return "no (group, budget) curve has three or more vocabulary sizes, so no optimum can be located."
     return (f"{interior} of {curves} IsoFLOP curves with at least three vocabulary sizes have their lowest L_u "
@@ -178,7 +177,7 @@ def write_report(workdir: Path, config: ml_collections.ConfigDict, plan: Sequenc
     finals = [p for p in points if p["final"]]
     demo = config.sweep.get("demo_only", False)
     verdicts = [DEMO_NOTE] if demo else _claims(plan, finals, fits)
-    lines = [*_header_lines(config, plan, measured, f_curve), *_run_lines(config, plan, finals),
+    lines = [*_header_lines(config, plan, measured, f_curve, demo), *_run_lines(config, plan, finals),
              *_constant_lines(fits, coefficients_path.name), *_prediction_lines(plan, finals, fits),
              "", "## The paper's claims on our runs", "",
              *(["- Not checked: the demo scale is too small (see the top)."] if demo else
@@ -192,11 +191,10 @@ def write_report(workdir: Path, config: ml_collections.ConfigDict, plan: Sequenc
 
 
 def _header_lines(config: ml_collections.ConfigDict, plan: Sequence[PlannedRun], measured: dict[int, float],
-                  f_curve: FCurve) -> list[str]:
-    demo = [DEMO_NOTE, ""] if config.sweep.get("demo_only", False) else []
+                  f_curve: FCurve, demo: bool) -> list[str]:
     seeded = sorted({run.vocab_size for run in plan if run.seed})
     return [
-        "# Scaling laws with vocabulary — our sweep", "", *demo,
+        "# Scaling laws with vocabulary — our sweep", "", *([DEMO_NOTE, ""] if demo else []),
         "Tao et al. 2024 ask which vocabulary size V is compute-optimal. Models with different V cannot be compared "
         "by per-token loss (a token means different amounts of text), so we measure the unigram-normalised loss "
         "L_u = −mean log(p(w)/p_unigram(w)) and bits per character. Each model group keeps its non-vocabulary "
