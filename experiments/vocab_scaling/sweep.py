@@ -4,11 +4,15 @@
 
 Steps: (1) train a sentencepiece tokenizer per vocabulary size V, measure tokens per character on held-out text and
 fit f(V) = a·ln²V + b·lnV + c; (2) plan model groups x V x budgets as an IsoFLOP design (the characters H each run
-sees follow from its budget C = 6 (N_nv + V·d) H f(V)); (3) train every run with lm_core, evaluating the
-unigram-normalised loss L_u and bits per character on the validation split along the way; (4) fit Approaches 1-3
-on our points and write DIR/REPORT.md with IsoFLOP curves, the f(V) plot, fitted constants and predictions next
-to the paper's. Rerunning skips finished runs (an interrupted run resumes from its checkpoint).
-Configs: vocab_sweep_tiny.py (~13 min on 2 CPU cores; `:demo` ~2 min), vocab_sweep_small.py, vocab_sweep_paper.py.
+sees follow from its budget C = 6 (N_nv + V·d) H f(V)); the runs at `sweep.seeded_vocab_sizes` repeat with
+`sweep.extra_seeds` for a noise bar; (3) train every run with lm_core, evaluating the unigram-normalised loss L_u
+and bits per character along the way on the same validation text at every V (whole documents, up to
+`sweep.eval_chars` characters; 0 = the whole split); (4) fit Approaches 1-3 on our points and write DIR/REPORT.md
+with IsoFLOP curves, the f(V) plot, fitted constants, predictions next to the paper's, and one line per claim of
+the paper saying whether our runs show it (against the seed-to-seed noise bar); DIR/results.csv has one row per
+evaluation. Rerunning skips finished runs; SIGTERM stops the sweep (exit 143) and a rerun resumes the
+interrupted run from its checkpoint.
+Configs: vocab_sweep_tiny.py (23 min on 2 CPU cores; `:demo` ~2 min), vocab_sweep_small.py, vocab_sweep_paper.py.
 """
 
 from __future__ import annotations
