@@ -53,7 +53,7 @@ def run(main: Callable[[list[str]], None]) -> None:
         except RunStopped as stopped:  # the run saved its checkpoint and said so; rerun the command to resume
             print(f"stopped: {stopped}", file=sys.stderr, flush=True)
             sys.exit(EXIT_STOPPED)
-        except FloatingPointError as error:  # training diverged: not the user's input, but still one clear line
+        except FloatingPointError as error:  # lm_core.errors.TrainingDiverged: not the input, still one line
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(1)
 

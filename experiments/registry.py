@@ -21,9 +21,11 @@ REPRODUCTION_MODULES = [
 ]
 
 # Paper modules that register extra text sources with lm_core.data when imported (lm_core cannot import them):
-# retrieval:<source> (kv_prediction's retrieval documents mixed into a corpus) and image_captions:<image spec>.
+# retrieval:<source> and knowledge:<source> (kv_prediction's recall and closed-book documents mixed into a corpus)
+# and image_captions:<image spec>.
 TEXT_SOURCE_MODULES = [
     "kv_prediction.retrieval",
+    "kv_prediction.knowledge",
     "moma.images",
 ]
 

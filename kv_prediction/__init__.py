@@ -9,5 +9,8 @@ large FROZEN base model B, which then generates. Modules, one idea each:
 - `model`: `KVPModel` (B + A + P) and its training forward pass;
 - `loss`: the 3-term objective `kvp_loss(model, batch, rng)`;
 - `optim`: `freeze_base` / `make_kvp_optimizer`, optimizers that only update A and P;
-- `inference`: the TTFT path (`generate_kvp`) and its analytic FLOPs (`ttft_flops`).
+- `inference`: the TTFT path (`generate_kvp`) and its analytic FLOPs (`ttft_flops`);
+- `retrieval` / `knowledge`: the open-book recall and closed-book knowledge tasks, text sources
+  `retrieval:<source>` and `knowledge:<source>` (`synthetic`: what the two share);
+- `scoring`: exact match and continuation perplexity through each model's serving path.
 """

@@ -28,7 +28,7 @@ from flax import nnx
 
 from kv_prediction.inference import first_logits_on_kv
 from kv_prediction.model import KVPModel
-from kv_prediction.retrieval import RetrievalExample, exact_match
+from kv_prediction.synthetic import Example, exact_match
 from lm_core.attention import LayerKV
 from lm_core.generation import SamplingConfig
 from lm_core.model import Transformer
@@ -121,7 +121,7 @@ def perplexity(nll: np.ndarray) -> float:
 GenerateFn = Callable[[Sequence[Sequence[int]], SamplingConfig], np.ndarray]
 
 
-def greedy_answers(generate_fn: GenerateFn, tokenizer, examples: Sequence[RetrievalExample], *,
+def greedy_answers(generate_fn: GenerateFn, tokenizer, examples: Sequence[Example], *,
                    max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
     """Each example's greedy continuation as text (prompts start with BOS, batched with left padding)."""
     config = SamplingConfig(max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id)
@@ -133,6 +133,6 @@ def greedy_answers(generate_fn: GenerateFn, tokenizer, examples: Sequence[Retrie
     return texts
 
 
-def exact_match_rate(generated: Sequence[str], examples: Sequence[RetrievalExample]) -> float:
+def exact_match_rate(generated: Sequence[str], examples: Sequence[Example]) -> float:
     hits = [exact_match(text, example.answer) for text, example in zip(generated, examples, strict=True)]
     return sum(hits) / max(len(hits), 1)

@@ -7,11 +7,17 @@ A checkpoint directory `workdir/checkpoints/<step>/` holds three items:
 - `meta`: the model config and anything else the run wants to check before resuming (JSON).
 Orbax writes into a temporary directory and renames it when complete, so a run killed mid-save leaves the previous
 checkpoint as the latest; we never fall back to a fresh start when a checkpoint exists but cannot be read.
+A save is proven possible before Orbax starts it (`prove_writable`): when Orbax cannot create a step directory
+its background threads wait ~300 s for a signal that never comes, and the run would only fail at its end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int = 3, save_every: int = 0):
         self.directory = Path(directory).absolute()
         self.save_every = save_every
+        self._saving = self.directory  # the latest save started (workdir/checkpoints/<step>), named if it fails
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
@@ -44,16 +51,28 @@ class Checkpointer:
         return self.save_every > 0 and step % self.save_every == 0
 
     def save(self, step: int, state: Any, data: dict[str, Any], meta: dict[str, Any], *, wait: bool = False) -> None:
-        """Start saving (asynchronously: training continues while the files are written)."""
+        """Start saving (asynchronously: training continues while the files are written).
+
+        A failure raises UserError: now when the directory is not writable, at the next `raise_if_save_failed`,
+        `save` or `wait` when the background write fails."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)))
+        prove_writable(self.directory)
+        self._saving = self.directory / str(step)
+        with _save_failures(self._saving):
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)))
         if wait:
             self.wait()
 
+    def raise_if_save_failed(self) -> None:
+        """Without waiting: UserError if a background save has failed (the trainer asks after every step)."""
+        with _save_failures(self._saving):
+            self.manager.check_for_errors()
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with _save_failures(self._saving):
+            self.manager.wait_until_finished()
 
     def read_meta(self, step: int) -> dict[str, Any]:
         return self._read_json(step, "meta")
@@ -82,8 +101,34 @@ class Checkpointer:
         return Restored(step, restored.state, restored.data, meta)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _save_failures(where: Path) -> Iterator[None]:
+    """Turns an exception of an Orbax save into one line naming the checkpoint and the reason."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever the filesystem said, the save did not happen
+        raise UserError(f"saving checkpoint {where} failed ({_short(error)}); free space or fix the permissions "
+                        "of that directory, then rerun the same command to resume") from error
+
+
+def prove_writable(directory: Path) -> None:
+    """Create `directory` and write and delete a probe file in it, or raise UserError saying why not."""
+    probe = directory / f".write_probe.{socket.gethostname()}.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as error:
+        reason = "it exists and is not a directory" if directory.exists() and not directory.is_dir() else (
+            error.strerror or type(error).__name__)
+        raise UserError(f"cannot write checkpoints to {directory} ({reason}); the checkpoint directory must be "
+                        "a writable directory: move the file away or fix its permissions") from error
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax.numpy as jnp
@@ -107,6 +109,26 @@ class ModelConfig:
                 and (include_execution or name not in EXECUTION_FIELDS)]
 
 
+def check_finite_numbers(values: dict[str, Any]) -> None:
+    """Refuse NaN or infinity anywhere in a (nested) config dict, naming the field: range checks such as
+    `value < 0` let NaN through, and every numeric field of a run is meant to be finite."""
+    for name, value in _float_fields(values):
+        if not math.isfinite(value):
+            raise UserError(f"{name}={value} must be a finite number")
+
+
+def _float_fields(values: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    if isinstance(values, dict):
+        for key, value in values.items():
+            yield from _float_fields(value, f"{prefix}{key}.")
+    elif isinstance(values, (list, tuple)):
+        for index, value in enumerate(values):
+            yield from _float_fields(value, f"{prefix.rstrip('.')}[{index}].")
+    elif isinstance(values, float) or (getattr(getattr(values, "dtype", None), "kind", "") == "f"
+                                       and getattr(values, "size", 0) == 1):  # numpy float scalars
+        yield prefix.rstrip("."), float(values)
+
+
 def _swiglu_width(d_model: int) -> int:
     # Llama's rule: a SwiGLU FFN with hidden 8/3·d has the parameters of a 4·d GELU FFN.
     return max(8, -(-(8 * d_model) // 3 // 8) * 8)
@@ -140,8 +162,7 @@ def _problems(config: ModelConfig) -> list[str]:
         problems.append(f"scan_layers={config.scan_layers!r} must be true or false")
     if config.norm_placement not in NORM_PLACEMENTS:
         problems.append(f"norm_placement={config.norm_placement!r} is unknown; valid: {list(NORM_PLACEMENTS)}")
-    if not config.rope_theta > 0:
-        problems.append(f"rope_theta={config.rope_theta!r} must be positive")
-    if not config.norm_eps > 0:
-        problems.append(f"norm_eps={config.norm_eps!r} must be positive")
+    for name in ("rope_theta", "norm_eps"):  # `not` a range: NaN fails every comparison, so it is refused too
+        if not 0 < getattr(config, name) < float("inf"):
+            problems.append(f"{name}={getattr(config, name)!r} must be a finite positive number")
     return problems

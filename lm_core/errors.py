@@ -1,7 +1,7 @@
 """The one exception type for mistakes a user can make (config, data, checkpoint).
 
-Entrypoints catch `UserError`, print its message as one line and exit with code 2, and `RunStopped` with exit
-code 143; everything else is a bug and keeps its traceback.
+Entrypoints catch `UserError`, print its message as one line and exit with code 2, `TrainingDiverged` with exit
+code 1 and `RunStopped` with exit code 143; everything else is a bug and keeps its traceback.
 """
 
 
@@ -12,3 +12,8 @@ class UserError(ValueError):
 class RunStopped(Exception):
     """A signal stopped a training run of a pipeline (checkpoint saved): the pipeline stops too, rather than
     going on to runs built on an unfinished one. Entrypoints exit with code 143 (128 + SIGTERM)."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """A train step's objective, gradient norm or updated parameters were not finite: the step was not applied and
+    the last finite state is the newest checkpoint. Entrypoints print the one-line message and exit with code 1."""

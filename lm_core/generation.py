@@ -34,8 +34,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise UserError(f"max_new_tokens={self.max_new_tokens} must be positive")
-        if self.temperature < 0:
-            raise UserError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 <= self.temperature < float("inf"):  # also refuses NaN, which `temperature < 0` let through
+            raise UserError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
         if self.top_k < 0:
             raise UserError(f"top_k={self.top_k} must be >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:

@@ -149,6 +149,11 @@ def loss_and_grads(graphdef: nnx.GraphDef, loss_fn: LossFn, params: nnx.State, b
     return loss / weight, metrics, jax.tree.map(lambda g: g / weight, grads)
 
 
+def all_finite(*trees: Any) -> Array:
+    """One bool: every element of every array in `trees` is finite (an all-reduce over sharded leaves)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(trees)]))
+
+
 def batch_shardings(mesh: Mesh, batch: Batch) -> dict[str, NamedSharding]:
     return {name: batch_sharding(mesh, value.ndim) for name, value in batch.items()}
 
@@ -165,6 +170,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.Gr
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
     """A compiled `step(state, batch) -> (new_state, metrics)`; `state` is donated (updated in place).
 
+    metrics["finite"] (bool) is False when the objective, the gradient norm or an updated parameter is not finite;
+    `new_state` is then `state` unchanged (step count included).
+
     `step.lower(state, batch)` gives the same jit's `jax.stages.Lowered`, for looking at what runs: its HLO,
     `.compile().cost_analysis()`, or the op names of a profile (benchmarks/op_profile.py).
     """
@@ -174,8 +182,14 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.Gr
         loss, metrics, grads = loss_and_grads(graphdef, loss_fn, state.params, batch, step_rng, grad_accum_steps)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, objective=loss, grad_norm=optax.global_norm(grads))
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        grad_norm = optax.global_norm(grads)
+        finite = all_finite(loss, grad_norm, params)
+        # A step that is not finite is not applied, decided here on device: the caller reads one bool per step (as
+        # many host syncs as reading the loss) and still holds the last finite state, to save instead of a NaN one.
+        # Costs a reduction over the parameters and keeping the old ones until it is done (~0.8x their size).
+        updated = TrainState(state.step + 1, params, opt_state, state.rng)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        return new_state, dict(metrics, objective=loss, grad_norm=grad_norm, finite=finite)
 
     compiled: dict[str, Callable] = {}
 

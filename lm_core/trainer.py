@@ -2,7 +2,9 @@
 
 Paper packages customise it through a `TrainTask` (their loss, FFN factory, extra evaluation) instead of
 copying the loop. Rerunning `train` with the same workdir resumes from the latest checkpoint: model, optimizer,
-step, RNG and data position, so an interrupted run ends bit-identical to an uninterrupted one (on CPU).
+step, RNG and data position, so an interrupted run ends bit-identical to an uninterrupted one (on CPU). One run
+trains in a workdir at a time (lm_core.workdir_lock), and only finite states are kept: a step whose objective,
+gradient norm or parameters are not finite is not applied, the state before it is saved and the run stops.
 """
 
 from __future__ import annotations
@@ -16,24 +18,26 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from lm_core import distributed, flops, sharding
-from lm_core.checkpoint import Checkpointer, abstract_like, check_same_model
-from lm_core.config import ModelConfig
-from lm_core.errors import RunStopped, UserError
+from lm_core.checkpoint import Checkpointer, abstract_like, check_same_model, prove_writable
+from lm_core.config import ModelConfig, check_finite_numbers
+from lm_core.errors import RunStopped, TrainingDiverged, UserError
 from lm_core.layers import FFNFactory
 from lm_core.loss import cross_entropy, next_token_loss
 from lm_core.metrics import MetricsLog, Progress
 from lm_core.model import Transformer
 from lm_core.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 from lm_core.train_step import LossFn, TrainState, check_batch_fits, init_train_state, make_train_step
+from lm_core.workdir_lock import WorkdirLock
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -160,6 +164,7 @@ def optimizer_config_from(config: ml_collections.ConfigDict) -> OptimizerConfig:
 
 
 def validate_run_config(config: ml_collections.ConfigDict) -> None:
+    check_finite_numbers(config.to_dict())
     for name in ("steps", "log_every", "eval_batches", "keep_checkpoints", "grad_accum_steps"):
         value = config[name]
         if not isinstance(value, int) or value <= 0:
@@ -172,7 +177,7 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"data.{name}={config.data[name]!r} must be a positive integer")
     if config.data.tokenizer not in ("sentencepiece", "byte"):
         raise UserError(f"data.tokenizer={config.data.tokenizer!r} is unknown; valid: sentencepiece, byte")
-    if config.z_loss < 0:
+    if not config.z_loss >= 0:
         raise UserError(f"z_loss={config.z_loss} must be >= 0")
 
 
@@ -294,10 +299,18 @@ def train_to_end(config: ml_collections.ConfigDict, workdir: str | Path, task: T
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTask | None = None) -> TrainResult:
-    """Train (or resume) the run described by `config` in `workdir`."""
+    """Train (or resume) the run described by `config` in `workdir`, which no other run may train in meanwhile
+    (lm_core.workdir_lock: a second one is refused in one line)."""
     task = task or TrainTask()
     workdir = Path(workdir).absolute()
     validate_run_config(config)
+    with WorkdirLock(workdir, jax.process_index()) as lock:
+        lock.acquire(create=False)  # an existing workdir is locked before its checkpoints are read
+        return _train_locked(config, workdir, task, lock)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: Path, task: TrainTask, lock: WorkdirLock
+                  ) -> TrainResult:
     model_config = model_config_from(config)
     optimizer_config = optimizer_config_from(config)
     mesh_config = sharding.MeshConfig(**config.mesh.to_dict())
@@ -306,39 +319,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
     check_batch_fits(mesh, config.data.global_batch_size, config.grad_accum_steps)
 
     # Everything that can reject the user's input runs before anything is written to the workdir.
-    checkpointer = latest = None
-    saved_meta: dict[str, Any] = {}
-    if (workdir / "checkpoints").is_dir():
-        checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
-                                    save_every=config.checkpoint_every)
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            saved_meta = checkpointer.read_meta(latest)
-            check_same_model(saved_meta, model_config, workdir)
-            check_same_meta(saved_meta, task.extra_meta, workdir)
+    checkpointer, latest, saved_meta = _open_checkpoints(config, workdir, task, model_config)
     data = (task.make_data or text_train_data)(config, workdir, model_config)
     tokenizer, loader, eval_batches = data.tokenizer, data.loader, data.eval_batches
 
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomically(workdir / "config.json", config.to_dict())
-        if hasattr(tokenizer, "save") and not (workdir / "tokenizer.model").exists():
-            tokenizer.save(workdir / "tokenizer.model")
+    _prepare_workdir(config, workdir, tokenizer, lock)
     if checkpointer is None:
         checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     save_every=config.checkpoint_every)
     parts = step_parts(config, task)
-    optimizer, create_model = parts.optimizer, parts.create_model
-    graphdef, state, shardings = init_train_state(create_model, optimizer, mesh, config.seed)
-    if latest is not None:
-        restored = checkpointer.restore(latest, abstract_like(state, shardings))
-        state = restored.state
-        loader.restore(restored.data)
-        print(f"resumed from {checkpointer.directory / str(latest)}", flush=True)
-    elif task.initialize is not None:
-        state = task.initialize(state)
-
-    train_step = make_train_step(graphdef, parts.loss_fn, optimizer, mesh, shardings,
+    graphdef, state, shardings = _start_state(parts, task, mesh, config.seed, checkpointer, latest, loader)
+    train_step = make_train_step(graphdef, parts.loss_fn, parts.optimizer, mesh, shardings,
                                  grad_accum_steps=config.grad_accum_steps)
     eval_fn = make_eval_fn(graphdef, task.eval_sums_fn)
     meta = {"model": model_config.to_dict(), "tokenizer_vocab_size": tokenizer.vocab_size, **task.extra_meta}
@@ -372,29 +363,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
     stop_signal = None
     with StopRequested() as stop:
         for step in range(start_step + 1, config.steps + 1):
+            position = loader.state()  # where this step's batch starts: saved with the state before it
             host_batch = loader.next()
-            chars_seen += float(np.sum(host_batch.pop("chars")))
+            batch_chars = float(np.sum(host_batch.pop("chars")))
             state, metrics = train_step(state, distributed.global_batch(mesh, host_batch))
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                last_good = checkpointer.latest_step()
-                checkpointer.close()
-                raise FloatingPointError(f"loss became {loss} at step {step}; stopped without saving (last good "
-                                         f"checkpoint: step {last_good}); lower optimizer.learning_rate or "
-                                         "raise z_loss")
+            # The one value read back every step (a bool; the loss was, before): False = the step was not applied.
+            if not bool(metrics["finite"]):
+                log.close()
+                _stop_diverged(step, metrics, checkpointer, state, position, {**meta, "chars_seen": chars_seen})
+            checkpointer.raise_if_save_failed()
+            chars_seen += batch_chars
             window_steps += 1
             tokens_seen += tokens_per_step
             if step % config.log_every == 0 or step == config.steps:
                 elapsed = max(time.monotonic() - window_start, 1e-9)
                 tokens_per_s = window_steps * tokens_per_step / elapsed
-                last_row = {"step": step, "loss": loss, "tokens_per_s": tokens_per_s,
-                            "mfu": flops.mfu(tokens_per_s, flops_per_token, peak),
-                            "grad_norm": float(metrics["grad_norm"]), "z_loss": float(metrics["z_loss"]),
-                            "learning_rate": float(schedule(step - 1)),
-                            "tokens": int(tokens_seen), "chars": chars_seen}
-                if task.train_row_fn is not None:
-                    last_row.update(task.train_row_fn({name: float(value) for name, value in metrics.items()
-                                                       if np.ndim(value) == 0}))
+                last_row = _train_row(step, metrics, task, tokens_per_s=tokens_per_s,
+                                      mfu=flops.mfu(tokens_per_s, flops_per_token, peak),
+                                      learning_rate=float(schedule(step - 1)), tokens=tokens_seen, chars=chars_seen)
                 if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
                     last_row.update(run_eval())
                 log.write(last_row)
@@ -411,6 +397,82 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
     checkpointer.close()
     log.close()
     return TrainResult(workdir, int(state.step), last_row, model_config, stopped_by_signal=stop_signal is not None)
+
+
+def _open_checkpoints(config: ml_collections.ConfigDict, workdir: Path, task: TrainTask, model_config: ModelConfig
+                      ) -> tuple[Checkpointer | None, int | None, dict[str, Any]]:
+    """(checkpointer, latest step, its meta) of a workdir that has checkpoints, refusing ones of another setup;
+    (None, None, {}) for a fresh workdir, whose checkpoint directory is created only once the inputs are valid."""
+    if not (workdir / "checkpoints").is_dir():
+        return None, None, {}
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                save_every=config.checkpoint_every)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return checkpointer, None, {}
+    saved_meta = checkpointer.read_meta(latest)
+    check_same_model(saved_meta, model_config, workdir)
+    check_same_meta(saved_meta, task.extra_meta, workdir)
+    return checkpointer, latest, saved_meta
+
+
+def _start_state(parts: StepParts, task: TrainTask, mesh: Mesh, seed: int, checkpointer: Checkpointer,
+                 latest: int | None, loader: Any) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """(graphdef, state, shardings): the latest checkpoint's state (and data position, into `loader`) on a resume,
+    else a fresh state passed through `task.initialize`."""
+    graphdef, state, shardings = init_train_state(parts.create_model, parts.optimizer, mesh, seed)
+    if latest is not None:
+        restored = checkpointer.restore(latest, abstract_like(state, shardings))
+        loader.restore(restored.data)
+        print(f"resumed from {checkpointer.directory / str(latest)}", flush=True)
+        return graphdef, restored.state, shardings
+    if task.initialize is not None:
+        state = task.initialize(state)
+    return graphdef, state, shardings
+
+
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: Path, tokenizer: Any, lock: WorkdirLock) -> None:
+    """Lock (creating) the workdir, prove its checkpoint directory writable, write config.json and the tokenizer."""
+    lock.acquire()
+    # Every process writes its shards of a checkpoint, so every process proves it can, before the first step
+    # (an unwritable directory would otherwise surface inside Orbax after the whole run, see lm_core.checkpoint).
+    prove_writable(workdir / "checkpoints")
+    if jax.process_index() == 0:
+        _write_json_atomically(workdir / "config.json", config.to_dict())
+        if hasattr(tokenizer, "save") and not (workdir / "tokenizer.model").exists():
+            tokenizer.save(workdir / "tokenizer.model")
+
+
+def _train_row(step: int, metrics: dict[str, Any], task: TrainTask, *, tokens_per_s: float, mfu: float,
+               learning_rate: float, tokens: float, chars: float) -> dict[str, Any]:
+    """One metrics.jsonl row of a logged step (evaluation entries are added by the caller)."""
+    row = {"step": step, "loss": float(metrics["loss"]), "tokens_per_s": tokens_per_s, "mfu": mfu,
+           "grad_norm": float(metrics["grad_norm"]), "z_loss": float(metrics["z_loss"]),
+           "learning_rate": learning_rate, "tokens": int(tokens), "chars": chars}
+    if task.train_row_fn is not None:
+        row.update(task.train_row_fn({name: float(value) for name, value in metrics.items()
+                                      if np.ndim(value) == 0 and name != "finite"}))
+    return row
+
+
+def _stop_diverged(step: int, metrics: dict[str, Any], checkpointer: Checkpointer, state: TrainState,
+                  position: dict[str, Any], meta: dict[str, Any]) -> NoReturn:
+    """Save `state` (the train step left it at step - 1, the last finite one) with the data position of `step`'s
+    batch, so a rerun retries that batch, then raise TrainingDiverged naming the step and the likely causes."""
+    last = step - 1
+    if last > 0:
+        checkpointer.save(last, state, position, meta)  # a no-op when step `last` is saved already
+    checkpointer.close()
+    objective, grad_norm = float(metrics["objective"]), float(metrics["grad_norm"])
+    what = (f"the objective ({objective})" if not math.isfinite(objective) else
+            f"the gradient norm ({grad_norm})" if not math.isfinite(grad_norm) else "an updated parameter")
+    newest = checkpointer.latest_step()
+    kept = (f"the newest checkpoint {checkpointer.directory / str(newest)} holds the last finite state"
+            if newest is not None else "nothing was saved")
+    raise TrainingDiverged(f"training diverged at step {step}: {what} is not finite, so the step was not applied "
+                           f"and {kept}; likely causes: learning rate too high (lower optimizer.learning_rate or "
+                           "raise optimizer.warmup_steps), bad data in this step's batch, or floating-point overflow "
+                           "(try model.dtype=float32 or a larger z_loss)")
 
 
 def check_same_meta(saved: dict[str, Any], expected: dict[str, Any], workdir: Path) -> None:

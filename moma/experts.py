@@ -22,10 +22,11 @@ ceil(capacity_factor · n_eligible / |group|) slots, in score order, are valid. 
 vary more around the mix: leave margin), and a group beyond the bound clips each expert's top-k to its slots
 (aux `<group>_slot_overflow` > 0) instead of failing.
 
-A group of ONE expert (MoMa 1t1i) is a modality-specific dense FFN: no router, every token of the modality, gate 1.
-Expert choice with one expert and c_e = 1 would select the very same tokens and only multiply them by a sigmoid
-gate, which the paper's "modality-specific FFNs" do not have; without the gate, 1t1i is exactly the dense model
-with the FFN untied per modality. It runs through the same slot machinery (constant scores, capacity 1).
+A group of ONE expert (MoMa 1t1i) is a modality-specific FFN that takes every token of its modality (capacity 1,
+nothing to choose, no router noise, no auxiliary router) but keeps Eq. 1's sigmoid gate: its output is
+sigmoid(x·W_g)·FFN(x) with a one-column router W_g. The gate is what makes upcycling function-preserving: the
+m-t-n-i model's routers start as copies of W_g, so every copied expert gates a token exactly as 1t1i did
+(moma.upcycle states the condition). It runs through the same slot machinery (capacity 1, replicated weights).
 
 Causal inference: expert choice ranks the whole routing group, so it is non-causal. `moma.aux_routers` attaches an
 auxiliary router to each routed group after training (`aux_router`, None until then, so main-training checkpoints
@@ -114,7 +115,8 @@ def experts_per_token(routing: Routing, tokens: int) -> Array:
 class ExpertGroup(nnx.Module):
     """|group| SwiGLU experts with stacked weights (sharded over the mesh axis `expert`) and their sigmoid router.
 
-    One expert means an unrouted modality FFN (see the module docstring): no router, weights replicated.
+    One expert means an unrouted, gated modality FFN (see the module docstring): it takes every token of its
+    modality, its weights are replicated.
     """
 
     def __init__(self, config: ModelConfig, num_experts: int, *, capacity_factor: float = 1.0,
@@ -133,22 +135,19 @@ class ExpertGroup(nnx.Module):
         self.routing_mode = aux_routers.EXPERT_CHOICE
         self.causal_capacity = 1.0
         expert_axis = "expert" if self.routed else None
-        # [d, experts]: the paper's W_g; one fan-in init like every other projection
-        self.router = (param(rngs, fan_in_init(0, 1), (d, num_experts), ("embed", None), dtype) if self.routed
-                       else None)
+        # [d, experts]: the paper's W_g (one column for 1t1i: its gate); one fan-in init like every other projection
+        self.router = param(rngs, fan_in_init(0, 1), (d, num_experts), ("embed", None), dtype)
         kernel = fan_in_init(1, 2)
         self.gate = param(rngs, kernel, (num_experts, d, ff), (expert_axis, "embed", "mlp"), dtype)
         self.up = param(rngs, kernel, (num_experts, d, ff), (expert_axis, "embed", "mlp"), dtype)
         self.down = param(rngs, kernel, (num_experts, ff, d), (expert_axis, "mlp", "embed"), dtype)
 
     def scores(self, x: Array) -> Array:
-        """x [..., d] -> [..., experts] float32 sigmoid affinities (float32 for a stable top-k); 1 if unrouted.
+        """x [..., d] -> [..., experts] float32 sigmoid affinities (float32 for a stable top-k), also the gates.
 
         With a noise key lent, Gumbel-sigmoid: sigmoid(logit + G' - G''), and G' - G'' of two standard Gumbels is
         a standard logistic draw. The noisy score both ranks the tokens and gates them.
         """
-        if self.router is None:
-            return jnp.ones((*x.shape[:-1], 1), jnp.float32)
         logits = dense(x, self.router[...].astype(self.compute_dtype)).astype(jnp.float32)
         if self.router_noise and self.noise_key is not None:
             logits = logits + jax.random.logistic(self.noise_key, logits.shape, jnp.float32)

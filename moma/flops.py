@@ -3,7 +3,8 @@ forward FLOPs per token; training = 3 x forward).
 
 Active FFN FLOPs: expert choice with capacity factor c gives each token c experts on average, each a full SwiGLU,
 so a routed group costs c x the dense FFN (plus its router, 2·d·|group| per token); a one-expert group (1t1i) is a
-dense FFN. At c = 1 every variant is dense-matched up to the routers, which is the paper's claim.
+dense FFN plus its one-column gate (2·d). At c = 1 every variant is dense-matched up to the routers, which is the
+paper's claim.
 
 Mixture of depths: a MoD layer's projections and FFN run on a c_d share of the tokens, and each selected token
 attends to the selected keys of its row only (about c_d of them), so its attention scores cost c_d² of a full
@@ -40,10 +41,8 @@ def ffn_layer_flops(config: ModelConfig, moma: MoMaConfig, image_fraction: float
     shares = group_shares(image_fraction)
     total = 0.0
     for name, experts in moma.groups.items():
-        if experts == 1:
-            total += shares[name] * swiglu  # a modality-specific dense FFN, no router
-        else:
-            total += shares[name] * (moma.capacity_factor * swiglu + 2.0 * config.d_model * experts)
+        capacity = moma.capacity_factor if experts > 1 else 1.0  # a one-expert group takes every token once
+        total += shares[name] * (capacity * swiglu + 2.0 * config.d_model * experts)
     return total
 
 

@@ -27,7 +27,8 @@ VALID_FORMS = "dense, moe_1t1i, moe_<m>t<n>i (e.g. moe_4t4i), moe_<n>x (e.g. moe
 
 @dataclasses.dataclass(frozen=True)
 class MoMaConfig:
-    """A MoMa variant. A group of ONE expert is a plain modality-specific FFN (no router, gate 1, all its tokens)."""
+    """A MoMa variant. A group of ONE expert is a modality-specific FFN taking all its tokens, with Eq. 1's sigmoid
+    gate (moma.experts)."""
 
     variant: str = "dense"
     text_experts: int = 0  # experts of the text group (0 with a mixed group or dense)

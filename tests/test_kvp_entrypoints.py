@@ -31,7 +31,9 @@ def test_train_evaluate_ttft_micro(tmp_path):
     corpus.mkdir()
     for name, text in sorted(pydoc_data.topics.topics.items())[:12]:
         (corpus / f"{name}.txt").write_text(text)
-    common = [f"--config.data.source=retrieval:facts=1,filler_chars=20:files:{corpus}/*.txt", *MICRO,
+    source = ("knowledge:entities=4,values=4,facts=2,filler_chars=20:retrieval:facts=2,filler_chars=20:"
+              f"files:{corpus}/*.txt")
+    common = [f"--config.data.source={source}", *MICRO, "--config.model.max_seq_len=192",
               "--config.kvp.variants=('lp0.50','c32x1')"]
     workdir = tmp_path / "kvp"
     trained = entrypoint("train", f"--workdir={workdir}", *common)
@@ -40,10 +42,18 @@ def test_train_evaluate_ttft_micro(tmp_path):
         assert (workdir / run / "checkpoints").is_dir(), run
     evaluated = entrypoint("evaluate", f"--workdir={workdir}", "--json", *common)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    rows = json.loads(evaluated.stdout.strip().splitlines()[-1])["rows"]
-    assert [(r["variant"], r["kind"]) for r in rows] == [("base", "base only"), ("lp0.50", "aux only"),
-                                                       ("lp0.50", "KVP"), ("c32x1", "aux only"), ("c32x1", "KVP")]
-    assert all(0 <= r["exact_match"] <= 1 and r["perplexity"] > 1 for r in rows)
+    results = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    models = [(m["name"], m["kind"]) for m in results["models"] if m["task"] == "closed_book"]
+    assert models == [("base", "base"), ("base", "null_cache")] + [
+        (aux, kind) for aux in ("lp0.50", "c32x1") for kind in ("aux_only", "kvp", "pruning", "true_question")]
+    for model in results["models"]:
+        low, high = model["exact_match_ci95"]
+        assert 0 <= low <= model["exact_match"] <= high <= 1 and model["questions"] == 4
+        assert model["ttft_flops"] > 0 and (model["ttft_s"] is None) == (model["kind"] in ("null_cache",
+                                                                                             "true_question"))
+    assert {m["task"] for m in results["models"]} == {"closed_book", "recall"}
+    assert all(r["perplexity"] is None or r["perplexity"] > 1 for r in results["rows"])
+    assert results["claims"] and results["chance"] == {"closed_book": 0.25, "recall": 0.5}
     assert (workdir / "REPORT.md").exists() and (workdir / "pareto_flops.png").exists()
     retrained = entrypoint("train", f"--workdir={workdir}", *common)  # every run is finished: nothing retrains
     assert retrained.returncode == 0 and retrained.stdout.count("(finished,") == 6, retrained.stdout[-3000:]
@@ -52,7 +62,8 @@ def test_train_evaluate_ttft_micro(tmp_path):
     for args, fragment in [(["--config.kvp.variants=('c32x2@0,1,0,0',)"], "non-decreasing"),
                            (["--config.kvp.variants=('c32x2@0,1',)"], "one per base layer"),
                            (["--config.kvp.variants=('c64x5',)"], "exceeds the base"),
-                           (["--config.model.d_ff=96"], "different model")]:
+                           (["--config.model.d_ff=96"], "different model"),
+                           (["--config.kvp.lambda_consistency=-1.0"], "lambda_consistency=-1.0")]:
         refused = entrypoint("train", f"--workdir={workdir}", *common, *args)  # the last override wins
         lines = [line for line in refused.stderr.splitlines() if line.strip()]
         assert refused.returncode == 2 and len(lines) == 1 and fragment in lines[0], refused.stderr[-2000:]
@@ -60,8 +71,19 @@ def test_train_evaluate_ttft_micro(tmp_path):
                        "--json")
     assert timed.returncode == 0, timed.stderr[-3000:]
     report = json.loads(timed.stdout.strip().splitlines()[-1])
-    for key in ("base_ttft_s", "aux_ttft_s", "kvp_ttft_s", "flops_reduction", "measured_reduction"):
+    for key in ("base_ttft_s", "aux_ttft_s", "kvp_ttft_s", "pruning_ttft_s", "flops_reduction", "measured_reduction"):
         assert report[key] > 0
+
+
+def test_ttft_flops_only_gives_the_papers_reductions_from_openelm_shapes():
+    flops = entrypoint("ttft", f"--config={REPO / 'experiments/configs/kvp_paper.py'}", "--prompt_len=1024",
+                       "--flops_only", "--json")
+    assert flops.returncode == 0, flops.stderr[-3000:]
+    rows = json.loads(flops.stdout.strip().splitlines()[-1])["variants"]
+    assert set(rows) == {"c1536x20", "c1280x16", "lp0.75", "lp0.50", "lp0.25"}
+    for row in rows.values():  # the bar: within 5% of the paper (OpenELM's own shapes: within 0.5%)
+        assert abs(row["openelm_reduction"] / row["paper_reduction"] - 1) < 0.005, row
+        assert row["flops_reduction"] > 1 and row["per_token_reduction"] > 1
 
 
 def test_ttft_without_a_workdir_and_bad_input():

@@ -128,6 +128,8 @@ def test_kvp_loss_composition_and_padding():
     np.testing.assert_allclose(kvp_loss(model, changed, None, lambda_aux=0.5)[0], loss, rtol=1e-6)
     summed = kvp_loss(model, batch, None, lambda_consistency=1.0)[0]
     np.testing.assert_allclose(summed, base_ce + aux_ce + consistency, rtol=1e-5)
+    off = kvp_loss(model, batch, None, lambda_consistency=0.0)[0]  # the paper's ablation: 0 is off, not "default"
+    np.testing.assert_allclose(off, base_ce + aux_ce, rtol=1e-5)
 
 
 def test_normalized_keys_ignore_the_scale_invisible_under_qk_norm():

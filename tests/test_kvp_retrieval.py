@@ -1,5 +1,7 @@
 """The retrieval accuracy task and the serving-path scoring of kv_prediction's evaluation."""
 
+import re
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,6 +15,7 @@ from kv_prediction.scoring import (
     exact_match_rate,
     greedy_answers,
 )
+from kv_prediction.synthetic import Example, exact_match
 from lm_core.config import ModelConfig
 from lm_core.data import get_text_source
 from lm_core.errors import UserError
@@ -24,31 +27,36 @@ CORPUS = ["alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu
           "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"]
 
 
-def test_documents_state_every_fact_and_recall_each():
+def test_documents_state_facts_of_one_category_and_recall_each():
     options = retrieval.RetrievalOptions(facts=3, filler_chars=40)
     document = retrieval.retrieval_document(options, "train", 7, CORPUS)
-    recalls = retrieval.re.findall(r"Recall: The (\w+) (\w+)\.", document)
-    assert len(recalls) == 3 and len({category for category, _ in recalls}) == 3
-    for category, value in recalls:
-        assert value in retrieval.CATEGORIES[category]
-        assert document.index(f"The {category} {value}.") < document.index("Recall:")  # stated before recalled
+    category = re.match(r"Each person's (\w+)\.", document).group(1)
+    recalls = re.findall(r"Recall: (\w+) (\w+)\.", document)
+    assert len(recalls) == 3 and len({person for person, _ in recalls}) == 3  # different people
+    assert len({value for _, value in recalls}) == 3  # different values of the one category
+    for person, value in recalls:
+        assert value in retrieval.CATEGORIES[category] and person in retrieval.PEOPLE
+        assert document.index(f"{person} {value}.") < document.index("Recall:")  # stated before recalled
     assert document == retrieval.retrieval_document(options, "train", 7, CORPUS)  # a pure function of its inputs
     assert document != retrieval.retrieval_document(options, "validation", 7, CORPUS)
 
 
-def test_the_example_is_the_document_up_to_its_last_value():
+def test_the_example_is_the_document_up_to_its_first_recalled_value():
     document = retrieval.retrieval_document(retrieval.RetrievalOptions(facts=2), "validation", 0, CORPUS)
     example = retrieval.as_example(document)
-    assert document.startswith(example.prompt) and document[len(example.prompt):] == f" {example.answer}.\n"
-    category = example.prompt.splitlines()[-1].removeprefix("Recall: The ")
-    assert example.answer in retrieval.CATEGORIES[category]
-    assert f"The {category} {example.answer}." in example.prompt  # the answer is in the prompt, stated as a fact
+    assert document.startswith(example.prompt) and document[len(example.prompt):].startswith(f" {example.answer}.\n")
+    assert example.prompt.count("Recall:") == 1  # no earlier recall gives the answer away by elimination
+    person = example.prompt.splitlines()[-1].removeprefix("Recall: ")
+    assert f"{person} {example.answer}." in example.prompt  # the answer is in the prompt, after that person
+    other_values = [v for p, v in re.findall(r"(\w+) (\w+)\.", example.prompt.splitlines()[0])
+                    if p in retrieval.PEOPLE and p != person]
+    assert other_values and example.answer not in other_values  # the other fact is a different value
 
 
 @pytest.mark.parametrize("generated, expected", [(" horse\nQuestion", True), (" horse. The", True), ("horse", True),
                                                  (" horses", False), (" house", False), ("\nhorse", False)])
 def test_exact_match_cuts_at_newline_period_or_comma(generated, expected):
-    assert retrieval.exact_match(generated, "horse") is expected
+    assert exact_match(generated, "horse") is expected
 
 
 def test_spec_options_and_bad_options():
@@ -56,7 +64,7 @@ def test_spec_options_and_bad_options():
     assert options == retrieval.RetrievalOptions(share=0.25, facts=2) and inner == "files:/data/*.txt"
     assert retrieval.parse_spec("builtin") == (retrieval.RetrievalOptions(), "builtin")
     for argument, fragment in [("shares=0.5:builtin", "unknown"), ("share=1.5:builtin", "share=1.5"),
-                               ("facts=0:builtin", "facts=0"), ("facts=9:builtin", "facts=9"),
+                               ("facts=0:builtin", "facts=0"), ("facts=11:builtin", "facts=11"),
                                ("facts=x:builtin", "facts=x"), ("", "names no")]:
         with pytest.raises(UserError, match=fragment):
             retrieval.parse_spec(argument)
@@ -69,7 +77,7 @@ def test_mixed_source_adds_the_requested_share(tmp_path):
     train = source.split("train")
     corpus = get_text_source(f"files:{tmp_path}/*.txt").split("train")
     added = [train[i] for i in range(len(corpus), len(train))]
-    assert added and all("Recall: The " in text for text in added)
+    assert added and all("Recall: " in text for text in added)
     share = sum(map(len, added)) / (sum(map(len, added)) + sum(len(corpus[i]) for i in range(len(corpus))))
     assert 0.35 < share < 0.65
     assert train[len(train) - 1] == train[-1] and len(train[0:3]) == 3
@@ -78,7 +86,7 @@ def test_mixed_source_adds_the_requested_share(tmp_path):
 def test_held_out_examples_use_validation_filler_and_seed():
     validation = ["held out text " * 20]
     examples = retrieval.retrieval_examples(retrieval.RetrievalOptions(facts=2, filler_chars=30), validation, 5)
-    assert len({e.prompt for e in examples}) == 5 and all("held out" in e.prompt for e in examples)
+    assert len({e.prompt for e in examples}) == 5 and sum("held out" in e.prompt for e in examples) >= 3
 
 
 # --- scoring through the serving paths ---------------------------------------------------------------------------
@@ -117,8 +125,7 @@ def test_kvp_continuation_differs_from_the_base_only_through_the_prompt(base):
 
 def test_greedy_answers_are_the_generated_text(base):
     tokenizer = ByteTokenizer()
-    examples = [retrieval.RetrievalExample("The key of x is 12.\nAnswer:", "12"),
-                retrieval.RetrievalExample("Answer:", "7")]
+    examples = [Example("The key of x is 12.\nAnswer:", "12"), Example("Answer:", "7")]
     answers = greedy_answers(lambda prompts, sampling: generate(base, prompts, sampling), tokenizer, examples,
                              max_new_tokens=3, batch_size=1)
     assert len(answers) == 2

@@ -15,7 +15,7 @@ from lm_core.layers import TokenContext
 from lm_core.model import Block
 from lm_core.sharding import MeshConfig, make_mesh
 from moma.depths import MoDBlock, build_moma_model, select_tokens, selected_context
-from moma.experts import moma_ffn_factory, with_router_noise
+from moma.experts import ExpertGroup, moma_ffn_factory, with_router_noise
 from moma.upcycle import check_upcycle, upcycle_model
 from moma.variants import parse_variant
 from tests.helpers import random_batch, tiny_config
@@ -162,33 +162,62 @@ def test_upcycled_experts_are_copies_of_the_modality_ffn(scan):
     target_moma = parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE, router_noise=True)
     source = build_moma_model(config, source_moma, rngs=nnx.Rngs(0))
     upcycled = upcycle_model(source, source_moma, target_moma, rngs=nnx.Rngs(1))
-    fresh = build_moma_model(config, target_moma, rngs=nnx.Rngs(1))
     for layer in range(config.num_layers):
         for modality in ("text", "image"):
-            dense_ffn = source.block(layer).ffn.groups[modality]
+            ffn = source.block(layer).ffn.groups[modality]
             experts = upcycled.block(layer).ffn.groups[modality]
             for name in ("gate", "up", "down"):
                 for e in range(4):
-                    np.testing.assert_array_equal(getattr(experts, name)[...][e], getattr(dense_ffn, name)[...][0])
-            np.testing.assert_array_equal(experts.router[...], fresh.block(layer).ffn.groups[modality].router[...])
+                    one = getattr(ffn, name)[...][0]
+                    np.testing.assert_array_equal(getattr(experts, name)[...][e], one / 4 if name == "down" else one)
+            # every router column is the 1t1i gate's
+            np.testing.assert_array_equal(experts.router[...], np.repeat(ffn.router[...], 4, axis=1))
     np.testing.assert_array_equal(upcycled.embedding.table[...], source.embedding.table[...])
     np.testing.assert_array_equal(upcycled.block(0).attention.query_proj[...],
                                   source.block(0).attention.query_proj[...])
 
-    # at init a token's FFN output is the 1t1i FFN's, times the sum of the gates of the experts that chose it
+    # at the paper's capacity 1, a token's FFN output is the 1t1i output times (experts that chose it) / 4; the
+    # copied routers rank alike, so that is all 4 experts (the top quarter of the tokens by gate) or none
     tokens = jnp.array([[5, 100, 7, 120, 9, 101], [110, 3, 111, 4, 112, 6]])
     context = TokenContext(tokens, jnp.broadcast_to(jnp.arange(6), (2, 6)), jnp.ones((2, 6), jnp.int32))
     x = jax.random.normal(jax.random.key(3), (2, 6, 64))
     moe = upcycled.block(0).ffn
     y_source, _ = source.block(0).ffn(x, context)
     y_upcycled, _ = moe(x, context)
-    gate_sums = jnp.zeros(12)
+    chosen_by = jnp.zeros(12)
     for name, eligible in moe.eligible(context).items():
         if name in moe.groups:
             _, routing = moe.groups[name](x.reshape(1, 12, 64), eligible.reshape(1, 12))  # one routing group
-            gate_sums = gate_sums.at[routing.token_index.reshape(-1)].add(routing.gate.reshape(-1))
-    np.testing.assert_allclose(y_upcycled.reshape(12, 64), y_source.reshape(12, 64) * gate_sums[:, None],
+            chosen_by = chosen_by.at[routing.token_index.reshape(-1)].add(routing.valid.reshape(-1))
+    assert set(np.asarray(chosen_by).tolist()) == {0.0, 4.0}
+    np.testing.assert_allclose(y_upcycled.reshape(12, 64), y_source.reshape(12, 64) * chosen_by[:, None] / 4,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,scan", [("moe", False), ("moe", True), ("mod_moe", False)])
+def test_upcycled_model_is_the_1t1i_seed_when_every_expert_keeps_every_token(variant, scan, monkeypatch):
+    # pre-norm, where a token's FFN output scale reaches the residual stream: Swin post-norm would normalise a
+    # per-token scale away and hide a missing gate
+    config = tiny_config(scan_layers=scan, norm_placement="pre")
+    source_moma = parse_variant(f"{variant}_1t1i", image_token_range=IMAGE_RANGE)
+    # moma.upcycle's condition: capacity_factor = |group| (and unbounded slots), so each expert keeps every token
+    target_moma = parse_variant(f"{variant}_4t4i", image_token_range=IMAGE_RANGE, capacity_factor=4.0,
+                                router_noise=True)  # noise only inside noisy_routing (training), not here
+    source = build_moma_model(config, source_moma, rngs=nnx.Rngs(0))
+    upcycled = upcycle_model(source, source_moma, target_moma, rngs=nnx.Rngs(1))
+    batch = random_batch(0, batch=2, seq=16, packed=True)  # ~1/4 image codes (ids 96..127), two documents a row
+
+    def logits(model) -> np.ndarray:
+        return np.asarray(model(jnp.asarray(batch["inputs"]), positions=jnp.asarray(batch["positions"]),
+                                segment_ids=jnp.asarray(batch["segment_ids"])).logits)
+
+    np.testing.assert_allclose(logits(upcycled), logits(source), rtol=1e-5, atol=1e-5)
+
+    # without the 1t1i gate (gate 1, as 1t1i had before) the same upcycling is not the seed
+    gated = ExpertGroup.scores
+    monkeypatch.setattr(ExpertGroup, "scores", lambda group, x: jnp.ones((*x.shape[:-1], 1), jnp.float32)
+                        if group.num_experts == 1 else gated(group, x))
+    assert not np.allclose(logits(upcycled), logits(source), rtol=1e-3, atol=1e-3)
 
 
 def test_upcycling_errors():

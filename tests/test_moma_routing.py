@@ -120,16 +120,16 @@ def test_modalities_use_their_own_experts_and_padding_is_never_routed():
     np.testing.assert_allclose(np.asarray(y_text_moved)[image], np.asarray(y)[image], atol=1e-5)
 
 
-def test_one_expert_per_modality_is_a_modality_specific_dense_ffn():
+def test_one_expert_per_modality_is_a_gated_modality_specific_ffn():
     moe = ModalityAwareMoE(tiny_config(), parse_variant("moe_1t1i", image_token_range=IMAGE_RANGE),
                            rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(4), (2, 6, 64))
     y, aux = moe(x, context_for(TOKENS, SEGMENTS))
     for (row, col), name in [((0, 0), "text"), ((0, 1), "image"), ((1, 3), "text"), ((1, 4), "image")]:
         ffn = moe.groups[name]
-        assert ffn.router is None  # no routing, no gate
-        np.testing.assert_allclose(y[row, col], swiglu(x[row, col], ffn.gate[...][0], ffn.up[...][0],
-                                                       ffn.down[...][0]), atol=1e-5)
+        gate = jax.nn.sigmoid(x[row, col] @ ffn.router[...][:, 0])  # Eq. 1's gate, one router column
+        np.testing.assert_allclose(y[row, col], gate * swiglu(x[row, col], ffn.gate[...][0], ffn.up[...][0],
+                                                              ffn.down[...][0]), atol=1e-5)
     np.testing.assert_allclose(y[:, 5], 0.0)
     assert float(aux["text_routed_fraction"]) == 1.0 and float(aux["image_experts_per_token"]) == 1.0
 
@@ -190,7 +190,8 @@ def test_active_ffn_flops_match_dense_and_mod_depths_match_the_paper():
     config = ModelConfig(vocab_size=65536, d_model=512, num_layers=8, num_heads=8, d_ff=2048, max_seq_len=4096)
     dense = ffn_layer_flops(config, parse_variant("dense"))
     assert dense == 2 * 3 * 512 * 2048
-    assert ffn_layer_flops(config, parse_variant("moe_1t1i", image_token_range=IMAGE_RANGE)) == dense
+    # 1t1i: each token's modality FFN and its one-column gate
+    assert ffn_layer_flops(config, parse_variant("moe_1t1i", image_token_range=IMAGE_RANGE)) == dense + 2 * 512
     # capacity 1: one expert per token on average, plus the token's router (2 * d * experts of its group)
     assert ffn_layer_flops(config, parse_variant("moe_4t4i", image_token_range=IMAGE_RANGE)) == dense + 2 * 512 * 4
     assert ffn_layer_flops(config, parse_variant("moe_8x")) == dense + 2 * 512 * 8

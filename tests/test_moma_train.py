@@ -106,7 +106,14 @@ def test_dense_and_moe_1t1i_smoke(tmp_path, vq_dir):
 def test_upcycling_keeps_the_data_position_and_resets_the_schedule(tmp_path, vq_dir):
     from flax import nnx
 
-    from experiments.moma.train import load_moma, moma_task
+    from experiments.moma.train import (
+        load_moma,
+        moma_task,
+        read_run_config,
+        seed_record,
+        training_flops_per_token,
+        upcycled_seed_flops,
+    )
     from lm_core import sharding
     from lm_core.optim import make_optimizer
     from lm_core.train_step import init_train_state
@@ -132,40 +139,95 @@ def test_upcycling_keeps_the_data_position_and_resets_the_schedule(tmp_path, vq_
     upcycled = dict(nnx.to_flat_state(task.initialize(state).params))
     trained = dict(nnx.to_flat_state(nnx.state(load_moma(source_dir)[0], nnx.Param)))
     experts = [path for path, value in upcycled.items() if path in trained and trained[path].shape != value.shape]
-    assert len(experts) == 2 * 2 * 3  # 2 layers x (text, image) x (gate, up, down)
+    assert len(experts) == 2 * 2 * 4  # 2 layers x (text, image) x (gate, up, down, router)
     for path in experts:
+        # the down projections are halved so that the 2 copies' outputs sum to the 1t1i FFN's (moma.upcycle)
         expected = np.broadcast_to(np.asarray(trained[path].get_value()), upcycled[path].shape)
-        np.testing.assert_array_equal(np.asarray(upcycled[path].get_value()), expected)
+        expected = expected / 2 if path[-1] == "down" else expected
+        np.testing.assert_allclose(np.asarray(upcycled[path].get_value()), expected, rtol=1e-7)
 
     train(config, workdir, task)
     rows = read_metrics(workdir / "metrics.jsonl")
     assert rows[0]["step"] == 1 and rows[0]["learning_rate"] == source_rows[0]["learning_rate"]  # fresh warmup
     assert json.loads((workdir / "config.json").read_text())["moma"]["upcycle_from"] == str(source_dir)
+    # stage 1's compute travels with the upcycled run: 3 seed steps of 8 x 48 tokens
+    seed = json.loads((workdir / "upcycle_seed.json").read_text())
+    assert seed == seed_record(source_dir) and (seed["seed_step"], seed["seed_tokens"]) == (3, 3 * 8 * 48)
+    assert seed["seed_training_flops"] == 3 * 8 * 48 * training_flops_per_token(read_run_config(source_dir))
+    assert upcycled_seed_flops(workdir) == seed["seed_training_flops"] and upcycled_seed_flops(source_dir) == 0.0
+    (workdir / "upcycle_seed.json").unlink()  # a run upcycled before the record existed: read off the seed's dir
+    assert upcycled_seed_flops(workdir) == seed["seed_training_flops"]
+
+
+SYNTHETIC_TOKENS = [1000, 2000, 4000]
+DENSE_CURVES = ([4.0, 3.0, 2.5], [3.0, 2.0, 1.5], [5.0, 4.0, 3.5])  # overall, text, image at SYNTHETIC_TOKENS
+
+
+def write_synthetic_run(run_dir: Path, variant: str, curves: tuple[list[float], ...], upcycle_from: str = "") -> None:
+    """A run directory as experiments.moma.train leaves it (config.json, metrics.jsonl), without training."""
+    config = moma_tiny.get_config(variant)
+    config.moma.upcycle_from = upcycle_from
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict()))
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i + 1, "tokens": t, "loss": o, "text_loss": x, "image_loss": m}) + "\n"
+        for i, (t, o, x, m) in enumerate(zip(SYNTHETIC_TOKENS, *curves, strict=True))))
 
 
 def test_savings_table_from_synthetic_metrics(tmp_path):
     from experiments.moma.savings import markdown_table, savings_rows, training_flops_per_token
 
-    tokens = [1000, 2000, 4000]
-    curves = {"dense": ([4.0, 3.0, 2.5], [3.0, 2.0, 1.5], [5.0, 4.0, 3.5]),
-              # reaches dense's final overall loss 2.5 at the middle point: half the tokens
-              "moe_4t4i": ([3.5, 2.5, 2.0], [3.0, 2.0, 1.5], [4.5, 3.5, 3.0])}
-    for variant, (overall, text, image) in curves.items():
-        run_dir = tmp_path / variant
-        run_dir.mkdir()
-        (run_dir / "config.json").write_text(json.dumps(moma_tiny.get_config(variant).to_dict()))
-        (run_dir / "metrics.jsonl").write_text("".join(
-            json.dumps({"step": i + 1, "tokens": t, "loss": o, "text_loss": x, "image_loss": m}) + "\n"
-            for i, (t, o, x, m) in enumerate(zip(tokens, overall, text, image, strict=True))))
+    write_synthetic_run(tmp_path / "dense", "dense", DENSE_CURVES)
+    # reaches dense's final overall loss 2.5 at the middle point: half the tokens
+    write_synthetic_run(tmp_path / "moe_4t4i", "moe_4t4i", ([3.5, 2.5, 2.0], [3.0, 2.0, 1.5], [4.5, 3.5, 3.0]))
     rows = {row["variant"]: row for row in savings_rows(tmp_path, smooth=1)}
-    assert rows["dense"]["eta_overall"] == pytest.approx(1.0)
+    assert rows["dense"]["eta"] == pytest.approx(1.0)
     ratio = training_flops_per_token(tmp_path / "dense") / training_flops_per_token(tmp_path / "moe_4t4i")
-    assert rows["moe_4t4i"]["eta_overall"] == pytest.approx(2.0 * ratio)
+    assert rows["moe_4t4i"]["eta"] == pytest.approx(2.0 * ratio)
     assert rows["moe_4t4i"]["eta_text"] == pytest.approx(ratio)  # identical text curve: only the FLOPs differ
     # image: dense final 3.5 is reached at the middle point as well
     assert rows["moe_4t4i"]["eta_image"] == pytest.approx(2.0 * ratio)
     table = markdown_table(list(rows.values()))
     assert "| moe_4t4i |" in table and "η image" in table and "tokens/s" not in table
+
+
+def test_upcycled_run_pays_for_its_seed_by_hand(tmp_path):
+    from experiments.moma.savings import loss_curves, markdown_table, savings_rows, training_flops_per_token
+    from lm_core.errors import UserError
+
+    write_synthetic_run(tmp_path / "dense", "dense", DENSE_CURVES)
+    up = tmp_path / "up_4t4i"
+    write_synthetic_run(up, "moe_4t4i", ([3.0, 2.5, 2.0], [2.5, 1.75, 1.0], [4.5, 4.0, 3.6]),
+                        upcycle_from=str(tmp_path / "gone" / "moe_1t1i"))
+    with pytest.raises(UserError, match="which is gone, and holds no upcycle_seed.json"):
+        savings_rows(tmp_path, smooth=1)
+    f_dense, f_up = training_flops_per_token(tmp_path / "dense"), training_flops_per_token(up)
+    seed = 2000 * f_up  # stage 1 cost what 2000 of the upcycled run's own tokens do
+    (up / "upcycle_seed.json").write_text(json.dumps({"seed_training_flops": seed}))
+    overall = loss_curves(up)["overall"][0]
+    assert overall[0] == pytest.approx(seed + 1000 * f_up)  # the curve starts after the seed's compute
+
+    row = savings_rows(tmp_path, smooth=1)[1]
+    assert row["seed_training_flops"] == seed
+    # overall: dense's final 2.5 at the middle point, C = seed + 2000 f_up = 4000 f_up (unshifted: 2000 f_up, 2x)
+    assert row["eta"] == pytest.approx(4000 * f_dense / (4000 * f_up))
+    # text: dense's final 1.5 a third of the way (in loss) from 1.75 at C = 4000 f_up to 1.0 at C = 6000 f_up,
+    # log-interpolated in the shifted compute
+    assert row["eta_text"] == pytest.approx(4000 * f_dense / (4000 * f_up * 1.5 ** (1 / 3)))
+    assert row["eta_image"] is None  # 3.6 never reaches dense's 3.5
+    assert "up_4t4i (moe_4t4i, upcycled, stage 1 counted)" in markdown_table(savings_rows(tmp_path, smooth=1))
+
+    result = subprocess.run([sys.executable, "-m", "experiments.moma.savings", f"--workdir={tmp_path}", "--json",
+                             "--throughput_steps=0", "--smooth=1"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    for printed_row in printed:
+        assert {"variant", "eta", "eta_text", "eta_image", "throughput_vs_dense", "final_loss", "final_text_loss",
+                "final_image_loss"} <= set(printed_row)
+        assert printed_row["throughput_vs_dense"] is None  # not measured with --throughput_steps=0
+    assert [r["variant"] for r in printed] == ["dense", "moe_4t4i"]
+    assert printed[1]["eta"] == pytest.approx(row["eta"]) and printed[1]["final_text_loss"] == 1.0
 
 
 def run_entrypoint(*args: str) -> subprocess.CompletedProcess:

@@ -155,6 +155,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus, refer
     assert_clean_failure(train(fresh, corpus, "--config.model.num_heads=3"), "num_heads=3")
     assert_clean_failure(train(fresh, corpus, "--config.steps=-5"), "steps=-5")
     assert_clean_failure(train(fresh, corpus, "--config.optimizer.learning_rate=fast"), "learning_rate")
+    assert_clean_failure(train(fresh, corpus, "--config.z_loss=nan"), "z_loss=nan", "finite")
     assert_clean_failure(train(fresh, corpus, "--config.mesh.data=3"), "needs 3 devices")
     assert_clean_failure(train(fresh, f"files:{tmp_path}/missing/*.txt"), "matches no files")
     empty = tmp_path / "empty"
@@ -184,13 +185,34 @@ def test_corrupted_checkpoint_is_named_not_replaced(tmp_path, corpus):
     assert not (workdir / "checkpoints" / "8").exists()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+def test_a_diverging_run_stops_in_one_line_and_its_newest_checkpoint_is_finite(tmp_path, corpus):
     workdir = tmp_path / "diverged"
-    result = train(workdir, corpus, "--config.steps=40", "--config.checkpoint_every=2",
+    result = train(workdir, corpus, "--config.steps=40", "--config.checkpoint_every=5",
                    "--config.optimizer.learning_rate=1e4", "--config.optimizer.grad_clip=0",
                    "--config.optimizer.warmup_steps=0")
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "loss became" in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged at step "), result.stderr[-2000:]
+    step = int(lines[0].split("at step ")[1].split(":")[0])
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and max(steps) == step - 1 < 40  # the state before the step that diverged, saved when it did
+    assert str(workdir / "checkpoints" / str(step - 1)) in lines[0]
     config = json.loads((workdir / "config.json").read_text())
-    assert config["steps"] == 40 and steps and max(steps) < 40
+    assert config["steps"] == 40
+    assert all(np.all(np.isfinite(p)) for p in final_params(workdir))
+    # the same command diverges again at the same step: the rerun starts from that state and retries that batch
+    again = train(workdir, corpus, "--config.steps=40", "--config.checkpoint_every=5",
+                  "--config.optimizer.learning_rate=1e4", "--config.optimizer.grad_clip=0",
+                  "--config.optimizer.warmup_steps=0")
+    assert again.returncode == 1 and f"at step {step}:" in again.stderr, again.stderr[-2000:]
+
+
+def test_a_checkpoint_path_that_is_a_file_fails_before_the_first_step(tmp_path, corpus):
+    workdir = tmp_path / "blocked"
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("not a directory")
+    started = time.monotonic()
+    result = train(workdir, corpus, "--config.steps=8", "--config.checkpoint_every=4")
+    assert_clean_failure(result, str(workdir / "checkpoints"), "not a directory")
+    assert time.monotonic() - started < 120  # was: the whole run, then ~300 s inside Orbax
+    assert not (workdir / "metrics.jsonl").exists() or not losses(workdir)

@@ -63,3 +63,48 @@ def test_default_config_derives_head_dim_from_the_final_sizes():
     config.model.num_heads = 4
     model = model_config_from(config)
     assert model.head_dim == 32 and model.num_kv_heads == 4 and model.d_ff == 344
+
+
+def test_a_failed_background_save_is_one_line_naming_the_checkpoint(tmp_path, monkeypatch):
+    from lm_core.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    checkpointer.save(1, {"w": jnp.ones(3)}, {}, {})
+    checkpointer.wait()
+
+    def disk_full() -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointer.manager, "check_for_errors", disk_full)
+    with pytest.raises(UserError, match=r"saving checkpoint .*checkpoints/1 failed \(\[Errno 28\] No space") as error:
+        checkpointer.raise_if_save_failed()
+    assert "\n" not in str(error.value)
+    monkeypatch.undo()
+    checkpointer.close()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_directory_lost_mid_run_fails_at_the_next_save_not_at_the_end(tmp_path):
+    from lm_core.metrics import read_metrics
+    from lm_core.trainer import TrainData, TrainTask, text_train_data, train
+    from tests.test_finite_states import tiny_run
+
+    workdir = tmp_path / "run"
+
+    class LosesItsCheckpoints:  # at step 1 the checkpoint directory is replaced by a file (a disk gone bad)
+        def __init__(self, loader):
+            self.loader, self.state, self.restore = loader, loader.state, loader.restore
+
+        def next(self):
+            (workdir / "checkpoints").rename(workdir / "checkpoints.moved")
+            (workdir / "checkpoints").write_text("")
+            self.next = self.loader.next
+            return self.loader.next()
+
+    def make_data(config, directory, model_config) -> TrainData:
+        data = text_train_data(config, directory, model_config)
+        return TrainData(data.tokenizer, LosesItsCheckpoints(data.loader), data.eval_batches)
+
+    with pytest.raises(UserError, match=f"cannot write checkpoints to {workdir / 'checkpoints'}"):
+        train(tiny_run(tmp_path, steps=40, checkpoint_every=2), workdir, TrainTask(make_data=make_data))
+    assert [row["step"] for row in read_metrics(workdir / "metrics.jsonl")] == [1, 2]

@@ -7,45 +7,53 @@ Command:
 `model.*` is the BASE model (trained first, then frozen); `kvp.variants` lists the auxiliary models: "lp0.50" /
 "lp0.25" (layer-pruned copies of the base keeping that fraction of its layers) and "c<d_model>x<layers>"
 (canonical: a smaller model of the same family, e.g. c64x2, pretrained as an LM first when kvp.pretrain_canonical).
-The data is the built-in corpus with synthetic fact-recall documents mixed in ("The pet horse. <corpus text> The
-city Oslo. <corpus text> Recall: The city Oslo. Recall: The pet horse."), so accuracy is recalling a value that
-is only in the prompt: exactly what a predicted KV cache has to preserve. The base reaches 100% exact match on
-held-out documents after 800 steps (41% after 400).
-Variants: `kvp_tiny.py:demo` (shorter training, two auxiliary models; used by `make demo`).
-Measured (`python -m experiments.reproduce --only=kv_prediction --scale=tiny`, 2 CPU cores, 18 min): base 100%
-exact match, perplexity 42.8; lp0.50 and lp0.25: KVP and aux alone 100%, perplexity KVP 42.8 / 42.9 vs aux alone
-40.0 / 51.0; c64x2: KVP 11.7% vs aux alone 54.7%, perplexity 43.1 vs 51.5. TTFT FLOPs reductions 1.9x / 3.5x /
-6.3x, measured 1.8x / 3.7x / 2.9x at 256-token prompts (the smallest auxiliary is bound by per-call overhead).
+The data is the built-in corpus with two synthetic tasks mixed in (`kv_prediction.knowledge`,
+`kv_prediction.retrieval`):
+- closed book, the paper's kind of task: a fixed table of 512 invented facts ("The capital of Vicorea is
+  Marmoen.") stated across training documents, asked 1-shot in a wording no document uses ("Question: What is
+  the capital of Vicorea?\nAnswer:"); the answer is in the weights, which the base has room for and the small
+  auxiliaries less so;
+- open book: two facts of one category about different people ("Rosa steel. ... Vera silver. ... Recall:
+  Rosa"), the answer only in the prompt and only for a cache that knows each token's context.
+Fair baselines: the base trains 3x the KVP steps before it is frozen; each aux-only baseline trains the KVP
+steps on the same data from the same weights as its KVP model.
+Variants: `kvp_tiny.py:demo` (shorter training, one auxiliary model; used by `make demo`).
+Measured (`python -m experiments.reproduce --only=kv_prediction --scale=tiny`, 2 CPU cores, 25 min): closed book
+base 69.1%; aux alone / KVP: lp0.50 35.2 / 25.4%, lp0.25 9.8 / 16.0%, c96x2 12.3 / 9.4%, c64x2 5.7 / 0.4% (so the
+paper's KVP > aux alone holds for lp0.25 only); with the base's own K,V on the asked question every KVP model
+answers 68-70%. Perplexity aux alone / KVP 32-47 / 28.1-28.6 (base 28.3). Recall: the base stays at chance (52.5%).
 """
 
 import ml_collections
 
 from lm_core.trainer import default_config
 
-# Two facts per document with up to 60 characters of corpus text after each: ~50 tokens, kept whole in a row.
-RETRIEVAL_SOURCE = "retrieval:share=0.5,facts=2,filler_chars=60:builtin"
+# The fact table's documents are 35% of the characters, the recall documents (two facts with up to 20 characters
+# of corpus text after each: ~30 tokens, kept whole in a row) 32%, the corpus the rest.
+TASK_SOURCE = "knowledge:share=0.35,filler_chars=40:retrieval:share=0.5,facts=2,filler_chars=20:builtin"
 
 
 def get_config(variant: str = "tiny"):
     config = default_config()
     config.model.update(dict(vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384,
                              max_seq_len=320, qk_norm=True))
-    config.data.source = RETRIEVAL_SOURCE
+    config.data.source = TASK_SOURCE
     config.data.seq_len = 256
     config.data.global_batch_size = 8
     config.data.whole_documents = True  # a retrieval document split over two rows loses its facts
-    config.steps = 800
+    config.steps = 1500
     config.log_every = 50
-    config.eval_every = 400
-    config.checkpoint_every = 400
+    config.eval_every = 500
+    config.checkpoint_every = 500
     config.kvp = ml_collections.ConfigDict(dict(
-        variants=("lp0.50", "lp0.25", "c64x2"),
-        steps=600,  # auxiliary + predictor training steps (and the aux-only baseline's fine-tuning steps)
+        variants=("lp0.50", "lp0.25", "c96x2", "c64x2"),
+        steps=500,  # auxiliary + predictor training steps (and the aux-only baseline's fine-tuning steps)
         learning_rate=1e-3,
         pretrain_canonical=True,  # canonical auxiliaries are first trained as LMs for `steps` (as in the paper)
         lambda_base=1.0, lambda_aux=1.0,
-        lambda_consistency=0.0,  # 0 = the paper's default 1/n_base_layers
-        eval_questions=128,  # held-out retrieval questions (exact match of greedy answers)
+        # None: the paper's default 1/n_base_layers; 0 turns the consistency term off (the paper's ablation)
+        lambda_consistency=ml_collections.config_dict.placeholder(float),
+        eval_questions=0,  # questions per task (0: every fact of the table, and 512 recall documents)
         answer_tokens=8,  # greedy tokens generated per question
         eval_documents=32,  # held-out validation documents for continuation perplexity
         prompt_tokens=64,  # prompt length of the perplexity evaluation (the rest of each window is continuation)
@@ -53,17 +61,19 @@ def get_config(variant: str = "tiny"):
         ttft_prompt_len=256,
         ttft_batch=1,
         ttft_repeats=20,
+        demo_only=False,  # True: the report says the run is too small to show the paper's effect
     ))
     if variant == "demo":
-        config.steps = 200
+        config.steps = 100
         config.eval_every = 100
         config.checkpoint_every = 100
-        config.kvp.variants = ("lp0.50", "c64x2")
-        config.kvp.steps = 60
+        config.kvp.variants = ("lp0.50",)  # one auxiliary: ~2.8 min on 2 cores, mostly compiling
+        config.kvp.steps = 30
         config.kvp.pretrain_canonical = False  # the demo shows the pipeline, not the accuracy
-        config.kvp.ttft_repeats = 5
-        config.kvp.eval_questions = 32
-        config.kvp.eval_documents = 8
+        config.kvp.ttft_repeats = 3
+        config.kvp.eval_questions = 16
+        config.kvp.demo_only = True  # its report says it is too small to show the effect
+        config.kvp.eval_documents = 4
     elif variant != "tiny":
         raise ValueError(f"unknown variant {variant!r}; valid: tiny, demo")
     return config

@@ -10,7 +10,8 @@ l=24 d=2048; heads 8/16/16, d_ff = 4d) and variant dense | moe_1t1i | moe_4t4i |
 mod_ variants get the paper's deeper compute-matched dense trunk (90m: 14 layers, 435m: 40; 1.4b: 32 layers at
 d=2304, 18 heads, the paper's own choice, which is wider rather than deeper).
 Training as in the paper: seq 4096, AdamW (0.9, 0.95), wd 0.1, clip 1.0, peak LR 1e-4 with 4000 warmup steps and a
-linear decay to 1e-6 (ours decays by a cosine to 1e-6: the closest lm_core has). Image tokenizer as in Chameleon:
+linear decay to 1e-6, Swin post-norm and z-loss 1e-5 (moma_tiny.paper_recipe; `--config.model.norm_placement=pre`
+for pre-norm, `--config.optimizer.decay=cosine` for a cosine decay). Image tokenizer as in Chameleon:
 512x512 images -> 32x32 = 1024 codes of a codebook of 8192 (moma.vq trains a small one; train it long, or swap in
 a pretrained VQ by writing its codes with CodedPairs). Expect (paper, 1.4B, 1T tokens): η 4t4i 3.7x (text 2.6x,
 image 5.2x), 8x 3.0x, mod 4t4i 4.2x; at 90M the paper's savings are smaller. None of this has been run here.
@@ -31,7 +32,7 @@ mixed batch; set the bounds from the data's mix to cut that.
 MoD picks each row's top 25% (moma/depths.py), so no attention row holds more than 4096 tokens.
 """
 
-from experiments.configs.moma_tiny import moma_section
+from experiments.configs.moma_tiny import moma_section, paper_recipe
 from lm_core.trainer import default_config
 
 SIZES = {  # the paper's dense rows: layers, width, heads (d_ff = 4 x width)
@@ -61,7 +62,8 @@ def get_config(argument: str = "90m,moe_4t4i"):
     config.model.update(dict(remat="full", scan_layers=True))
     config.loss_chunk_tokens = 4096
     config.optimizer.update(dict(learning_rate=1e-4, warmup_steps=4000, b1=0.9, b2=0.95, weight_decay=0.1,
-                                 grad_clip=1.0, final_lr_fraction=0.01))  # cosine to 1e-6 (paper: linear)
+                                 grad_clip=1.0))
+    paper_recipe(config)  # Swin post-norm, z-loss 1e-5, linear decay to 1% of the peak (1e-6)
     config.steps = 100_000
     config.log_every = 50
     config.eval_every = 1000

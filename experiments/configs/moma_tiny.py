@@ -21,7 +21,13 @@ Train-step throughput vs dense (CPU; two runs, with the slot bounds below): 1t1i
 8x -7% / -13%, mod 4t4i -34% (the paper's GPU system: -6%, -17%, -9%, -31%). Measured before with every slot
 sized for the whole batch (max_*_fraction = 1.0) and the slower attention of earlier versions: -30%, -35%, -9%,
 -46%. The mod_moe_4t4i numbers were measured when MoD picked its top 25% over the whole batch; it now picks per
-row (moma/depths.py) and has not been re-measured at this size.
+row (moma/depths.py) and has not been re-measured at this size. All of these numbers were measured with lm_tiny's
+recipe (pre-norm, z-loss 1e-4, cosine decay to 10%), before the paper's recipe below became the default; they have not
+been re-measured with it.
+Training recipe (`paper_recipe`, shared with moma_paper.py), as in the paper (Chameleon's stabilisers): Swin
+post-norm, x + norm(f(x)) (`model.norm_placement="swin"`), z-loss 1e-5 (`z_loss`), linear learning-rate decay to 1% of
+the peak (`optimizer.decay="linear"`, `optimizer.final_lr_fraction=0.01`). Llama-style pre-norm, x + f(norm(x)),
+stays available: `--config.model.norm_placement=pre` (likewise `--config.optimizer.decay=cosine`).
 """
 
 import ml_collections
@@ -62,6 +68,7 @@ def get_config(variant: str = "moe_4t4i"):
     config.eval_batches = 4
     config.checkpoint_every = 100
     config.moma = moma_section(name)
+    paper_recipe(config)
     # Static expert-slot bounds from the built-in data's measured mix (300 batches of 16 x 128 tokens: image codes
     # 74.3-77.0% of a batch, text 23.0-25.7%), with margin. 1.0 would execute every group's experts on all the
     # batch's tokens (2x the active FFN FLOPs); these execute 1.2x. Other data: set them from its mix, or 1.0; a
@@ -86,6 +93,13 @@ def get_config(variant: str = "moe_4t4i"):
     if name.startswith("mod_"):
         config.model.num_layers = compute_matched_depth(config)
     return config
+
+
+def paper_recipe(config: ml_collections.ConfigDict) -> None:
+    """The paper's (Chameleon's) norm placement, z-loss and learning-rate decay, set in `config` (module docstring)."""
+    config.model.norm_placement = "swin"  # "pre" for Llama-style pre-norm
+    config.z_loss = 1e-5
+    config.optimizer.update(dict(decay="linear", final_lr_fraction=0.01))
 
 
 def compute_matched_depth(config: ml_collections.ConfigDict) -> int:

@@ -1,10 +1,14 @@
-"""Evaluating base-only, aux-only and KVP models the way each serves a prompt, and timing their TTFT.
+"""Evaluating the KV-prediction family the way each model serves a prompt, and timing its TTFT.
 
-Two accuracy measures, both conditioned on a prompt only the model's serving path reads:
-- exact match on held-out retrieval questions (`kv_prediction.retrieval`): greedy answers through
-  lm_core.generation (base, aux) or generate_kvp (KVP: the aux and predictor read the prompt, the base answers);
-- continuation perplexity on held-out corpus text: P prompt tokens through the serving path, C continuation tokens
-  scored as they would be generated (`kv_prediction.scoring`).
+Models (`kind`): the base alone (`base`), every auxiliary alone (`aux_only`) and with its predictor (`kvp`), and
+controls built from the base (`kv_prediction.baselines`): random token pruning at each KVP's TTFT FLOPs
+(`pruning`), a cache of zeros (`null_cache`) and, on the closed-book task, each KVP model with the base's own K,V
+on the asked question (`true_question`, a diagnostic of where the predicted cache falls short).
+Tasks, each scored by exact match of greedy answers with a 95% interval, plus continuation perplexity:
+- `closed_book` (`kv_prediction.knowledge`): questions about the fact table the models saw in training, asked in
+  new words; the answer is in the weights, reached through the prompt;
+- `recall` (`kv_prediction.retrieval`): held-out documents whose answer is only in the prompt;
+- perplexity: P prompt tokens through the serving path, C continuation tokens scored as they would be generated.
 TTFT: FLOPs from `kv_prediction.inference.ttft_flops` / `prefill_flops`, and wall time of the compiled
 first-token functions on this machine (host prompt ids -> first token on the host, warmed up, median of repeats,
 the models timed in turn so background load hits them alike).
@@ -23,31 +27,53 @@ import numpy as np
 from flax import nnx
 
 from experiments.kv_prediction.models import Family
-from kv_prediction import retrieval
+from kv_prediction import baselines, knowledge, retrieval
 from kv_prediction.inference import generate_kvp, kvp_first_token, plain_first_token, prefill_flops, ttft_flops
 from kv_prediction.model import KVPModel
-from kv_prediction.scoring import continuation_nll, continuation_nll_kvp, exact_match_rate, greedy_answers, perplexity
+from kv_prediction.scoring import GenerateFn, continuation_nll, continuation_nll_kvp, greedy_answers, perplexity
+from kv_prediction.synthetic import Example, exact_match
 from lm_core.errors import UserError
 from lm_core.flops import param_counts
-from lm_core.generation import generate
+from lm_core.generation import SamplingConfig, generate
 from lm_core.model import Transformer
 
 TTFT_NEW_TOKENS = 32  # cache room for decoding after the first token, as a server would allocate
+TASKS = ("closed_book", "recall")
+Z_95 = 1.959963984540054
 
 
 @dataclasses.dataclass
 class EvalData:
-    examples: list[retrieval.RetrievalExample]  # held-out retrieval questions
+    tasks: dict[str, list[Example]]  # task -> its questions (only the tasks the training data holds)
+    chance: dict[str, float]  # task -> exact match of a uniform guess among the plausible answers
     windows: np.ndarray  # [n, prompt_tokens + continuation_tokens] held-out corpus text, BOS first
     prompt_tokens: int
 
 
-def retrieval_setup(config: ml_collections.ConfigDict) -> tuple[retrieval.RetrievalOptions, str]:
-    """(retrieval options, corpus spec): those of a retrieval:... data source, else defaults over the source."""
-    source = config.data.source
-    if source.startswith(f"{retrieval.PREFIX}:"):
-        return retrieval.parse_spec(source.partition(":")[2])
-    return retrieval.RetrievalOptions(), source
+@dataclasses.dataclass(frozen=True)
+class TaskSources:
+    knowledge: knowledge.KnowledgeOptions | None
+    retrieval: retrieval.RetrievalOptions | None
+    corpus: str  # the text source inside the task wrappers
+
+
+def task_sources(source: str) -> TaskSources:
+    """The task wrappers around a data source, e.g. knowledge:...:retrieval:...:builtin (in either order)."""
+    found: dict[str, Any] = {}
+    while (prefix := source.partition(":")[0]) in (knowledge.PREFIX, retrieval.PREFIX) and prefix not in found:
+        module = knowledge if prefix == knowledge.PREFIX else retrieval
+        found[prefix], source = module.parse_spec(source.partition(":")[2])
+    return TaskSources(found.get(knowledge.PREFIX), found.get(retrieval.PREFIX), source)
+
+
+def wilson_interval(hits: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, where the normal one is not)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + Z_95**2 / (2 * n)) / (1 + Z_95**2 / n)
+    half = Z_95 * math.sqrt(p * (1 - p) / n + Z_95**2 / (4 * n * n)) / (1 + Z_95**2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def evaluation_windows(texts: Sequence[str], tokenizer: Any, count: int, prompt_tokens: int,
@@ -67,38 +93,96 @@ def evaluation_windows(texts: Sequence[str], tokenizer: Any, count: int, prompt_
     return np.asarray(windows, np.int32)
 
 
+def task_questions(config: ml_collections.ConfigDict) -> tuple[dict[str, list[Example]], dict[str, float], str]:
+    """({task: questions}, {task: chance}, corpus spec) for the tasks config.data.source trains on."""
+    from lm_core.data import get_text_source
+
+    sources = task_sources(config.data.source)
+    tasks, chance = {}, {}
+    if sources.knowledge is not None:
+        tasks["closed_book"] = knowledge.knowledge_examples(sources.knowledge, config.kvp.eval_questions or None)
+        chance["closed_book"] = 1 / sources.knowledge.values
+    if sources.retrieval is not None:
+        corpus = get_text_source(sources.corpus, data_dir=config.data.data_dir or None).split("validation")
+        tasks["recall"] = retrieval.retrieval_examples(sources.retrieval, corpus, config.kvp.eval_questions or 512)
+        chance["recall"] = 1 / sources.retrieval.facts
+    if not tasks:
+        raise UserError(f"data.source={config.data.source!r} holds no evaluation task; valid: a source wrapped in "
+                        "knowledge:[<options>:] and/or retrieval:[<options>:], e.g. knowledge:retrieval:builtin")
+    return tasks, chance, sources.corpus
+
+
 def evaluation_data(config: ml_collections.ConfigDict, tokenizer: Any) -> EvalData:
     from lm_core.data import get_text_source
 
     kvp = config.kvp
-    options, corpus_spec = retrieval_setup(config)
+    tasks, chance, corpus_spec = task_questions(config)
+    longest = max(len(tokenizer.encode(e.prompt)) + 1 for questions in tasks.values() for e in questions)
+    if longest + kvp.answer_tokens > config.model.max_seq_len:
+        raise UserError(f"evaluation prompts of up to {longest + kvp.answer_tokens} tokens (with the answer) exceed "
+                        f"model.max_seq_len={config.model.max_seq_len}; lower the task's facts/filler_chars or "
+                        "raise max_seq_len")
     corpus = get_text_source(corpus_spec, data_dir=config.data.data_dir or None).split("validation")
-    examples = retrieval.retrieval_examples(options, corpus, kvp.eval_questions)
-    longest = max(len(tokenizer.encode(e.prompt)) + 1 for e in examples) + kvp.answer_tokens
-    if longest > config.model.max_seq_len:
-        raise UserError(f"retrieval prompts of up to {longest} tokens (with the answer) exceed model.max_seq_len="
-                        f"{config.model.max_seq_len}; lower the retrieval facts/filler_chars or raise max_seq_len")
     windows = evaluation_windows(corpus, tokenizer, kvp.eval_documents, kvp.prompt_tokens, kvp.continuation_tokens)
-    return EvalData(examples, windows, kvp.prompt_tokens)
+    return EvalData(tasks, chance, windows, kvp.prompt_tokens)
 
 
-def _scores(exact: float, nll: np.ndarray) -> dict[str, float]:
-    return {"exact_match": exact, "perplexity": perplexity(nll)}
+def task_scores(generate_fn: GenerateFn, tokenizer: Any, data: EvalData, answer_tokens: int
+                ) -> dict[str, dict[str, Any]]:
+    """{task: {exact_match, exact_match_ci95, questions}} of one serving path."""
+    scores = {}
+    for task, questions in data.tasks.items():
+        answers = greedy_answers(generate_fn, tokenizer, questions, max_new_tokens=answer_tokens)
+        hits = sum(exact_match(text, example.answer) for text, example in zip(answers, questions, strict=True))
+        scores[task] = {"exact_match": hits / len(questions), "exact_match_ci95": wilson_interval(hits, len(questions)),
+                        "questions": len(questions)}
+    return scores
 
 
-def score_plain(model: Transformer, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, float]:
+def score_plain(model: Transformer, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, Any]:
     """A model on its own (base-only or aux-only)."""
-    answers = greedy_answers(lambda prompts, sampling: generate(model, prompts, sampling), tokenizer, data.examples,
-                             max_new_tokens=answer_tokens)
-    return _scores(exact_match_rate(answers, data.examples), continuation_nll(model, data.windows, data.prompt_tokens))
+    return {"tasks": task_scores(lambda prompts, sampling: generate(model, prompts, sampling), tokenizer, data,
+                                 answer_tokens),
+            "perplexity": perplexity(continuation_nll(model, data.windows, data.prompt_tokens))}
 
 
-def score_kvp(model: KVPModel, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, float]:
+def score_kvp(model: KVPModel, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, Any]:
     """A KVP model through its TTFT path (aux + predictor read the prompt, the base answers)."""
-    answers = greedy_answers(lambda prompts, sampling: generate_kvp(model, prompts, sampling), tokenizer,
-                             data.examples, max_new_tokens=answer_tokens)
-    return _scores(exact_match_rate(answers, data.examples),
-                   continuation_nll_kvp(model, data.windows, data.prompt_tokens))
+    return {"tasks": task_scores(lambda prompts, sampling: generate_kvp(model, prompts, sampling), tokenizer, data,
+                                 answer_tokens),
+            "perplexity": perplexity(continuation_nll_kvp(model, data.windows, data.prompt_tokens))}
+
+
+def score_null_cache(base: Transformer, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, Any]:
+    """The base from a cache of zeros: what needs no prompt."""
+    return {"tasks": task_scores(lambda prompts, sampling: baselines.generate_null_cache(base, prompts, sampling),
+                                 tokenizer, data, answer_tokens),
+            "perplexity": perplexity(baselines.continuation_nll_null_cache(base, data.windows, data.prompt_tokens))}
+
+
+def score_true_question(model: KVPModel, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, Any]:
+    """Closed book only: KVP with the base's own K,V on the asked question (from its last "Question:" on)."""
+    examples = data.tasks["closed_book"]
+    prompts = [[tokenizer.bos_id, *tokenizer.encode(e.prompt)] for e in examples]
+    starts = [1 + len(tokenizer.encode(e.prompt[:e.prompt.rindex("Question:")])) for e in examples]
+    sampling = SamplingConfig(max_new_tokens=answer_tokens, pad_id=tokenizer.pad_id)
+    texts = []
+    for i in range(0, len(prompts), 64):
+        new = baselines.generate_with_true_suffix(model, prompts[i:i + 64], starts[i:i + 64], sampling)
+        texts += [tokenizer.decode([int(t) for t in row]) for row in new]
+    hits = sum(exact_match(text, e.answer) for text, e in zip(texts, examples, strict=True))
+    return {"tasks": {"closed_book": {"exact_match": hits / len(examples),
+                                      "exact_match_ci95": wilson_interval(hits, len(examples)),
+                                      "questions": len(examples)}}, "perplexity": None}
+
+
+def score_pruning(base: Transformer, tokenizer: Any, data: EvalData, answer_tokens: int, keep_fraction: float
+                  ) -> dict[str, Any]:
+    """The base reading a random `keep_fraction` of each prompt (no perplexity: the windows are not pruned)."""
+    def generate_pruned(prompts: Sequence[Sequence[int]], sampling) -> np.ndarray:
+        return generate(base, baselines.pruned_prompts(prompts, keep_fraction), sampling)
+
+    return {"tasks": task_scores(generate_pruned, tokenizer, data, answer_tokens), "perplexity": None}
 
 
 # --- time to first token ----------------------------------------------------------------------------------------
@@ -133,17 +217,23 @@ def median_times(timers: dict[str, Callable[[], float]], repeats: int, warmup: i
 
 
 def measure_ttft(family: Family, prompt_len: int, batch: int, repeats: int, seed: int = 0) -> dict[str, Any]:
-    """Measured TTFT of base-only, aux-only and KVP for one auxiliary, next to their TTFT FLOPs."""
+    """Measured TTFT of base-only, aux-only, KVP and random pruning at KVP's FLOPs for one auxiliary, next to their
+    TTFT FLOPs."""
     base, aux = family.base.config, family.aux_only.config
     prompt = np.random.default_rng(seed).integers(4, base.vocab_size, (batch, prompt_len)).astype(np.int32)
+    flops = ttft_flops(base, aux, prompt_len)
+    keep_fraction = min(1.0, flops.kvp / flops.base_only)
+    pruned = prompt[:, :baselines.kept_tokens(prompt_len, keep_fraction)]  # timing depends on the length only
     seconds = median_times({"base": _first_token_timer(plain_first_token, family.base, prompt),
                             "aux": _first_token_timer(plain_first_token, family.aux_only, prompt),
-                            "kvp": _first_token_timer(kvp_first_token, family.kvp, prompt)}, repeats)
-    flops = ttft_flops(base, aux, prompt_len)
+                            "kvp": _first_token_timer(kvp_first_token, family.kvp, prompt),
+                            "pruning": _first_token_timer(plain_first_token, family.base, pruned)}, repeats)
     measured = seconds["base"] / seconds["kvp"]
     return {"variant": family.aux.spec, "prompt_len": prompt_len, "batch": batch, "repeats": repeats,
             "base_ttft_s": seconds["base"], "aux_ttft_s": seconds["aux"], "kvp_ttft_s": seconds["kvp"],
+            "pruning_ttft_s": seconds["pruning"], "pruning_keep_fraction": keep_fraction,
             "base_flops": flops.base_only, "aux_flops": prefill_flops(aux, prompt_len), "kvp_flops": flops.kvp,
+            "pruning_flops": prefill_flops(base, pruned.shape[1]), "null_cache_flops": flops.base_last_token,
             "flops_reduction": flops.reduction, "measured_reduction": measured,
             "aux_flops_reduction": flops.base_only / prefill_flops(aux, prompt_len),
             "aux_measured_reduction": seconds["base"] / seconds["aux"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from kv_prediction import retrieval  # noqa: F401  (registers the retrieval:<source> text source)
+from kv_prediction import knowledge  # noqa: F401  (registers the knowledge:<source> and retrieval:<source> sources)
 from kv_prediction.auxiliary import build_layer_pruned
 from kv_prediction.inference import predictor_flops_per_token
 from kv_prediction.loss import kvp_loss
@@ -169,6 +170,15 @@ def kvp_training_flops_per_token(base: ModelConfig, aux: ModelConfig, seq_len: i
     return 3 * base_forward + flops_per_token(aux, seq_len).training + 3 * predictor_flops_per_token(base, aux)
 
 
+def consistency_weight(kvp: ml_collections.ConfigDict) -> float | None:
+    """kvp.lambda_consistency checked: None (the paper's 1/n_base_layers) or a finite weight >= 0."""
+    weight = kvp.lambda_consistency
+    if weight is not None and not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+        raise UserError(f"kvp.lambda_consistency={weight!r} is invalid; valid: a finite number >= 0 (0 turns the "
+                        "consistency loss off), or None for the paper's 1/n_base_layers")
+    return weight
+
+
 def kvp_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> TrainTask:
     kvp = config.kvp
 
@@ -179,7 +189,7 @@ def kvp_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> 
         return state._replace(params=params)
 
     loss = functools.partial(kvp_loss, lambda_base=kvp.lambda_base, lambda_aux=kvp.lambda_aux,
-                             lambda_consistency=kvp.lambda_consistency or None, z_loss_weight=config.z_loss,
+                             lambda_consistency=consistency_weight(kvp), z_loss_weight=config.z_loss,
                              chunk_tokens=config.loss_chunk_tokens)
     base_config = model_config_from(config)
     return TrainTask(loss_fn=loss, create_model=lambda model_config, seed: build_kvp_model(model_config, aux, seed),

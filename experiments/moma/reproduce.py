@@ -151,7 +151,7 @@ def run(scale: str, workdir: Path) -> Section:
     def eta(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
-    summary = "; ".join(f"{row['run']}: η {eta(row['eta_overall'])} (text {eta(row['eta_text'])}, image "
+    summary = "; ".join(f"{row['run']}: η {eta(row['eta'])} (text {eta(row['eta_text'])}, image "
                         f"{eta(row['eta_image'])}), throughput {100 * row['throughput_vs_dense']:+.0f}%"
                         for row in rows[1:])
     return Section(TITLE, report, summary + ". Loss curves in `moma/loss_*.png`.")

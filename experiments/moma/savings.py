@@ -6,11 +6,17 @@ DIR holds one run per variant (subdirectories written by experiments.moma.train,
 η = C_dense_final / C_variant(L_dense_final) (moma.savings), overall and per modality, read off the TRAINING loss
 curves in metrics.jsonl (`loss`, `text_loss`, `image_loss`; the paper's curves) after a trailing mean over
 `--smooth` logged points, with C = tokens seen x the variant's analytic training FLOPs per token
-(moma.flops.moma_flops_per_token). η > 1: the variant reaches dense's final loss with less compute; "-": it never
-does within its run. Throughput: every variant's compiled train step is timed in this process on the same batches
-(the dense run's evaluation batches, training-shaped), warmed up first, variants interleaved round by round so a
-busy machine slows them alike; the median tokens/s per variant is reported relative to dense.
-Writes DIR/SAVINGS.md and DIR/savings.json; `--json` prints the JSON instead of the table.
+(moma.flops.moma_flops_per_token). An upcycled run's C starts at its seed's training compute (stage 1, recorded in
+its upcycle_seed.json: experiments.moma.train.upcycled_seed_flops), so its η pays for the 1t1i run it started
+from, as the paper's adjusted figures do. η > 1: the variant reaches dense's final loss with less compute; "-" (null
+in the JSON): it never does within its run. Throughput: every variant's compiled train step is timed in this process
+on the same batches (the dense run's evaluation batches, training-shaped), warmed up first, variants interleaved
+round by round so a busy machine slows them alike; the median tokens/s per variant is reported relative to dense.
+Writes DIR/SAVINGS.md and DIR/savings.json; `--json` prints the JSON instead of the table: one object per run with
+`run`, `variant`, `path`, `flops_per_token`, `seed_training_flops` (0 unless upcycled), `eta`, `eta_text`,
+`eta_image`, `final_loss`, `final_text_loss`, `final_image_loss` (smoothed training losses), `eval_loss`,
+`eval_text_loss`, `eval_image_loss` (last evaluation), `tokens_per_s` and `throughput_vs_dense` (a fraction, -0.17 =
+17% slower); null where a run has no such value or throughput was not measured (--throughput_steps=0).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from absl import flags
 
 from experiments.cli import run
 
-MODALITY_KEYS = {"overall": "loss", "text": "text_loss", "image": "image_loss"}
+MODALITY_KEYS = {"overall": "loss", "text": "text_loss", "image": "image_loss"}  # modality -> its metrics.jsonl key
+ETA_KEYS = {"overall": "eta", "text": "eta_text", "image": "eta_image"}  # modality -> its row key
 BASELINE = "dense"
 
 
@@ -90,13 +97,9 @@ def variant_of(run_dir: Path) -> str:
 
 def training_flops_per_token(run_dir: Path) -> float:
     """The run's analytic training FLOPs per token (what its compute axis is measured in)."""
-    from experiments.moma.train import moma_config_from, read_run_config
-    from lm_core.trainer import model_config_from
-    from moma.flops import moma_flops_per_token
+    from experiments.moma import train
 
-    config = read_run_config(run_dir)
-    return moma_flops_per_token(model_config_from(config), moma_config_from(config), config.data.seq_len,
-                                config.moma.image_fraction).training
+    return train.training_flops_per_token(train.read_run_config(run_dir))
 
 
 def trailing_mean(values: list[float], window: int) -> list[float]:
@@ -105,50 +108,54 @@ def trailing_mean(values: list[float], window: int) -> list[float]:
 
 
 def loss_curves(run_dir: Path, smooth: int = 1) -> dict[str, tuple[list[float], list[float]]]:
-    """modality -> (training FLOPs, smoothed training loss) at every logged step that has that loss."""
+    """modality -> (training FLOPs, smoothed training loss) at every logged step that has that loss; the FLOPs
+    include what an upcycled run inherited from its seed."""
+    from experiments.moma.train import upcycled_seed_flops
     from lm_core.metrics import read_metrics
 
     rows = read_metrics(run_dir / "metrics.jsonl")
-    per_token = training_flops_per_token(run_dir)
+    per_token, inherited = training_flops_per_token(run_dir), upcycled_seed_flops(run_dir)
     curves = {}
     for modality, key in MODALITY_KEYS.items():
-        points = [(row["tokens"] * per_token, row[key]) for row in rows if key in row and row.get("tokens")]
+        points = [(inherited + row["tokens"] * per_token, row[key]) for row in rows
+                  if key in row and row.get("tokens")]
         if points:
             curves[modality] = ([c for c, _ in points], trailing_mean([loss for _, loss in points], smooth))
     return curves
 
 
-def final_eval(run_dir: Path) -> dict[str, float]:
-    """The last logged evaluation losses (overall, text, image)."""
+def final_eval(run_dir: Path) -> dict[str, float | None]:
+    """The last logged evaluation losses: eval_loss, eval_text_loss, eval_image_loss (None when not logged)."""
     from lm_core.metrics import read_metrics
 
     rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in row]
-    if not rows:
-        return {}
-    last = rows[-1]
-    return {modality: last[f"eval_{key}"] for modality, key in MODALITY_KEYS.items() if f"eval_{key}" in last}
+    last = rows[-1] if rows else {}
+    return {f"eval_{key}": last.get(f"eval_{key}") for key in MODALITY_KEYS.values()}
 
 
 def savings_rows(directory: Path, smooth: int = 5) -> list[dict[str, Any]]:
-    """One row per run: η overall/text/image vs dense, final smoothed training and last eval losses, steps."""
+    """One row per run (the keys of the module docstring, throughput None): η overall/text/image vs dense, final
+    smoothed training and last evaluation losses."""
+    from experiments.moma.train import upcycled_seed_flops
     from moma.savings import flops_savings
 
     runs = find_runs(directory)
     curves = {name: loss_curves(path, smooth) for name, path in runs.items()}
-    dense = curves[next(iter(runs))]
+    baseline = next(iter(runs))
     rows = []
     for name, path in runs.items():
         row: dict[str, Any] = {"run": name, "variant": variant_of(path), "path": str(path),
-                               "flops_per_token": training_flops_per_token(path)}
-        for modality in MODALITY_KEYS:
-            curve = curves[name].get(modality)
-            if curve is None or modality not in dense:
-                row[f"eta_{modality}"] = None
-                continue
-            # the baseline is 1 by definition; read off its own noisy curve it could reach its final loss earlier
-            row[f"eta_{modality}"] = 1.0 if path == runs[next(iter(runs))] else flops_savings(*dense[modality], *curve)
-            row[f"final_{modality}_loss"] = curve[1][-1]
-        row.update({f"eval_{modality}_loss": value for modality, value in final_eval(path).items()})
+                               "flops_per_token": training_flops_per_token(path),
+                               "seed_training_flops": upcycled_seed_flops(path)}
+        for modality, key in MODALITY_KEYS.items():
+            curve, dense = curves[name].get(modality), curves[baseline].get(modality)
+            row[f"final_{key}"] = None if curve is None else curve[1][-1]
+            if curve is None or dense is None:
+                row[ETA_KEYS[modality]] = None
+            else:  # the baseline is 1 by definition; off its own noisy curve it could reach its final loss earlier
+                row[ETA_KEYS[modality]] = 1.0 if name == baseline else flops_savings(*dense, *curve)
+        row.update(final_eval(path))
+        row.update(tokens_per_s=None, throughput_vs_dense=None)
         rows.append(row)
     return rows
 
@@ -215,18 +222,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
     def loss(row: dict[str, Any], key: str) -> str:
-        return f"{row[key]:.3f}" if key in row else "-"
+        return "-" if row.get(key) is None else f"{row[key]:.3f}"
 
-    has_throughput = any("tokens_per_s" in row for row in rows)
+    def losses(row: dict[str, Any], prefix: str) -> str:
+        return f"{loss(row, prefix + 'loss')} ({loss(row, prefix + 'text_loss')} / {loss(row, prefix + 'image_loss')})"
+
+    has_throughput = any(row.get("tokens_per_s") is not None for row in rows)
     header = ["run", "η overall", "η text", "η image", "train loss (text / image)", "eval loss (text / image)"]
     header += ["tokens/s", "vs dense"] if has_throughput else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        name = row["run"] if row["run"] == row["variant"] else f"{row['run']} ({row['variant']})"
-        cells = [name, eta(row.get("eta_overall")), eta(row.get("eta_text")), eta(row.get("eta_image")),
-                 f"{loss(row, 'final_overall_loss')} ({loss(row, 'final_text_loss')} / "
-                 f"{loss(row, 'final_image_loss')})",
-                 f"{loss(row, 'eval_overall_loss')} ({loss(row, 'eval_text_loss')} / {loss(row, 'eval_image_loss')})"]
+        labels = [row["variant"]] if row["run"] != row["variant"] else []
+        labels += ["upcycled, stage 1 counted"] if row.get("seed_training_flops") else []
+        name = f"{row['run']} ({', '.join(labels)})" if labels else row["run"]
+        cells = [name, *(eta(row.get(key)) for key in ETA_KEYS.values()), losses(row, "final_"),
+                 losses(row, "eval_")]
         if has_throughput:
             cells += [f"{row['tokens_per_s']:,.0f}", f"{100 * row['throughput_vs_dense']:+.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -17,11 +17,14 @@ with the MoMa model and a loss that logs text and image losses (`text_loss`, `im
 `eval_image_loss` in DIR/metrics.jsonl). DIR gets config.json, metrics.jsonl, tensorboard/, tokenizer.model and
 checkpoints/; rerunning resumes exactly, SIGTERM/Ctrl-C saves and exits.
 `--config.moma.upcycle_from=<a moe_1t1i DIR>` starts an m-t-n-i variant from that run's weights (every expert a copy
-of its modality's FFN, routers fresh, router noise on), with a fresh learning-rate schedule, continuing that run's
-data stream where it stopped.
+of its modality's FFN, every router column a copy of its gate: moma.upcycle; router noise on), with a fresh
+learning-rate schedule, continuing that run's data stream where it stopped. The seed's training compute up to the
+checkpoint it was upcycled from is recorded in DIR/upcycle_seed.json (`seed_record`), where experiments.moma.savings
+starts the upcycled run's compute axis, so its η pays for stage 1 as the paper's does.
 
-For other modules: `moma_task(config, workdir)` (the TrainTask), `load_moma(workdir)` (trained model + config) and
-`mixed_eval_batches(workdir)` (the run's mixed-modal evaluation batches).
+For other modules: `moma_task(config, workdir)` (the TrainTask), `load_moma(workdir)` (trained model + config),
+`mixed_eval_batches(workdir)` (the run's mixed-modal evaluation batches), `training_flops_per_token(config)` and
+`upcycled_seed_flops(workdir)` (the compute a run inherited from its upcycling seed).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from ml_collections import config_flags
 from experiments.cli import run
 
 DEFAULT_CONFIG = str(Path(__file__).parents[1] / "configs" / "moma_tiny.py")
+UPCYCLE_SEED_FILE = "upcycle_seed.json"  # in an upcycled run's workdir: its seed's training compute (seed_record)
 
 
 def define_flags() -> None:
@@ -109,6 +113,55 @@ def moma_config_from(config):  # -> moma.variants.MoMaConfig
                          capacity_factor=section.capacity_factor, mod_capacity=section.mod_capacity,
                          max_text_fraction=section.max_text_fraction, max_image_fraction=section.max_image_fraction,
                          routing_groups=section.get("routing_groups", 0), router_noise=bool(section.upcycle_from))
+
+
+def training_flops_per_token(config) -> float:
+    """The run's analytic training FLOPs per token (moma.flops: what its compute axis and MFU are measured in)."""
+    from lm_core.trainer import model_config_from
+    from moma.flops import moma_flops_per_token
+
+    return moma_flops_per_token(model_config_from(config), moma_config_from(config), config.data.seq_len,
+                                config.moma.image_fraction).training
+
+
+def seed_record(seed_dir: str | Path) -> dict[str, Any]:
+    """The compute an upcycled run inherits: its seed's training FLOPs up to the seed's latest checkpoint (the one
+    upcycling loads), counted as lm_core.trainer counts tokens (steps x batch x seq_len), plus whatever the seed
+    itself inherited."""
+    from lm_core.checkpoint import Checkpointer
+    from lm_core.errors import UserError
+
+    seed_dir = Path(seed_dir)
+    config = read_run_config(seed_dir)
+    checkpoints = Checkpointer(seed_dir / "checkpoints")
+    step = checkpoints.latest_step()
+    checkpoints.close()
+    if step is None:
+        raise UserError(f"cannot read the upcycling seed's compute: {seed_dir} holds no checkpoint")
+    tokens = step * config.data.global_batch_size * config.data.seq_len
+    per_token = training_flops_per_token(config)
+    return {"seed_dir": str(seed_dir), "seed_variant": config.moma.variant, "seed_step": step,
+            "seed_tokens": tokens, "seed_flops_per_token": per_token,
+            "seed_training_flops": upcycled_seed_flops(seed_dir) + tokens * per_token}
+
+
+def upcycled_seed_flops(workdir: str | Path) -> float:
+    """Training FLOPs a run inherited from the seed it was upcycled from; 0 for a run trained from scratch.
+
+    Read from the UPCYCLE_SEED_FILE written when the run was upcycled; for a run upcycled before that file existed,
+    computed from the seed's workdir now (the same unless the seed trained on after the upcycling)."""
+    from lm_core.errors import UserError
+
+    config = read_run_config(workdir)
+    if not config.moma.get("upcycle_from"):
+        return 0.0
+    record = Path(workdir) / UPCYCLE_SEED_FILE
+    if record.exists():
+        return float(json.loads(record.read_text())["seed_training_flops"])
+    if not Path(config.moma.upcycle_from).is_dir():
+        raise UserError(f"{workdir} was upcycled from {config.moma.upcycle_from}, which is gone, and holds no "
+                        f"{UPCYCLE_SEED_FILE}: its seed's compute is unknown")
+    return seed_record(config.moma.upcycle_from)["seed_training_flops"]
 
 
 def vq_config_from(config):  # -> moma.vq.VQConfig
@@ -286,7 +339,6 @@ def moma_task(config, workdir: str | Path, check_data: bool = True, num_devices:
     from lm_core.trainer import TrainTask, model_config_from
     from moma.depths import build_moma_model
     from moma.experts import with_router_noise
-    from moma.flops import moma_flops_per_token
     from moma.losses import mixed_modal_loss, per_modality_eval_row, per_modality_eval_sums, per_modality_train_row
 
     for field, parent in (("dir", config.moma.image_tokenizer), ("upcycle_from", config.moma)):
@@ -309,19 +361,21 @@ def moma_task(config, workdir: str | Path, check_data: bool = True, num_devices:
     def initialize_upcycled(state):  # TrainState -> TrainState: the 1t1i weights, every expert a copy
         from moma.upcycle import upcycle_params
 
+        seed = seed_record(config.moma.upcycle_from)  # the seed's latest checkpoint, the one load_moma reads
         source_model, _ = load_moma(config.moma.upcycle_from)
         params = upcycle_params(nnx.state(source_model, nnx.Param), state.params)
+        if jax.process_index() == 0:  # on the fresh state only (a resumed run keeps its record)
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+            (Path(workdir) / UPCYCLE_SEED_FILE).write_text(json.dumps(seed, indent=2) + "\n")
         return state._replace(params=jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), params,
                                                   state.params))
 
-    image_fraction = config.moma.image_fraction
     return TrainTask(
         loss_fn=with_router_noise(loss_fn) if moma.router_noise else loss_fn,
         create_model=lambda model_config, seed: build_moma_model(model_config, moma, rngs=nnx.Rngs(seed)),
         eval_sums_fn=per_modality_eval_sums(vocab),
         initialize=initialize_upcycled if config.moma.upcycle_from else None,
-        training_flops_per_token=moma_flops_per_token(model_config, moma, config.data.seq_len,
-                                                      image_fraction).training,
+        training_flops_per_token=training_flops_per_token(config),
         extra_meta={"moma": {k: v for k, v in dataclasses.asdict(moma).items() if k != "router_noise"}},
         make_data=lambda config, workdir, model_config: make_mixed_data(config, workdir, model_config,
                                                                         source or image_source(config)),
