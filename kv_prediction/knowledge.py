@@ -107,15 +107,24 @@ class Fact:
 
 def invented_words(rng: np.random.Generator, count: int, syllables: int, ending: Sequence[str] = ("",),
                    taken: set[str] | None = None) -> list[str]:
-    """`count` distinct capitalised pseudo-words of `syllables` syllables plus one of `ending`, none in `taken`."""
+    """`count` distinct capitalised pseudo-words of `syllables` syllables plus one of `ending`, none in `taken`.
+
+    When words of that length run out (many draws in a row already taken: large tables), later words get one
+    syllable more, so any table size terminates; small tables never get there."""
     taken = set() if taken is None else taken
     words: list[str] = []
+    misses = 0
     while len(words) < count:
         word = "".join(SYLLABLES[int(i)] for i in rng.integers(len(SYLLABLES), size=syllables))
         word = (word + ending[int(rng.integers(len(ending)))]).capitalize()
-        if word not in taken:
-            taken.add(word)
-            words.append(word)
+        if word in taken:
+            misses += 1
+            if misses == 1000:
+                syllables, misses = syllables + 1, 0
+            continue
+        taken.add(word)
+        words.append(word)
+        misses = 0
     return words
 
 
@@ -161,9 +170,10 @@ def knowledge_examples(options: KnowledgeOptions, count: int | None = None) -> l
     entity's same relation."""
     table = fact_table(options)
     rng = np.random.default_rng([options.seed, 15485863])
+    by_relation = {relation: [i for i, fact in enumerate(table) if fact.relation == relation] for relation in RELATIONS}
     examples = []
     for index, fact in enumerate(table[:count]):
-        same_relation = [i for i, other in enumerate(table) if other.relation == fact.relation and i != index]
+        same_relation = [i for i in by_relation[fact.relation] if i != index]
         shot = table[same_relation[int(rng.integers(len(same_relation)))]]
         prompt = f"{question(shot)} {shot.value}\n{question(fact)}"
         examples.append(Example(prompt, fact.value))

@@ -32,6 +32,9 @@ def test_the_fact_table_is_fixed_and_its_words_are_distinct():
         values = {fact.value for fact in table if fact.relation == relation}
         assert values.isdisjoint(entities) and len(values) <= 8
     assert knowledge.fact_table(knowledge.KnowledgeOptions(entities=16, values=8, seed=1)) != table
+    # more words than two syllables can spell (30^2 x 4 endings): later ones get longer instead of looping forever
+    big = knowledge.fact_table(knowledge.KnowledgeOptions(entities=4096, values=512))
+    assert len({fact.entity for fact in big}) == 4096
 
 
 def test_training_documents_state_table_facts_and_never_the_evaluation_wording():

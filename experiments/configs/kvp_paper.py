@@ -4,7 +4,7 @@ Command (shard with the mesh flags, e.g. --config.mesh.fsdp=-1 --config.mesh.dat
     python -m experiments.kv_prediction.train --config=experiments/configs/kvp_paper.py --workdir=DIR \
         --config.data.source=knowledge:share=0.01,entities=4096:retrieval:share=0.02,facts=4,filler_chars=2000:tfds:<corpus>
 Base: OpenELM-1.1B-like (28 layers, d=2048, head_dim 64, OpenELM's grouped-query attention with 4 query heads per
-K,V head; 1.4B parameters with uniform layers, where OpenELM widens its layers with depth to 1.08B); auxiliary
+K,V head; 1.3B parameters with uniform layers, where OpenELM widens its layers with depth to 1.08B); auxiliary
 models: canonical 450M-like (20 layers, d=1536) and 270M-like (16 layers, d=1280), and layer-pruned 0.75 / 0.50 /
 0.25. Expected (paper, TriviaQA): KVP-C-450M 16.1 vs 450M alone 11.0 at a 2.36x TTFT FLOPs reduction; KVP-LP-0.75
 20.7 vs 15.0 at 1.34x.
