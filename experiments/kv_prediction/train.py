@@ -10,6 +10,10 @@ Runs, each an lm_core training run with its own checkpoints, metrics.jsonl and T
   + λ_C·L1(predicted, true KV), the base frozen (`kvp.steps`);
 - DIR/aux_<spec>: the aux-only baseline, the same auxiliary from the same weights fine-tuned as a plain LM for
   the same `kvp.steps`.
+The default data is the built-in corpus with the two evaluation tasks mixed in: `knowledge:` (a closed-book fact
+table, asked in a new wording at evaluation) and `retrieval:` (facts only in the prompt), see
+experiments/configs/kvp_tiny.py. `--config.kvp.lambda_consistency=0` turns the consistency term off (the paper's
+ablation; unset = 1/n_base_layers). The base should train at least 3x the KVP steps (the report checks it).
 Auxiliary specs: lp<fraction> (layer-pruned base: lp0.75, lp0.50, lp0.25), c<d_model>x<layers> (canonical),
 c:<lm_core workdir> (a pretrained model), each optionally with @<layer map> (one aux layer per base layer,
 monotone). Rerunning resumes; finished runs are skipped ("run k of n" shows where it is). The config is saved as
