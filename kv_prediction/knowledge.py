@@ -46,7 +46,7 @@ from kv_prediction import (
     retrieval,  # noqa: F401  (registers retrieval:<source>, which nests inside)
     synthetic,
 )
-from kv_prediction.synthetic import Example, MixedTexts, OneLineTexts
+from kv_prediction.synthetic import Example
 from lm_core.data.sources import TextSource, get_text_source, register_text_source
 from lm_core.errors import UserError
 
@@ -188,16 +188,12 @@ def parse_spec(argument: str) -> tuple[KnowledgeOptions, str]:
 
 def mixed_source(argument: str, *, data_dir: str | os.PathLike | None) -> TextSource:
     options, inner = parse_spec(argument)
-    source = get_text_source(inner, data_dir=data_dir)
     table = fact_table(options)
-    splits = {}
-    for split in ("train", "validation"):
-        corpus = source.split(split)
 
-        def document(index: int, filler: OneLineTexts, split: str = split) -> str:
-            return knowledge_document(options, table, split, index, filler)
+    def document_of(split: str) -> synthetic.DocumentFn:
+        return lambda index, filler: knowledge_document(options, table, split, index, filler)
 
-        splits[split] = MixedTexts(corpus, document, synthetic.added_count(options.share, corpus, document))
+    splits = synthetic.mixed_splits(get_text_source(inner, data_dir=data_dir), options.share, document_of)
     return TextSource(f"{PREFIX}:{argument}", splits)
 
 

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kv_prediction import synthetic
-from kv_prediction.synthetic import Example, MixedTexts, OneLineTexts
+from kv_prediction.synthetic import Example, OneLineTexts
 from lm_core.data.sources import TextSource, get_text_source, register_text_source
 from lm_core.errors import UserError
 
@@ -80,8 +80,6 @@ class RetrievalOptions:
         return (f"{PREFIX}:share={self.share},facts={self.facts},filler_chars={self.filler_chars},"
                 f"seed={self.seed}:{source}")
 
-
-RetrievalExample = Example
 
 
 def parse_spec(argument: str) -> tuple[RetrievalOptions, str]:
@@ -129,15 +127,11 @@ def retrieval_examples(options: RetrievalOptions, corpus_validation: Sequence[st
 
 def mixed_source(argument: str, *, data_dir: str | os.PathLike | None) -> TextSource:
     options, inner = parse_spec(argument)
-    source = get_text_source(inner, data_dir=data_dir)
-    splits = {}
-    for split in ("train", "validation"):
-        corpus = source.split(split)
 
-        def document(index: int, filler: OneLineTexts, split: str = split) -> str:
-            return retrieval_document(options, split, index, filler)
+    def document_of(split: str) -> synthetic.DocumentFn:
+        return lambda index, filler: retrieval_document(options, split, index, filler)
 
-        splits[split] = MixedTexts(corpus, document, synthetic.added_count(options.share, corpus, document))
+    splits = synthetic.mixed_splits(get_text_source(inner, data_dir=data_dir), options.share, document_of)
     return TextSource(f"{PREFIX}:{argument}", splits)
 
 

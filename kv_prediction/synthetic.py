@@ -128,6 +128,16 @@ class MixedTexts(Sequence[str]):
         return self._document(index - len(self.corpus), self._filler)
 
 
+def mixed_splits(source: Any, share: float, document_of: Callable[[str], DocumentFn]) -> dict[str, MixedTexts]:
+    """Both splits of a text source with `share` of their characters in generated documents; `document_of(split)`
+    gives that split's document function (each split draws its own documents and filler)."""
+    splits = {}
+    for split in SPLIT_SEEDS:
+        corpus, document = source.split(split), document_of(split)
+        splits[split] = MixedTexts(corpus, document, added_count(share, corpus, document))
+    return splits
+
+
 def added_count(share: float, corpus: Sequence[str], document: DocumentFn) -> int:
     """How many generated documents make them `share` of the split's characters (at least one)."""
     pool = OneLineTexts(corpus)

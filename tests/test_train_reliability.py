@@ -211,8 +211,7 @@ def test_a_checkpoint_path_that_is_a_file_fails_before_the_first_step(tmp_path, 
     workdir = tmp_path / "blocked"
     workdir.mkdir()
     (workdir / "checkpoints").write_text("not a directory")
-    started = time.monotonic()
     result = train(workdir, corpus, "--config.steps=8", "--config.checkpoint_every=4")
     assert_clean_failure(result, str(workdir / "checkpoints"), "not a directory")
-    assert time.monotonic() - started < 120  # was: the whole run, then ~300 s inside Orbax
+    # no step ran (it used to train every step, then hang ~300 s inside Orbax): proven by what is logged, not timed
     assert not (workdir / "metrics.jsonl").exists() or not losses(workdir)

@@ -12,8 +12,9 @@ from typing import Any
 
 import ml_collections
 
+from experiments.kv_prediction.evaluation import Z_95
+
 PAPER_MIN_GAIN = 1.15  # the paper's lower end: KVP 15-50% relative above its auxiliary alone (TriviaQA)
-Z_95 = 1.959963984540054
 
 
 def z_score(a: dict[str, Any], b: dict[str, Any]) -> float:

@@ -93,50 +93,51 @@ def evaluation_windows(texts: Sequence[str], tokenizer: Any, count: int, prompt_
     return np.asarray(windows, np.int32)
 
 
-def task_questions(config: ml_collections.ConfigDict) -> tuple[dict[str, list[Example]], dict[str, float], str]:
-    """({task: questions}, {task: chance}, corpus spec) for the tasks config.data.source trains on."""
-    from lm_core.data import get_text_source
-
-    sources = task_sources(config.data.source)
+def task_questions(config: ml_collections.ConfigDict, sources: TaskSources, corpus: Sequence[str]
+                   ) -> tuple[dict[str, list[Example]], dict[str, float]]:
+    """({task: questions}, {task: chance}) for the tasks config.data.source trains on; `corpus` is the validation
+    split of the text source inside the task wrappers."""
     tasks, chance = {}, {}
     if sources.knowledge is not None:
         tasks["closed_book"] = knowledge.knowledge_examples(sources.knowledge, config.kvp.eval_questions or None)
         chance["closed_book"] = 1 / sources.knowledge.values
     if sources.retrieval is not None:
-        corpus = get_text_source(sources.corpus, data_dir=config.data.data_dir or None).split("validation")
         tasks["recall"] = retrieval.retrieval_examples(sources.retrieval, corpus, config.kvp.eval_questions or 512)
         chance["recall"] = 1 / sources.retrieval.facts
     if not tasks:
         raise UserError(f"data.source={config.data.source!r} holds no evaluation task; valid: a source wrapped in "
                         "knowledge:[<options>:] and/or retrieval:[<options>:], e.g. knowledge:retrieval:builtin")
-    return tasks, chance, sources.corpus
+    return tasks, chance
 
 
 def evaluation_data(config: ml_collections.ConfigDict, tokenizer: Any) -> EvalData:
     from lm_core.data import get_text_source
 
     kvp = config.kvp
-    tasks, chance, corpus_spec = task_questions(config)
+    sources = task_sources(config.data.source)
+    corpus = get_text_source(sources.corpus, data_dir=config.data.data_dir or None).split("validation")
+    tasks, chance = task_questions(config, sources, corpus)
     longest = max(len(tokenizer.encode(e.prompt)) + 1 for questions in tasks.values() for e in questions)
     if longest + kvp.answer_tokens > config.model.max_seq_len:
         raise UserError(f"evaluation prompts of up to {longest + kvp.answer_tokens} tokens (with the answer) exceed "
                         f"model.max_seq_len={config.model.max_seq_len}; lower the task's facts/filler_chars or "
                         "raise max_seq_len")
-    corpus = get_text_source(corpus_spec, data_dir=config.data.data_dir or None).split("validation")
     windows = evaluation_windows(corpus, tokenizer, kvp.eval_documents, kvp.prompt_tokens, kvp.continuation_tokens)
     return EvalData(tasks, chance, windows, kvp.prompt_tokens)
+
+
+def exact_match_score(texts: Sequence[str], questions: Sequence[Example]) -> dict[str, Any]:
+    """{exact_match, exact_match_ci95, questions} of generated texts against their questions' answers."""
+    hits = sum(exact_match(text, example.answer) for text, example in zip(texts, questions, strict=True))
+    return {"exact_match": hits / len(questions), "exact_match_ci95": wilson_interval(hits, len(questions)),
+            "questions": len(questions)}
 
 
 def task_scores(generate_fn: GenerateFn, tokenizer: Any, data: EvalData, answer_tokens: int
                 ) -> dict[str, dict[str, Any]]:
     """{task: {exact_match, exact_match_ci95, questions}} of one serving path."""
-    scores = {}
-    for task, questions in data.tasks.items():
-        answers = greedy_answers(generate_fn, tokenizer, questions, max_new_tokens=answer_tokens)
-        hits = sum(exact_match(text, example.answer) for text, example in zip(answers, questions, strict=True))
-        scores[task] = {"exact_match": hits / len(questions), "exact_match_ci95": wilson_interval(hits, len(questions)),
-                        "questions": len(questions)}
-    return scores
+    return {task: exact_match_score(greedy_answers(generate_fn, tokenizer, questions, max_new_tokens=answer_tokens),
+                                    questions) for task, questions in data.tasks.items()}
 
 
 def score_plain(model: Transformer, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, Any]:
@@ -170,10 +171,7 @@ def score_true_question(model: KVPModel, tokenizer: Any, data: EvalData, answer_
     for i in range(0, len(prompts), 64):
         new = baselines.generate_with_true_suffix(model, prompts[i:i + 64], starts[i:i + 64], sampling)
         texts += [tokenizer.decode([int(t) for t in row]) for row in new]
-    hits = sum(exact_match(text, e.answer) for text, e in zip(texts, examples, strict=True))
-    return {"tasks": {"closed_book": {"exact_match": hits / len(examples),
-                                      "exact_match_ci95": wilson_interval(hits, len(examples)),
-                                      "questions": len(examples)}}, "perplexity": None}
+    return {"tasks": {"closed_book": exact_match_score(texts, examples)}, "perplexity": None}
 
 
 def score_pruning(base: Transformer, tokenizer: Any, data: EvalData, answer_tokens: int, keep_fraction: float
