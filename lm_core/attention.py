@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from lm_core.config import ATTENTION_IMPLS, ModelConfig
-from lm_core.layers import RMSNorm, apply_rope, dense, fan_in_init, param
+from lm_core.layers import RMSNorm, apply_rope, dense, fan_in_init, param, rope_frequencies
 from lm_core.sharding import constrain, logical_to_spec, mesh_axes_size
 
 Array = jax.Array
@@ -61,7 +61,7 @@ class Attention(nnx.Module):
         """Pre-RoPE keys -> the form the cache stores (QK-norm, then RoPE at their positions)."""
         if self.config.qk_norm:
             keys = self.key_norm(keys)
-        return apply_rope(keys, positions, self.config.rope_theta)
+        return apply_rope(keys, positions, rope_frequencies(self.config))
 
     def __call__(self, x: Array, positions: Array, segment_ids: Array, *, cache: LayerCache | None = None,
                  cache_segment_ids: Array | None = None, cache_index: Array | None = None,
@@ -78,7 +78,7 @@ class Attention(nnx.Module):
         keys, values = kv.keys.astype(dtype), kv.values.astype(dtype)
         if config.qk_norm:
             queries = self.query_norm(queries)
-        queries = constrain(apply_rope(queries, positions, config.rope_theta),
+        queries = constrain(apply_rope(queries, positions, rope_frequencies(config)),
                             ("batch", "act_seq", "act_heads", None))
         keys = self.keys_for_cache(keys, positions)
 

@@ -13,6 +13,7 @@ from lm_core.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORM_PLACEMENTS = ("pre", "swin")
+ROPE_SCALINGS = ("none", "llama3")
 # How attention runs (lm_core/attention.py): "auto" picks per backend (resolve_attention_impl there).
 ATTENTION_IMPLS = ("auto", "xla_blocked", "dot_product", "splash")
 # What a rematerialised block keeps for the backward pass (lm_core/model.py REMAT_POLICIES): "none" = no remat.
@@ -40,7 +41,16 @@ class ModelConfig:
     # "pre": x + attn(norm(x)) (Llama). "swin": x + norm(attn(x)) (Chameleon / MoMa).
     norm_placement: str = "pre"
     rope_theta: float = 10_000.0
+    # "none", or "llama3": Llama 3.1's long-context rescaling of the rotary frequencies (lm_core.layers
+    # rope_frequencies), with the four rope_* numbers below as in a Llama 3.1 config.json's "rope_scaling".
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm_eps: float = 1e-6
+    # Multiply the input embedding by sqrt(d_model) (our models and Gemma; Llama, Mistral and Qwen do not).
+    scale_embeddings: bool = True
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (f32 master weights with bf16 compute)
     # Recompute each block's activations in the backward pass to save memory; one of REMAT_POLICIES
@@ -165,4 +175,22 @@ def _problems(config: ModelConfig) -> list[str]:
     for name in ("rope_theta", "norm_eps"):  # `not` a range: NaN fails every comparison, so it is refused too
         if not 0 < getattr(config, name) < float("inf"):
             problems.append(f"{name}={getattr(config, name)!r} must be a finite positive number")
+    if not isinstance(config.scale_embeddings, bool):
+        problems.append(f"scale_embeddings={config.scale_embeddings!r} must be true or false")
+    return problems + _rope_scaling_problems(config)
+
+
+def _rope_scaling_problems(config: ModelConfig) -> list[str]:
+    if config.rope_scaling not in ROPE_SCALINGS:
+        return [f"rope_scaling={config.rope_scaling!r} is unknown; valid: {list(ROPE_SCALINGS)}"]
+    if config.rope_scaling == "none":
+        return []
+    problems = [f"{name}={getattr(config, name)!r} must be a finite positive number"
+                for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor")
+                if not 0 < getattr(config, name) < float("inf")]
+    if not _positive_int(config.rope_original_max_len):
+        problems.append(f"rope_original_max_len={config.rope_original_max_len!r} must be a positive integer")
+    if not problems and config.rope_high_freq_factor <= config.rope_low_freq_factor:
+        problems.append(f"rope_high_freq_factor={config.rope_high_freq_factor} must exceed "
+                        f"rope_low_freq_factor={config.rope_low_freq_factor}")
     return problems

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lm_core.config import ModelConfig
@@ -86,18 +87,38 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+    """The [head_dim/2] float32 rotary inverse frequencies θ^(-2i/head_dim), rescaled as `config.rope_scaling` says.
+
+    "llama3" (Llama 3.1's long-context rule, as `transformers` computes it): wavelengths longer than
+    original_max_len / low_freq_factor are slowed down by `factor`, those shorter than
+    original_max_len / high_freq_factor are kept, and the band between is interpolated smoothly.
+    """
+    head_dim = config.head_dim
+    inv_freq = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    if config.rope_scaling == "none":
+        return inv_freq.astype(np.float32)
+    factor, low, high = config.rope_scaling_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    original = config.rope_original_max_len
+    wavelength = 2 * math.pi / inv_freq
+    scaled = np.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray | Array) -> Array:
     """Rotary position embedding, "rotate half" convention: [x1, x2] -> [x1·cos - x2·sin, x2·cos + x1·sin].
 
-    x: [batch, seq, heads, head_dim]; positions: [batch, seq]. Computed in float32 (large positions in bf16
-    would lose their low bits) and cast back. Written as x·[cos, cos] + roll(x, head_dim/2)·[-sin, sin]: the same
-    numbers as splitting x in halves and concatenating the rotated halves, but XLA:CPU compiles the concatenate of
-    two computed halves into a slow loop, and this form into a plain elementwise one (6x faster forward and
-    backward; see benchmarks/train_step.py).
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq]; inv_freq: [head_dim/2] (`rope_frequencies`).
+    Computed in float32 (large positions in bf16 would lose their low bits) and cast back. Written as
+    x·[cos, cos] + roll(x, head_dim/2)·[-sin, sin]: the same numbers as splitting x in halves and concatenating
+    the rotated halves, but XLA:CPU compiles the concatenate of two computed halves into a slow loop, and this
+    form into a plain elementwise one (6x faster forward and backward; see benchmarks/train_step.py).
     """
     head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [head_dim/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [batch, seq, hd/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     signed_sin = jnp.concatenate([-sin, sin], axis=-1)  # [batch, seq, 1, head_dim]
     doubled_cos = jnp.concatenate([cos, cos], axis=-1)
@@ -134,13 +155,15 @@ class Embedding(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.compute_dtype = config.compute_dtype
+        self.scale_inputs = config.scale_embeddings
         init = nnx.initializers.normal(stddev=1.0 / config.d_model**0.5)
         self.table = param(rngs, init, (config.vocab_size, config.d_model), ("vocab", "embed"),
                            config.weights_dtype)
 
     def __call__(self, tokens: Array) -> Array:
-        # Scale by sqrt(d) so the residual stream starts at unit RMS whatever the width.
-        scale = self.table.shape[1] ** 0.5
+        # Scale by sqrt(d) so the residual stream starts at unit RMS whatever the width (off for imported models
+        # whose family does not, e.g. Llama: config.scale_embeddings).
+        scale = self.table.shape[1] ** 0.5 if self.scale_inputs else 1.0
         # Gather from a whole table: a gather from a vocab- or fsdp-sharded table makes XLA replicate it anyway,
         # with a warning; saying so up front gives it one clean all-gather.
         table = constrain(self.table[...], (None, None))

@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from lm_core.attention import LayerKV, causal_blocks, grouped_query_attention
+from lm_core.config import ModelConfig
 from lm_core.kv_cache import init_cache
-from lm_core.layers import SwiGLU, apply_rope
+from lm_core.layers import SwiGLU, apply_rope, rope_frequencies
 from lm_core.model import Transformer
 from tests.helpers import tiny_config
 
@@ -112,7 +113,8 @@ def test_rope_rotates_each_half_pair_by_its_angle():
     # Hand-written reference: pair (x[i], x[i + d/2]) rotated by position * theta^(-2i/d).
     x = jax.random.normal(jax.random.key(3), (1, 3, 2, 8))
     positions = jnp.array([[0, 5, 1000]])
-    out = np.asarray(apply_rope(x, positions, theta=100.0))
+    inv_freq = rope_frequencies(ModelConfig(d_model=16, num_heads=2, rope_theta=100.0))  # head_dim 8
+    out = np.asarray(apply_rope(x, positions, inv_freq))
     xs = np.asarray(x, np.float64)
     for t, pos in enumerate([0, 5, 1000]):
         for i in range(4):
