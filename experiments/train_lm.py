@@ -6,6 +6,17 @@ Every ModelConfig field is a flag (`--config.model.num_heads=8`), so is the mesh
 (`--config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2` shards over 8 devices) and the data source
 (`--config.data.source=files:/path/*.txt`). Writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/,
 DIR/tokenizer.model and DIR/checkpoints/. Rerunning the same command resumes; SIGTERM/Ctrl-C saves and exits.
+
+Weights & Biases: `--config.log.wandb=True` also logs every metrics.jsonl row, at its step, to a W&B run (needs
+`pip install wandb`). It is offline by default (no network, no login; files in DIR/wandb/, upload later with
+`wandb sync DIR/wandb/offline-run-*`); `--config.log.wandb_mode=online|offline|disabled`,
+`--config.log.wandb_project=NAME` (default lm_core), `--config.log.wandb_run_name=NAME` (default: DIR's name). The
+run id is kept in DIR/wandb_run_id, so a resumed run continues the same W&B run.
+Profiling: `--config.profile_steps=FIRST:LAST` (e.g. 100:103, both inclusive; "" = off) writes a jax.profiler trace
+of those steps into DIR/profile/ (read it with `tensorboard --logdir=DIR/profile` and tensorboard-plugin-profile, or
+load its .trace.json.gz in Perfetto). A window ending after --config.steps is refused; a run resumed past the window
+traces nothing; only process 0 traces. Start the window after the first steps, which are mostly compilation.
+
 Multi-host: set LM_CORE_COORDINATOR=host:port, LM_CORE_NUM_PROCESSES=N, LM_CORE_PROCESS_ID=i on each process.
 """
 

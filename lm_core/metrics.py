@@ -1,4 +1,5 @@
-"""Where a run's numbers go: `metrics.jsonl` (one JSON object per logged step), TensorBoard, a progress line."""
+"""Where a run's numbers go: `metrics.jsonl` (one JSON object per logged step), TensorBoard, optionally Weights &
+Biases (lm_core.wandb_writer), a progress line."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lm_core.wandb_writer import WandbOptions, WandbWriter
+
 
 class MetricsLog:
-    """Appends metric rows to `workdir/metrics.jsonl` and TensorBoard event files.
+    """Appends metric rows to `workdir/metrics.jsonl`, TensorBoard event files and, with `wandb` options, a W&B run.
 
     On resume, rows after the restored step are dropped first (a run killed after logging but before its next
     checkpoint will log those steps again), so the file always reads as one uninterrupted run.
     """
 
-    def __init__(self, workdir: Path, *, resume_step: int, tensorboard: bool = True, is_main: bool = True):
+    def __init__(self, workdir: Path, *, resume_step: int, tensorboard: bool = True, is_main: bool = True,
+                 wandb: WandbOptions | None = None):
         self.path = workdir / "metrics.jsonl"
         self.is_main = is_main
         if is_main:
@@ -28,6 +32,7 @@ class MetricsLog:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(str(workdir / "tensorboard"), flush_secs=30)
+        self._wandb = WandbWriter(workdir, wandb) if wandb is not None and is_main else None
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.is_main:
@@ -40,10 +45,17 @@ class MetricsLog:
             for name, value in row.items():
                 if name != "step" and isinstance(value, int | float) and math.isfinite(value):
                     self._writer.add_scalar(name, value, row["step"])
+        if self._wandb is not None:
+            self._wandb.write(row)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Flush and close the writers; `exit_code` (0 done, 1 diverged, 143 stopped) is what W&B records."""
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
+        if self._wandb is not None:
+            self._wandb.close(exit_code)
+            self._wandb = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -36,7 +36,9 @@ from lm_core.loss import cross_entropy, next_token_loss
 from lm_core.metrics import MetricsLog, Progress
 from lm_core.model import Transformer
 from lm_core.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from lm_core.profiling import ProfileWindow, parse_profile_steps
 from lm_core.train_step import LossFn, TrainState, check_batch_fits, init_train_state, make_train_step
+from lm_core.wandb_writer import check_log_config, wandb_options
 from lm_core.workdir_lock import WorkdirLock
 
 Array = jax.Array
@@ -62,7 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         source="builtin",  # builtin | files:<glob> | tfds:<name>[/<config>]
         data_dir="",  # where TFDS datasets are prepared/read ("" = ~/.cache/lm_core/tfds)
-        tokenizer="sentencepiece",  # sentencepiece (BPE trained at model.vocab_size) | byte
+        # sentencepiece (BPE trained at model.vocab_size) | byte | pretrained (tokenizer_path, its own special ids;
+        # copied to workdir/tokenizer/, see lm_core.hf_tokenizer.PretrainedTokenizer)
+        tokenizer="sentencepiece",
+        tokenizer_path="",  # pretrained only: a directory with tokenizer.json and/or tokenizer.model, or one file
         tokenizer_seed=0,
         seq_len=128,
         global_batch_size=16,
@@ -76,6 +81,22 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval_batches = 4
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
+    # Weights & Biases next to metrics.jsonl and TensorBoard (lm_core.wandb_writer; needs `pip install wandb`).
+    # With wandb=True process 0 logs every metrics.jsonl row, at its step, into one W&B run (files in workdir/wandb/)
+    # whose id is kept in workdir/wandb_run_id, so a resumed run continues the same W&B run.
+    config.log = ml_collections.ConfigDict(dict(
+        wandb=False,
+        wandb_project="lm_core",
+        # offline: no network, no login (upload later with `wandb sync DIR/wandb/offline-run-*`); online: needs
+        # `wandb login` or WANDB_API_KEY; disabled: W&B's no-op run. This field decides, not WANDB_MODE.
+        wandb_mode="offline",
+        wandb_run_name="",  # "" = the workdir's name
+    ))
+    # A jax.profiler trace of steps FIRST to LAST, both inclusive, into workdir/profile/ (lm_core.profiling), e.g.
+    # "100:103"; "" = off. A string rather than two ints: one flag (--config.profile_steps=100:103) that reads as
+    # the window, with "" for off instead of a sentinel number. A window ending after `steps` is refused (not
+    # clipped), a run resumed past the window traces nothing, and only process 0 traces.
+    config.profile_steps = ""
     return config
 
 
@@ -88,7 +109,9 @@ class TrainData:
     per-row "chars" count, which the loop pops (bits per character) before the batch reaches the model.
     """
 
-    tokenizer: Any  # .vocab_size; saved as workdir/tokenizer.model when it has .save and none is there yet
+    # .vocab_size; saved as workdir/tokenizer.model (a pretrained one as workdir/tokenizer/) when it has .save and
+    # none is there yet
+    tokenizer: Any
     loader: Any  # .next() -> HostBatch, .state() -> JSON-able dict, .restore(state): the exact-resume contract
     eval_batches: list[HostBatch]
 
@@ -175,10 +198,15 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     for name in ("seq_len", "global_batch_size"):
         if not isinstance(config.data[name], int) or config.data[name] <= 0:
             raise UserError(f"data.{name}={config.data[name]!r} must be a positive integer")
-    if config.data.tokenizer not in ("sentencepiece", "byte"):
-        raise UserError(f"data.tokenizer={config.data.tokenizer!r} is unknown; valid: sentencepiece, byte")
+    if config.data.tokenizer not in ("sentencepiece", "byte", "pretrained"):
+        raise UserError(f"data.tokenizer={config.data.tokenizer!r} is unknown; valid: sentencepiece, byte, pretrained")
+    if config.data.tokenizer == "pretrained" and not config.data.get("tokenizer_path"):
+        raise UserError("data.tokenizer=pretrained needs data.tokenizer_path; valid: a directory holding "
+                        "tokenizer.json and/or tokenizer.model (plus optional tokenizer_config.json), or one such file")
     if not config.z_loss >= 0:
         raise UserError(f"z_loss={config.z_loss} must be >= 0")
+    check_log_config(config)
+    parse_profile_steps(config.get("profile_steps", ""), config.steps)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path, train_texts: Any, model_config: ModelConfig):
@@ -189,6 +217,8 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path, train_texts
 
     if config.data.tokenizer == "byte":
         tokenizer = tok.ByteTokenizer()
+    elif config.data.tokenizer == "pretrained":
+        tokenizer = _pretrained_tokenizer(config, workdir)
     else:
         saved = workdir / "tokenizer.model"
         if saved.exists():
@@ -200,6 +230,29 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path, train_texts
         raise UserError(f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's vocabulary "
                         f"({tokenizer.vocab_size}); use model.vocab_size >= {tokenizer.vocab_size}")
     return tokenizer
+
+
+def _pretrained_tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> Any:
+    """The workdir's copy (resume: the files the run started with), else data.tokenizer_path."""
+    from lm_core.hf_tokenizer import PRETRAINED_DIRNAME, PretrainedTokenizer
+
+    saved, path = workdir / PRETRAINED_DIRNAME, config.data.get("tokenizer_path", "")
+    if not saved.is_dir() and not path:
+        raise UserError(f"{workdir} has no {PRETRAINED_DIRNAME}/ and data.tokenizer_path is empty; valid: the workdir "
+                        "of a data.tokenizer=pretrained run, or a config naming data.tokenizer_path")
+    return PretrainedTokenizer.load(saved if saved.is_dir() else path)
+
+
+def run_tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> Any:
+    """The tokenizer a trained run in `workdir` used, for any data.tokenizer (what load_trained_model returns)."""
+    from lm_core import tokenizer as tok
+
+    kind = config.data.get("tokenizer", "sentencepiece")
+    if kind == "byte":
+        return tok.ByteTokenizer()
+    if kind == "pretrained":
+        return _pretrained_tokenizer(config, workdir)
+    return tok.Tokenizer.load(workdir / tok.MODEL_FILENAME)
 
 
 def tokenizer_cache_dir() -> Path:
@@ -309,94 +362,152 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTas
         return _train_locked(config, workdir, task, lock)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the step loop works with, built (every input check passed) by `_start_run`; `state` advances."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    task: TrainTask
+    mesh: Mesh
+    model_config: ModelConfig
+    checkpointer: Checkpointer
+    loader: Any
+    eval_batches: list[HostBatch]
+    state: TrainState
+    train_step: Callable
+    eval_fn: Callable
+    flops_per_token: float
+    peak_flops_per_s: float  # of the whole job, for MFU
+    meta: dict[str, Any]  # saved with every checkpoint
+    chars_seen: float  # counted from the run's start, also across a resume (a sweep turns it into FLOPs spent)
+
+
 def _train_locked(config: ml_collections.ConfigDict, workdir: Path, task: TrainTask, lock: WorkdirLock
                   ) -> TrainResult:
-    model_config = model_config_from(config)
-    optimizer_config = optimizer_config_from(config)
-    mesh_config = sharding.MeshConfig(**config.mesh.to_dict())
+    run = _start_run(config, workdir, task, lock)
+    start_step = int(run.state.step)
+    log = MetricsLog(workdir, resume_step=start_step, is_main=jax.process_index() == 0, wandb=wandb_options(config))
+    profiler = ProfileWindow(parse_profile_steps(config.get("profile_steps", ""), config.steps), workdir / "profile",
+                             enabled=jax.process_index() == 0)
+    stop_signal, last_row = _run_steps(run, log, profiler)
+    run.checkpointer.close()
+    profiler.close()
+    log.close(exit_code=143 if stop_signal else 0)
+    return TrainResult(workdir, int(run.state.step), last_row, run.model_config,
+                       stopped_by_signal=stop_signal is not None)
 
-    mesh = sharding.make_mesh(mesh_config)
+
+def _start_run(config: ml_collections.ConfigDict, workdir: Path, task: TrainTask, lock: WorkdirLock) -> _Run:
+    """Check the inputs, then prepare the workdir and the (fresh or resumed) state and compiled steps."""
+    model_config = model_config_from(config)
+    mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh.to_dict()))
     check_batch_fits(mesh, config.data.global_batch_size, config.grad_accum_steps)
 
     # Everything that can reject the user's input runs before anything is written to the workdir.
     checkpointer, latest, saved_meta = _open_checkpoints(config, workdir, task, model_config)
     data = (task.make_data or text_train_data)(config, workdir, model_config)
-    tokenizer, loader, eval_batches = data.tokenizer, data.loader, data.eval_batches
 
-    _prepare_workdir(config, workdir, tokenizer, lock)
+    _prepare_workdir(config, workdir, data.tokenizer, lock)
     if checkpointer is None:
         checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     save_every=config.checkpoint_every)
     parts = step_parts(config, task)
-    graphdef, state, shardings = _start_state(parts, task, mesh, config.seed, checkpointer, latest, loader)
+    graphdef, state, shardings = _start_state(parts, task, mesh, config.seed, checkpointer, latest, data.loader)
     train_step = make_train_step(graphdef, parts.loss_fn, parts.optimizer, mesh, shardings,
                                  grad_accum_steps=config.grad_accum_steps)
-    eval_fn = make_eval_fn(graphdef, task.eval_sums_fn)
-    meta = {"model": model_config.to_dict(), "tokenizer_vocab_size": tokenizer.vocab_size, **task.extra_meta}
+    meta = {"model": model_config.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size, **task.extra_meta}
+    return _Run(config, workdir, task, mesh, model_config, checkpointer, data.loader, data.eval_batches, state,
+                train_step, make_eval_fn(graphdef, task.eval_sums_fn), parts.training_flops_per_token,
+                flops.total_peak_flops_per_s()[0], meta, float(saved_meta.get("chars_seen", 0.0)))
 
-    start_step = int(state.step)
-    log = MetricsLog(workdir, resume_step=start_step, is_main=jax.process_index() == 0)
+
+def _run_steps(run: _Run, log: MetricsLog, profiler: ProfileWindow) -> tuple[str | None, dict[str, Any]]:
+    """Train from the state's step to config.steps: (the signal that stopped it or None, the last logged row).
+    A non-finite step saves the last finite state and raises TrainingDiverged (`_stop_diverged`)."""
+    config, checkpointer = run.config, run.checkpointer
+    start_step = int(run.state.step)
+    throughput = _Throughput(config, start_step)
     progress = Progress(config.steps, start_step)
-    flops_per_token = parts.training_flops_per_token
-    peak, _ = flops.total_peak_flops_per_s()
-    tokens_per_step = config.data.global_batch_size * config.data.seq_len
-    schedule = learning_rate_schedule(optimizer_config)
-
-    def run_eval() -> dict[str, float]:
-        sums: dict[str, float] = {}
-        chars = 0.0
-        for batch in eval_batches:
-            chars += float(np.sum(batch["chars"]))
-            model_batch = {k: v for k, v in batch.items() if k != "chars"}
-            out = eval_fn(state.params, distributed.global_batch(mesh, _host_rows(model_batch)))
-            for name, value in out.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-        if not sums:
-            return {}
-        summary = summarise_eval(sums, chars)
-        return task.eval_row_fn(summary) if task.eval_row_fn is not None else summary
-
     last_row: dict[str, Any] = {}
-    # counted from the run's start, also across a resume (a sweep turns them into FLOPs spent)
-    tokens_seen, chars_seen = float(start_step * tokens_per_step), float(saved_meta.get("chars_seen", 0.0))
-    window_start, window_steps = time.monotonic(), 0
-    stop_signal = None
     with StopRequested() as stop:
         for step in range(start_step + 1, config.steps + 1):
-            position = loader.state()  # where this step's batch starts: saved with the state before it
-            host_batch = loader.next()
+            profiler.before_step(step)
+            position = run.loader.state()  # where this step's batch starts: saved with the state before it
+            host_batch = run.loader.next()
             batch_chars = float(np.sum(host_batch.pop("chars")))
-            state, metrics = train_step(state, distributed.global_batch(mesh, host_batch))
+            run.state, metrics = run.train_step(run.state, distributed.global_batch(run.mesh, host_batch))
             # The one value read back every step (a bool; the loss was, before): False = the step was not applied.
             if not bool(metrics["finite"]):
-                log.close()
-                _stop_diverged(step, metrics, checkpointer, state, position, {**meta, "chars_seen": chars_seen})
+                profiler.close()
+                log.close(exit_code=1)
+                _stop_diverged(step, metrics, checkpointer, run.state, position,
+                               {**run.meta, "chars_seen": run.chars_seen})
             checkpointer.raise_if_save_failed()
-            chars_seen += batch_chars
-            window_steps += 1
-            tokens_seen += tokens_per_step
+            run.chars_seen += batch_chars
+            throughput.count_step()
             if step % config.log_every == 0 or step == config.steps:
-                elapsed = max(time.monotonic() - window_start, 1e-9)
-                tokens_per_s = window_steps * tokens_per_step / elapsed
-                last_row = _train_row(step, metrics, task, tokens_per_s=tokens_per_s,
-                                      mfu=flops.mfu(tokens_per_s, flops_per_token, peak),
-                                      learning_rate=float(schedule(step - 1)), tokens=tokens_seen, chars=chars_seen)
-                if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-                    last_row.update(run_eval())
+                last_row = _logged_row(run, step, metrics, throughput)
                 log.write(last_row)
                 progress.print(step, last_row)
-                window_start, window_steps = time.monotonic(), 0
             if checkpointer.should_save(step) or step == config.steps or stop.signal_name:
-                checkpointer.save(step, state, loader.state(), {**meta, "chars_seen": chars_seen},
+                checkpointer.save(step, run.state, run.loader.state(), {**run.meta, "chars_seen": run.chars_seen},
                                   wait=bool(stop.signal_name))
+            profiler.after_step(step, (run.state, metrics))
             if stop.signal_name:
-                stop_signal = stop.signal_name
-                print(f"received {stop_signal}: saved checkpoint at step {step} in {checkpointer.directory}; "
+                print(f"received {stop.signal_name}: saved checkpoint at step {step} in {checkpointer.directory}; "
                       "rerun the same command to resume", flush=True)
-                break
-    checkpointer.close()
-    log.close()
-    return TrainResult(workdir, int(state.step), last_row, model_config, stopped_by_signal=stop_signal is not None)
+                return stop.signal_name, last_row
+    return None, last_row
+
+
+class _Throughput:
+    """Tokens per second over the steps since the last logged one, and tokens seen since the run's start."""
+
+    def __init__(self, config: ml_collections.ConfigDict, start_step: int):
+        self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
+        self.tokens_seen = float(start_step * self.tokens_per_step)
+        self.window_start, self.window_steps = time.monotonic(), 0
+
+    def count_step(self) -> None:
+        self.tokens_seen += self.tokens_per_step
+        self.window_steps += 1
+
+    def take_tokens_per_s(self) -> float:
+        """The window's rate; starts the next window."""
+        elapsed = max(time.monotonic() - self.window_start, 1e-9)
+        rate = self.window_steps * self.tokens_per_step / elapsed
+        self.window_start, self.window_steps = time.monotonic(), 0
+        return rate
+
+
+def _logged_row(run: _Run, step: int, metrics: dict[str, Any], throughput: _Throughput) -> dict[str, Any]:
+    """The metrics.jsonl row of a logged step, with the evaluation when this step evaluates."""
+    config = run.config
+    tokens_per_s = throughput.take_tokens_per_s()
+    learning_rate = float(learning_rate_schedule(optimizer_config_from(config))(step - 1))
+    row = _train_row(step, metrics, run.task, tokens_per_s=tokens_per_s,
+                     mfu=flops.mfu(tokens_per_s, run.flops_per_token, run.peak_flops_per_s),
+                     learning_rate=learning_rate, tokens=throughput.tokens_seen, chars=run.chars_seen)
+    if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+        row.update(_evaluate(run))
+    return row
+
+
+def _evaluate(run: _Run) -> dict[str, float]:
+    """The evaluation batches' summed statistics per token (and bits per character), as the task reports them."""
+    sums: dict[str, float] = {}
+    chars = 0.0
+    for batch in run.eval_batches:
+        chars += float(np.sum(batch["chars"]))
+        model_batch = {k: v for k, v in batch.items() if k != "chars"}
+        out = run.eval_fn(run.state.params, distributed.global_batch(run.mesh, _host_rows(model_batch)))
+        for name, value in out.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    if not sums:
+        return {}
+    summary = summarise_eval(sums, chars)
+    return run.task.eval_row_fn(summary) if run.task.eval_row_fn is not None else summary
 
 
 def _open_checkpoints(config: ml_collections.ConfigDict, workdir: Path, task: TrainTask, model_config: ModelConfig
@@ -423,7 +534,8 @@ def _start_state(parts: StepParts, task: TrainTask, mesh: Mesh, seed: int, check
     graphdef, state, shardings = init_train_state(parts.create_model, parts.optimizer, mesh, seed)
     if latest is not None:
         restored = checkpointer.restore(latest, abstract_like(state, shardings))
-        loader.restore(restored.data)
+        if restored.data:  # an imported model's step 0 (lm_core.hf_workdir) has no position: start at the beginning
+            loader.restore(restored.data)
         print(f"resumed from {checkpointer.directory / str(latest)}", flush=True)
         return graphdef, restored.state, shardings
     if task.initialize is not None:
@@ -439,7 +551,12 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: Path, tokenizer
     prove_writable(workdir / "checkpoints")
     if jax.process_index() == 0:
         _write_json_atomically(workdir / "config.json", config.to_dict())
-        if hasattr(tokenizer, "save") and not (workdir / "tokenizer.model").exists():
+        from lm_core.hf_tokenizer import PRETRAINED_DIRNAME, PretrainedTokenizer
+
+        if isinstance(tokenizer, PretrainedTokenizer):
+            if not (workdir / PRETRAINED_DIRNAME).exists():
+                tokenizer.save(workdir / PRETRAINED_DIRNAME)
+        elif hasattr(tokenizer, "save") and not (workdir / "tokenizer.model").exists():
             tokenizer.save(workdir / "tokenizer.model")
 
 
@@ -498,8 +615,6 @@ def load_trained_model(workdir: str | Path, task: TrainTask | None = None) -> tu
     `task` must build the same module and optimizer as the run did (its create_model / ffn_factory /
     make_optimizer), since the checkpoint holds that module's parameters and that optimizer's state.
     """
-    from lm_core import tokenizer as tok
-
     task = task or TrainTask()
     workdir = Path(workdir)
     config_path = workdir / "config.json"
@@ -523,8 +638,6 @@ def load_trained_model(workdir: str | Path, task: TrainTask | None = None) -> tu
     graphdef, state, shardings = init_train_state(create_model, optimizer, mesh, 0)
     restored: TrainState = checkpointer.restore(step, abstract_like(state, shardings)).state
     checkpointer.close()
-    tokenizer = (tok.ByteTokenizer() if config.data.tokenizer == "byte"
-                 else tok.Tokenizer.load(workdir / "tokenizer.model"))
-    return nnx.merge(graphdef, restored.params), tokenizer, step
+    return nnx.merge(graphdef, restored.params), run_tokenizer(config, workdir), step
 
 

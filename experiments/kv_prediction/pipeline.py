@@ -130,11 +130,11 @@ def aux_init_dir(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec)
 
 
 def check_same_tokenizer(base_run: Path, aux_run: Path) -> None:
-    """A canonical auxiliary from another run must read the base's token ids."""
-    base_tok, aux_tok = base_run / "tokenizer.model", aux_run / "tokenizer.model"
-    same = (base_tok.read_bytes() == aux_tok.read_bytes() if base_tok.exists() and aux_tok.exists()
-            else not base_tok.exists() and not aux_tok.exists())  # both byte tokenizers
-    if not same:
+    """A canonical auxiliary from another run must read the base's token ids: the same tokenizer files
+    (tokenizer.model, or a pretrained tokenizer's tokenizer/ directory; none in either: both byte tokenizers)."""
+    from lm_core.hf_tokenizer import workdir_tokenizer_files
+
+    if workdir_tokenizer_files(base_run) != workdir_tokenizer_files(aux_run):
         raise UserError(f"the auxiliary run {aux_run} was trained with a different tokenizer than the base "
                         f"({base_run}); both models must read the same token ids: train the auxiliary on the same "
                         "data.source / data.tokenizer / model.vocab_size")
