@@ -145,11 +145,11 @@ def write_word_tokenizer(directory: Path, extra_words: int = 0) -> None:
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "unk_token": "<unk>"}))
 
 
-def hf_checkpoint(directory: Path, family: str, dtype: torch.dtype = torch.float32, **save_kwargs
-                  ) -> torch.nn.Module:
+def hf_checkpoint(directory: Path, family: str, dtype: torch.dtype = torch.float32, layers: int = 2,
+                  **save_kwargs) -> torch.nn.Module:
     """A random-init HF model of `family` saved (safetensors) with a tokenizer in `directory`."""
     config_class, changes = HF_FAMILIES[family]
-    config = config_class(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = config_class(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                     num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5,
                                     eos_token_id=len(WORDS) + 1, bos_token_id=None, pad_token_id=None), **changes})
     torch.manual_seed(0)
@@ -258,6 +258,43 @@ def test_imported_workdir_trains_on_and_samples(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert sample.returncode == 0, sample.stderr
     assert "# checkpoint step 2" in sample.stdout
+    compiled = subprocess.run([sys.executable, "-m", "experiments.compile_check",
+                               f"--config={tmp_path / 'run' / 'train_config.py'}", "--topology=cpu:8", "--json"],
+                              capture_output=True, text=True, timeout=300)
+    assert compiled.returncode == 0, compiled.stderr
+    assert json.loads(compiled.stdout)["results"][0]["fits"]
+
+
+@pytest.mark.slow
+def test_imported_models_are_a_kvp_base_and_a_canonical_auxiliary(tmp_path):
+    # The use case the import exists for: KV prediction on a pretrained base (kvp.base) with a pretrained
+    # auxiliary (c:DIR), both read through the base's own tokenizer.
+    hf_checkpoint(tmp_path / "hf_base", "llama_gqa_untied", layers=4)
+    import_checkpoint(tmp_path / "hf_base", tmp_path / "base")
+    hf_checkpoint(tmp_path / "hf_aux", "llama_gqa_untied", layers=1)
+    import_checkpoint(tmp_path / "hf_aux", tmp_path / "aux")
+    text = " ".join(WORDS * 40)
+    (tmp_path / "corpus").mkdir()
+    for i in range(6):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(text)
+    flags = [f"--config.kvp.base={tmp_path / 'base'}", f"--config.kvp.variants=('lp0.50','c:{tmp_path / 'aux'}')",
+             f"--config.data.source=files:{tmp_path / 'corpus'}/*.txt", "--config.data.seq_len=32",
+             "--config.data.global_batch_size=8", "--config.kvp.steps=2", "--config.kvp.pretrain_canonical=False",
+             "--config.log_every=1", "--config.kvp.eval_documents=2", "--config.kvp.prompt_tokens=16",
+             "--config.kvp.continuation_tokens=8", "--config.kvp.ttft_prompt_len=16", "--config.kvp.ttft_repeats=1",
+             "--config.kvp.eval_questions=2", "--config.kvp.answer_tokens=3"]
+    workdir = tmp_path / "kvp"
+    trained = subprocess.run([sys.executable, "-m", "experiments.kv_prediction.train", f"--workdir={workdir}",
+                              *flags], capture_output=True, text=True, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (workdir / "base").resolve() == (tmp_path / "base").resolve() and "run 1 of 4: KVP lp0.50" in trained.stdout
+    saved = json.loads((workdir / "kvp_config.json").read_text())
+    assert saved["model"]["num_layers"] == 4 and saved["data"]["tokenizer"] == "pretrained"
+    for run in ("kvp_lp0.50", "aux_lp0.50", "kvp_c-aux", "aux_c-aux"):
+        assert (workdir / run / "tokenizer" / "tokenizer.json").read_bytes() == (
+            tmp_path / "base" / "tokenizer" / "tokenizer.json").read_bytes(), run
+    model, tokenizer, step = load_trained_model(workdir / "base")
+    assert step == 0  # the base was not retrained
 
 
 # --- bad input ------------------------------------------------------------------------------------------------

@@ -62,6 +62,9 @@ def get_config(variant: str = "tiny"):
         ttft_batch=1,
         ttft_repeats=20,
         demo_only=False,  # True: the report says the run is too small to show the paper's effect
+        # "" trains the base here (DIR/base); an lm_core workdir (e.g. from experiments.import_hf) is the frozen
+        # base instead, its model and tokenizer replacing config.model and config.data's tokenizer fields
+        base="",
     ))
     if variant == "demo":
         config.steps = 100

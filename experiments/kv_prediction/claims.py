@@ -144,6 +144,9 @@ def ttft_line(rows: list[dict[str, Any]]) -> str:
 
 
 def fairness_line(config: ml_collections.ConfigDict) -> str:
+    if config.kvp.get("base", ""):
+        return (f"Fair baselines: the base is the pretrained model {config.kvp.base} (kvp.base), not trained "
+                "here; every aux-only baseline trains the KVP steps on the same data from the same weights.")
     ok = config.steps >= 3 * config.kvp.steps
     return (f"Fair baselines: the base trained {config.steps} LM steps before it was frozen, "
             f"{config.steps / config.kvp.steps:.1f}x the {config.kvp.steps} KVP steps (needed: >= 3x) "

@@ -7,6 +7,9 @@
     DIR/aux_<name>      the aux-only baseline: the same auxiliary architecture, from the same initial weights,
                         fine-tuned as a plain LM for the same kvp.steps steps
     DIR/kvp_config.json the whole config, so evaluate and ttft need only --workdir
+With kvp.base=<lm_core workdir> (e.g. a model brought in by experiments.import_hf) that model is the frozen base:
+DIR/base is a link to it, nothing retrains it, and its model config and tokenizer replace config.model and
+config.data's tokenizer fields, so every auxiliary reads its token ids (`with_pretrained_base`).
 
 Every run resumes; finished runs are skipped. Bad specs and mismatched checkpoints are refused before anything
 is trained (one-line UserErrors).
@@ -228,13 +231,52 @@ def is_finished(directory: Path, stage: ml_collections.ConfigDict, task: TrainTa
         checkpointer.close()
 
 
+def with_pretrained_base(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the model and tokenizer of the kvp.base workdir when one is set (else unchanged).
+
+    A sentencepiece base's tokenizer.model is read as a pretrained tokenizer (the same ids), since a tokenizer
+    trained here on config.data.source would be another one."""
+    base = config.kvp.get("base", "")
+    if not base:
+        return config
+    path = Path(base).expanduser().absolute()
+    try:
+        run = json.loads((path / "config.json").read_text())
+        model = ModelConfig.from_dict(run["model"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"kvp.base={base!r} is not an lm_core workdir with a readable config.json ({error}); "
+                        "valid: the workdir of a train_lm run or of experiments.import_hf") from None
+    config = copy.deepcopy(config)
+    config.unlock()
+    config.kvp.base = str(path)
+    config.model.update(model.to_dict())
+    kind = run.get("data", {}).get("tokenizer", "sentencepiece")
+    config.data.tokenizer = "byte" if kind == "byte" else "pretrained"
+    config.data.tokenizer_path = str(path / ("tokenizer" if kind == "pretrained" else "tokenizer.model"))
+    return config
+
+
+def link_pretrained_base(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """DIR/base -> the kvp.base workdir, so every later step finds the base where it always is."""
+    link, target = base_dir(workdir), Path(config.kvp.base)
+    if link.is_symlink() and link.resolve() == target.resolve():
+        return
+    if link.exists() or link.is_symlink():
+        raise UserError(f"{link} exists and is not a link to kvp.base={target}; valid: a new --workdir, or the "
+                        "kvp.base this workdir was made with")
+    workdir.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target, target_is_directory=True)
+
+
 def plan(config: ml_collections.ConfigDict, workdir: Path) -> list[tuple[str, Path, ml_collections.ConfigDict,
                                                                           TrainTask]]:
-    """(name, directory, stage config, task) of every run, in training order."""
+    """(name, directory, stage config, task) of every run, in training order (no base run when kvp.base is set:
+    that model is the base)."""
     base_config = model_config_from(config)
     variants = resolve_variants(config)
     kvp = config.kvp
-    runs = [("base", base_dir(workdir), stage_config(config, config.steps), TrainTask())]
+    runs = [] if kvp.get("base", "") else [("base", base_dir(workdir), stage_config(config, config.steps),
+                                            TrainTask())]
     pretrained = set()
     for aux in variants:
         if aux.pretrained is None and not aux.layer_pruned and kvp.pretrain_canonical:
@@ -255,9 +297,13 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> list[tuple[str, Pa
 def train_all(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     """Base, canonical pretraining, then every (KVP, aux-only) pair; finished runs are skipped."""
     workdir = workdir.absolute()
+    config = with_pretrained_base(config)
     runs = plan(config, workdir)  # validates every spec before anything is trained
     for _, directory, stage, task in runs:  # and refuses another setup's checkpoints up front
         is_finished(directory, stage, task)
+    if config.kvp.get("base", ""):
+        load_trained_model(config.kvp.base)  # a base that does not load is refused before anything is written
+        link_pretrained_base(config, workdir)
     save_config(config, workdir)
     results = {}
     for index, (name, directory, stage, task) in enumerate(runs, start=1):
