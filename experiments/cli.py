@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -41,12 +42,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
         raise  # unreachable: fail() exits
 
 
+def _join_multi_process_run() -> None:
+    """Every entrypoint joins a multi-host job when LM_CORE_NUM_PROCESSES says there is one (lm_core.distributed);
+    jax is imported only then, so the pure-numpy entrypoints stay quick."""
+    if "LM_CORE_NUM_PROCESSES" in os.environ:
+        from lm_core import distributed
+
+        distributed.initialize()
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """`app.run(main)` with bad flags and `UserError`s reported as one line and exit code 2."""
 
     def guarded(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress output
         try:
+            _join_multi_process_run()
             main(argv)
         except UserError as error:
             fail(str(error))

@@ -17,7 +17,8 @@ of those steps into DIR/profile/ (read it with `tensorboard --logdir=DIR/profile
 load its .trace.json.gz in Perfetto). A window ending after --config.steps is refused; a run resumed past the window
 traces nothing; only process 0 traces. Start the window after the first steps, which are mostly compilation.
 
-Multi-host: set LM_CORE_COORDINATOR=host:port, LM_CORE_NUM_PROCESSES=N, LM_CORE_PROCESS_ID=i on each process.
+Multi-host: set LM_CORE_COORDINATOR=host:port, LM_CORE_NUM_PROCESSES=N, LM_CORE_PROCESS_ID=i on each process
+(every entrypoint joins the job then); SIGTERM to any process saves the same step on all of them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments.cli import run
-from lm_core import distributed
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lm_tiny.py")
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file (ml_collections).",
@@ -39,7 +39,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 
 def main(argv: list[str]) -> None:
     del argv
-    distributed.initialize()
     from experiments.registry import register_text_sources
     from lm_core.trainer import train
 

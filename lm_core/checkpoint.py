@@ -100,6 +100,19 @@ class Checkpointer:
                             "it is corrupted or from a different model; move it away to use an older one") from error
         return Restored(step, restored.state, restored.data, meta)
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of `step`'s state, into the structure, dtypes and shardings of `abstract_params`
+        (ShapeDtypeStructs): the optimizer moments (2x the parameters under Adam) are never read, and every
+        parameter lands directly on its target devices."""
+        item = {"params": abstract_params}
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+        except Exception as error:  # noqa: BLE001
+            raise UserError(f"checkpoint {self.directory / str(step)} could not be restored ({_short(error)}); "
+                            "it is corrupted or from a different model; move it away to use an older one") from error
+        return restored.state["params"]
+
     def close(self) -> None:
         self.wait()
         self.manager.close()

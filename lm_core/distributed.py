@@ -13,11 +13,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from lm_core.errors import UserError
 from lm_core.sharding import batch_sharding
 
 ENV_COORDINATOR = "LM_CORE_COORDINATOR"  # host:port of process 0
 ENV_NUM_PROCESSES = "LM_CORE_NUM_PROCESSES"
 ENV_PROCESS_ID = "LM_CORE_PROCESS_ID"
+_joined = False  # this process has joined a multi-process run
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -25,22 +27,41 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """Join a multi-process run if one is configured (arguments or LM_CORE_* variables); returns whether it did.
 
     On clusters where JAX detects the topology itself (TPU pods, SLURM) pass nothing and set
-    LM_CORE_NUM_PROCESSES=auto. CPU processes talk through gloo collectives.
+    LM_CORE_NUM_PROCESSES=auto. CPU processes talk through gloo collectives. Every entrypoint calls this
+    (experiments.cli.run); a second call is a no-op.
     """
+    global _joined
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
     requested = num_processes if num_processes is not None else os.environ.get(ENV_NUM_PROCESSES)
-    if requested is None:
-        return False
+    if requested is None or _joined:
+        return _joined
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if requested == "auto":
         jax.distributed.initialize()
-        return True
-    if process_id is None:
-        process_id = int(os.environ[ENV_PROCESS_ID])
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=int(requested),
-                               process_id=process_id)
+    else:
+        count, index = _process_numbers(requested, process_id)
+        if not coordinator_address:
+            raise UserError(f"{ENV_NUM_PROCESSES}={requested} needs {ENV_COORDINATOR}=host:port (process 0's "
+                            "address)")
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=count, process_id=index)
+    _joined = True
     return True
+
+
+def _process_numbers(requested: int | str, process_id: int | None) -> tuple[int, int]:
+    """(number of processes, this one's index) from the arguments / LM_CORE_* variables, or one-line UserError."""
+    index = process_id if process_id is not None else os.environ.get(ENV_PROCESS_ID)
+    try:
+        count = int(requested)
+        index = int(index)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UserError(f"{ENV_NUM_PROCESSES}={requested!r} / {ENV_PROCESS_ID}={index!r} are not integers; valid: "
+                        f"{ENV_NUM_PROCESSES}=N (or auto) and {ENV_PROCESS_ID}=0..N-1") from None
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"{ENV_NUM_PROCESSES}={count}, {ENV_PROCESS_ID}={index}: valid: N >= 1 and a process id "
+                        "in 0..N-1")
+    return count, index
 
 
 def global_batch(mesh: Mesh, local_rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -2,7 +2,8 @@
 
 `config.profile_steps = "FIRST:LAST"` (both inclusive, counted like the trainer's steps from 1) traces steps FIRST
 to LAST into `workdir/profile/plugins/profile/<time>/<host>.xplane.pb` (+ `.trace.json.gz`); open it with
-`tensorboard --logdir=<workdir>/profile` (Profile tab, from tensorboard-plugin-profile) or load the `.trace.json.gz` in https://ui.perfetto.dev.
+`tensorboard --logdir=<workdir>/profile` (Profile tab, from tensorboard-plugin-profile) or load the
+`.trace.json.gz` in Perfetto's trace viewer.
 Only process 0 traces: one host's view is what one usually reads, and one folder has no clashing host names.
 Start the window after the first steps, or the trace is mostly compilation.
 """

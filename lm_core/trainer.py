@@ -37,7 +37,15 @@ from lm_core.metrics import MetricsLog, Progress
 from lm_core.model import Transformer
 from lm_core.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 from lm_core.profiling import ProfileWindow, parse_profile_steps
-from lm_core.train_step import LossFn, TrainState, check_batch_fits, init_train_state, make_train_step
+from lm_core.train_step import (
+    LossFn,
+    TrainState,
+    abstract_with_shardings,
+    check_batch_fits,
+    init_train_state,
+    make_train_step,
+    param_shardings,
+)
 from lm_core.wandb_writer import check_log_config, wandb_options
 from lm_core.workdir_lock import WorkdirLock
 
@@ -154,19 +162,36 @@ class TrainResult:
 
 
 class StopRequested:
-    """Turns SIGTERM/SIGINT into a flag checked between steps, so the current step finishes and is saved."""
+    """Turns SIGTERM/SIGINT into a stop between steps, so the current step finishes and is saved.
+
+    One process: the signal sets the flag. Several (multi-host): every process must save the SAME step, or the
+    collective save waits forever for the processes that went on. SIGTERM is then left to JAX's preemption
+    service (`jax.distributed` installs its notifier), which agrees on a step all processes reach
+    (`multihost_utils.reached_preemption_sync_point`); the loop asks it every step (`should_stop`).
+    """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        self._multi_process = jax.process_count() > 1
 
     def __enter__(self) -> StopRequested:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGINT,) if self._multi_process else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop after `step` (every process gets the same answer for the same step)."""
+        if self._multi_process:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal_name = self.signal_name or "SIGTERM"
+        return self.signal_name is not None
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -450,11 +475,12 @@ def _run_steps(run: _Run, log: MetricsLog, profiler: ProfileWindow) -> tuple[str
                 last_row = _logged_row(run, step, metrics, throughput)
                 log.write(last_row)
                 progress.print(step, last_row)
-            if checkpointer.should_save(step) or step == config.steps or stop.signal_name:
+            stopping = stop.should_stop(step)
+            if checkpointer.should_save(step) or step == config.steps or stopping:
                 checkpointer.save(step, run.state, run.loader.state(), {**run.meta, "chars_seen": run.chars_seen},
-                                  wait=bool(stop.signal_name))
+                                  wait=stopping)
             profiler.after_step(step, (run.state, metrics))
-            if stop.signal_name:
+            if stopping:
                 print(f"received {stop.signal_name}: saved checkpoint at step {step} in {checkpointer.directory}; "
                       "rerun the same command to resume", flush=True)
                 return stop.signal_name, last_row
@@ -609,11 +635,13 @@ def _write_json_atomically(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
-def load_trained_model(workdir: str | Path, task: TrainTask | None = None) -> tuple[Any, Any, int]:
-    """(model, tokenizer, step) from a workdir's config, tokenizer and latest checkpoint, on one device.
+def load_trained_model(workdir: str | Path, task: TrainTask | None = None, *, mesh: Mesh | None = None
+                       ) -> tuple[Any, Any, int]:
+    """(model, tokenizer, step) from a workdir's config, tokenizer and latest checkpoint.
 
-    `task` must build the same module and optimizer as the run did (its create_model / ffn_factory /
-    make_optimizer), since the checkpoint holds that module's parameters and that optimizer's state.
+    Only the parameters are read (not the optimizer state), each straight into its sharding on `mesh` (default:
+    this process's first device, so every process of a multi-host job gets its own copy for inference). `task`
+    must build the same module as the run did (its create_model / ffn_factory).
     """
     task = task or TrainTask()
     workdir = Path(workdir)
@@ -627,17 +655,17 @@ def load_trained_model(workdir: str | Path, task: TrainTask | None = None) -> tu
     if step is None:
         raise UserError(f"{workdir / 'checkpoints'} holds no checkpoint yet")
     check_same_model(checkpointer.read_meta(step), model_config, workdir)
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
-    optimizer = (task.make_optimizer or make_optimizer)(optimizer_config_from(config))
+    mesh = mesh or sharding.make_mesh(sharding.MeshConfig(data=1), jax.local_devices()[:1])
 
     def create_model() -> nnx.Module:
         if task.create_model is not None:
             return task.create_model(model_config, 0)
         return Transformer(model_config, rngs=nnx.Rngs(0), ffn_factory=task.ffn_factory)
 
-    graphdef, state, shardings = init_train_state(create_model, optimizer, mesh, 0)
-    restored: TrainState = checkpointer.restore(step, abstract_like(state, shardings)).state
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(create_model), nnx.Param)
+    target = abstract_with_shardings(abstract_params, param_shardings(mesh, abstract_params))
+    params = checkpointer.restore_params(step, target)
     checkpointer.close()
-    return nnx.merge(graphdef, restored.params), run_tokenizer(config, workdir), step
+    return nnx.merge(graphdef, params), run_tokenizer(config, workdir), step
 
 

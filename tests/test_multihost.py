@@ -1,6 +1,8 @@
 """Two local processes (CPU collectives over gloo) train exactly like one process."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -65,3 +67,57 @@ def test_two_processes_match_one(tmp_path):
     assert len(single) == 3
     for losses in both:
         assert losses == pytest.approx(single, rel=1e-5)
+
+
+TRAIN_FLAGS = ["--config.data.tokenizer=byte", "--config.model.vocab_size=260", "--config.model.d_model=32",
+               "--config.model.num_layers=2", "--config.model.num_heads=2", "--config.data.seq_len=32",
+               "--config.data.global_batch_size=4", "--config.eval_every=0", "--config.checkpoint_every=1000",
+               "--config.log_every=1"]
+
+
+def start_train_lm(workdir: Path, steps: int, port: str, logs: Path) -> list[subprocess.Popen]:
+    """experiments.train_lm as a 2-process job (LM_CORE_* variables, one CPU device each)."""
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+                   LM_CORE_COORDINATOR=f"localhost:{port}", LM_CORE_NUM_PROCESSES="2", LM_CORE_PROCESS_ID=str(i))
+        log = open(logs / f"process{i}.log", "w")  # noqa: SIM115 - closed with the process below
+        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", f"--workdir={workdir}",
+                                       f"--config.steps={steps}", *TRAIN_FLAGS], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1]))
+    return procs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_on_every_process_and_resumes(tmp_path):
+    # Without an agreed step the signalled process waits in its collective save for the other, which trains on:
+    # the job hangs. JAX's preemption service makes both save the same step (lm_core.trainer.StopRequested).
+    import time
+
+    workdir = tmp_path / "run"
+    procs = start_train_lm(workdir, 200, str(free_port()), tmp_path)
+    deadline = time.monotonic() + 180
+    while (tmp_path / "process1.log").read_text().count("\nstep ") < 5 and time.monotonic() < deadline:
+        assert procs[1].poll() is None, (tmp_path / "process1.log").read_text()[-3000:]
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [proc.wait(timeout=120) for proc in procs]
+    logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+    assert codes == [143, 143], logs[1][-3000:]
+    saved = [re.search(r"saved checkpoint at step (\d+)", log).group(1) for log in logs]
+    assert saved[0] == saved[1] and (workdir / "checkpoints" / saved[0]).is_dir()
+    procs = start_train_lm(workdir, int(saved[0]) + 3, str(free_port()), tmp_path)
+    assert [proc.wait(timeout=180) for proc in procs] == [0, 0], (tmp_path / "process0.log").read_text()[-3000:]
+    assert f"resumed from {workdir / 'checkpoints' / saved[0]}" in (tmp_path / "process0.log").read_text()
+
+
+@pytest.mark.parametrize(("count", "index", "fragment"), [("abc", "0", "are not integers"),
+                                                          ("2", "5", "a process id in 0..N-1")])
+def test_bad_process_variables_are_one_line_exit_2_for_every_entrypoint(count, index, fragment, tmp_path):
+    env = dict(os.environ, LM_CORE_COORDINATOR="localhost:1", LM_CORE_NUM_PROCESSES=count, LM_CORE_PROCESS_ID=index)
+    for module in ("experiments.sample", "experiments.vocab_scaling.sweep", "experiments.kv_prediction.train"):
+        done = subprocess.run([sys.executable, "-m", module, f"--workdir={tmp_path / 'w'}"], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 2 and len(errors) == 1 and fragment in errors[0], (module, done.stderr[-2000:])
+    assert not (tmp_path / "w").exists()

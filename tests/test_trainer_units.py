@@ -108,3 +108,22 @@ def test_a_checkpoint_directory_lost_mid_run_fails_at_the_next_save_not_at_the_e
     with pytest.raises(UserError, match=f"cannot write checkpoints to {workdir / 'checkpoints'}"):
         train(tiny_run(tmp_path, steps=40, checkpoint_every=2), workdir, TrainTask(make_data=make_data))
     assert [row["step"] for row in read_metrics(workdir / "metrics.jsonl")] == [1, 2]
+
+
+def test_load_trained_model_reads_only_the_parameters_straight_into_a_mesh(tmp_path, monkeypatch):
+    from lm_core import sharding
+    from lm_core.checkpoint import Checkpointer
+    from lm_core.trainer import load_trained_model, train
+    from tests.test_finite_states import tiny_run
+
+    train(tiny_run(tmp_path, steps=2, checkpoint_every=2), tmp_path / "run")
+    # The optimizer state is never restored: a full-state restore now fails the test.
+    monkeypatch.setattr(Checkpointer, "restore", lambda *a, **k: pytest.fail("restored the whole train state"))
+    single, _, step = load_trained_model(tmp_path / "run")
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8))
+    sharded, _, _ = load_trained_model(tmp_path / "run", mesh=mesh)
+    assert step == 2
+    table = sharded.embedding.table[...]
+    assert len(table.sharding.device_set) == 8 and not table.sharding.is_fully_replicated
+    for mine, theirs in zip(jax.tree.leaves(nnx.state(single)), jax.tree.leaves(nnx.state(sharded)), strict=True):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))

@@ -118,8 +118,9 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
 # --- initial weights ------------------------------------------------------------------------------------------
 
 
-def load_base(workdir: Path) -> Transformer:
-    model, _, _ = load_trained_model(base_dir(workdir))
+def load_base(workdir: Path, mesh: jax.sharding.Mesh | None = None) -> Transformer:
+    """The frozen base; with `mesh`, its parameters restored straight into their shardings there."""
+    model, _, _ = load_trained_model(base_dir(workdir), mesh=mesh)
     return model
 
 
@@ -187,7 +188,8 @@ def kvp_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> 
 
     def initialize(state: TrainState) -> TrainState:
         params = state.params
-        params["base"] = copy_into(params["base"], nnx.state(load_base(workdir), nnx.Param))
+        mesh = jax.tree.leaves(params["base"])[0].sharding.mesh  # the training mesh: no copy through one device
+        params["base"] = copy_into(params["base"], nnx.state(load_base(workdir, mesh), nnx.Param))
         params["aux"] = copy_into(params["aux"], nnx.state(initial_aux(config, workdir, aux), nnx.Param))
         return state._replace(params=params)
 

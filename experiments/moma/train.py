@@ -56,10 +56,8 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    from lm_core import distributed
     from lm_core.trainer import train
 
-    distributed.initialize()
     config, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
     result = train(config, workdir, moma_task(config, workdir))
     if result.stopped_by_signal:
