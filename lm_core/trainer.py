@@ -432,6 +432,8 @@ def _start_run(config: ml_collections.ConfigDict, workdir: Path, task: TrainTask
     # Everything that can reject the user's input runs before anything is written to the workdir.
     checkpointer, latest, saved_meta = _open_checkpoints(config, workdir, task, model_config)
     data = (task.make_data or text_train_data)(config, workdir, model_config)
+    if latest is not None:
+        _check_data_position(checkpointer, latest, data.loader, saved_meta, config)
 
     _prepare_workdir(config, workdir, data.tokenizer, lock)
     if checkpointer is None:
@@ -441,10 +443,25 @@ def _start_run(config: ml_collections.ConfigDict, workdir: Path, task: TrainTask
     graphdef, state, shardings = _start_state(parts, task, mesh, config.seed, checkpointer, latest, data.loader)
     train_step = make_train_step(graphdef, parts.loss_fn, parts.optimizer, mesh, shardings,
                                  grad_accum_steps=config.grad_accum_steps)
-    meta = {"model": model_config.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size, **task.extra_meta}
+    meta = {"model": model_config.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size,
+            "data_source": config.data.source, **task.extra_meta}
     return _Run(config, workdir, task, mesh, model_config, checkpointer, data.loader, data.eval_batches, state,
                 train_step, make_eval_fn(graphdef, task.eval_sums_fn), parts.training_flops_per_token,
                 flops.total_peak_flops_per_s()[0], meta, float(saved_meta.get("chars_seen", 0.0)))
+
+
+def _check_data_position(checkpointer: Checkpointer, step: int, loader: Any, saved_meta: dict[str, Any],
+                         config: ml_collections.ConfigDict) -> None:
+    """Refuse a resume on other data than the checkpoint's, before anything is written: its position is only
+    valid for that stream (the loader checks size, seed, tokenizer and a content digest)."""
+    position = checkpointer.read_data(step)
+    if not position:  # an imported model's step 0 (lm_core.hf_workdir): nothing to continue
+        return
+    try:
+        loader.restore(position)
+    except UserError as error:
+        raise UserError(f"{error} (the checkpoint trained on data.source={saved_meta.get('data_source', '?')!r}, "
+                        f"this run reads {config.data.source!r})") from None
 
 
 def _run_steps(run: _Run, log: MetricsLog, profiler: ProfileWindow) -> tuple[str | None, dict[str, Any]]:

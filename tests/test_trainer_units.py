@@ -127,3 +127,25 @@ def test_load_trained_model_reads_only_the_parameters_straight_into_a_mesh(tmp_p
     assert len(table.sharding.device_set) == 8 and not table.sharding.is_fully_replicated
     for mine, theirs in zip(jax.tree.leaves(nnx.state(single)), jax.tree.leaves(nnx.state(sharded)), strict=True):
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+
+
+def test_a_resume_on_another_corpus_of_the_same_size_is_refused_naming_both(tmp_path):
+    from lm_core.trainer import train
+    from tests.test_finite_states import tiny_run
+
+    config = tiny_run(tmp_path, steps=2, checkpoint_every=2)
+    train(config, tmp_path / "run")
+    other = tmp_path / "other"
+    other.mkdir()
+    for index in range(24):  # as many documents as the first corpus, other words
+        (other / f"{index}.txt").write_text(f"record {index}: " + "a lazy dog sleeps under the tree. " * 40)
+    before = (tmp_path / "run" / "config.json").read_text()
+    config.steps = 4
+    config.data.source = f"files:{other}/*.txt"
+    with pytest.raises(UserError, match=r"content_digest: saved \d+, now \d+.*trained on data.source='files:.*corpus"
+                                        r"/\*\.txt', this run reads 'files:.*other/\*\.txt'") as error:
+        train(config, tmp_path / "run")
+    assert "\n" not in str(error.value)
+    assert (tmp_path / "run" / "config.json").read_text() == before  # nothing written
+    config.data.source = f"files:{tmp_path / 'corpus'}/*.txt"  # the same corpus resumes
+    assert train(config, tmp_path / "run").step == 4

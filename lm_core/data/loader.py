@@ -8,6 +8,8 @@ text; bigger ones want a pre-tokenized TFDS dataset).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -18,6 +20,8 @@ from lm_core.data.stream import PackedStream
 from lm_core.errors import UserError
 from lm_core.tokenizer import TextTokenizer
 
+# Documents hashed into a loader's content digest (its saved position is valid only for the same corpus).
+CONTENT_SAMPLE = 64
 # Documents tokenized per encode_batch call: big enough for sentencepiece's threads, small enough that the first
 # batch arrives quickly.
 _TOKENIZE_CHUNK = 256
@@ -47,9 +51,23 @@ class LMDataLoader(PackedStream):
         return self.num_items
 
     def _stream_identity(self) -> dict[str, int]:
-        # offsets count tokens of this tokenizer
+        # offsets count tokens of this tokenizer; the digest tells another corpus of the same size apart
         return {"seed": self._seed, "num_documents": self.num_documents, "shuffle": int(self._shuffle),
-                "vocab_size": self._tokenizer.vocab_size}
+                "vocab_size": self._tokenizer.vocab_size, "content_digest": self._content_digest}
+
+    @functools.cached_property
+    def _content_digest(self) -> int:
+        """A 48-bit digest of up to CONTENT_SAMPLE evenly spaced documents and of how the tokenizer encodes them:
+        cheap at any corpus size (random access), and different for a different corpus or tokenizer."""
+        step = max(1, self.num_documents // CONTENT_SAMPLE)
+        digest = hashlib.sha256()
+        for index in range(0, self.num_documents, step)[:CONTENT_SAMPLE]:
+            text = self._documents[index]
+            digest.update(f"{index}:{len(text)}:".encode())
+            digest.update(text.encode("utf-8", errors="surrogatepass"))
+        probe = self._documents[0][:256]
+        digest.update(np.asarray(self._tokenizer.encode(probe), np.int64).tobytes())
+        return int.from_bytes(digest.digest()[:6], "big")
 
     def _document_at(self, stream_index: int) -> TokenizedDocument | None:
         located = self._epoch_and_item(stream_index)

@@ -24,6 +24,9 @@ import numpy as np
 from lm_core.data.packing import PackCursor, TokenizedDocument, pack_rows
 from lm_core.errors import UserError
 
+# Stream identity fields that positions saved by older versions lack.
+OPTIONAL_IDENTITY = frozenset({"content_digest"})
+
 
 class PackedStream:
     """Infinite (repeat=True) or single-pass stream of this host's rows of each packed global batch.
@@ -90,7 +93,8 @@ class PackedStream:
 
     def restore(self, state: dict[str, Any]) -> None:
         name, valid = self._description, f"valid: a dict from {type(self).__name__}.state()"
-        expected = self._stream_identity()
+        # Identity fields newer than a saved position (OPTIONAL_IDENTITY) cannot be checked against it: skipped.
+        expected = {k: v for k, v in self._stream_identity().items() if k in state or k not in OPTIONAL_IDENTITY}
         missing = sorted({"document", "offset", *expected} - set(state))
         if missing:
             raise UserError(f"{name} state {state} lacks {missing}; {valid}")
