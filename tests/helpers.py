@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from lm_core.config import ModelConfig
@@ -28,3 +30,22 @@ def random_batch(seed: int, batch: int = 8, seq: int = 16, vocab: int = 128, pac
         out["positions"] = np.broadcast_to(positions, (batch, seq)).copy()
         out["loss_mask"][:, split - 1] = 0.0  # the last token of document 1 has no target inside its document
     return out
+
+
+def tiny_run(tmp_path: Path, **changes):
+    """A 1-layer byte-level model on a small `files:` corpus (tmp_path/corpus): a step takes milliseconds after
+    compilation; `changes` override top-level config fields."""
+    from lm_core.trainer import default_config
+
+    config = default_config()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for index in range(24):
+        (corpus / f"{index}.txt").write_text(f"document {index}: " + "the quick brown fox jumps over it. " * 40)
+    config.data.update(source=f"files:{corpus}/*.txt", tokenizer="byte", seq_len=32, global_batch_size=8)
+    config.model.update(vocab_size=264, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, d_ff=64,
+                        max_seq_len=64)
+    config.update(steps=8, log_every=1, eval_every=0, checkpoint_every=3)
+    config.optimizer.update(warmup_steps=2, total_steps=8)
+    config.update(changes)
+    return config

@@ -19,7 +19,7 @@ from lm_core import train_step as ts
 from lm_core.errors import TrainingDiverged, UserError
 from lm_core.loss import next_token_loss
 from lm_core.model import Transformer
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import random_batch, tiny_config, tiny_run
 
 
 def poisoned_loss(model, batch, rng):
@@ -72,23 +72,6 @@ def test_a_non_finite_step_is_not_applied_and_keeps_the_sharding(case):
     batch["poison"][3] = 0
     state, metrics = step(state, batch)  # the kept state trains on
     assert bool(metrics["finite"]) and int(state.step) == 2
-
-
-def tiny_run(tmp_path: Path, **changes):
-    from lm_core.trainer import default_config
-
-    config = default_config()
-    corpus = tmp_path / "corpus"
-    corpus.mkdir(exist_ok=True)
-    for index in range(24):
-        (corpus / f"{index}.txt").write_text(f"document {index}: " + "the quick brown fox jumps over it. " * 40)
-    config.data.update(source=f"files:{corpus}/*.txt", tokenizer="byte", seq_len=32, global_batch_size=8)
-    config.model.update(vocab_size=264, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, d_ff=64,
-                        max_seq_len=64)
-    config.update(steps=8, log_every=1, eval_every=0, checkpoint_every=3)
-    config.optimizer.update(warmup_steps=2, total_steps=8)
-    config.update(changes)
-    return config
 
 
 def poison_at(step: int):

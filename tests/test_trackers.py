@@ -18,6 +18,7 @@ import pytest
 
 from lm_core.errors import UserError
 from lm_core.metrics import read_metrics
+from tests import helpers
 
 
 @pytest.fixture
@@ -34,21 +35,9 @@ def wandb_env(tmp_path, monkeypatch):
 
 
 def tiny_run(tmp_path: Path, **changes: Any):
-    """A 1-layer byte-level model on a small `files:` corpus: a step takes milliseconds after compilation."""
-    from lm_core.trainer import default_config
-
-    config = default_config()
-    corpus = tmp_path / "corpus"
-    corpus.mkdir(exist_ok=True)
-    for index in range(24):
-        (corpus / f"{index}.txt").write_text(f"document {index}: " + "the quick brown fox jumps over it. " * 40)
-    config.data.update(source=f"files:{corpus}/*.txt", tokenizer="byte", seq_len=32, global_batch_size=8)
-    config.model.update(vocab_size=264, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, d_ff=64,
-                        max_seq_len=64)
-    config.update(steps=4, log_every=1, eval_every=2, eval_batches=1, checkpoint_every=2)
-    config.optimizer.update(warmup_steps=2, total_steps=8)
-    config.update(changes)
-    return config
+    """tests.helpers.tiny_run, evaluating every 2 of 4 steps on one batch and saving every 2."""
+    return helpers.tiny_run(tmp_path, **{**dict(steps=4, eval_every=2, eval_batches=1, checkpoint_every=2),
+                                         **changes})
 
 
 def sigterm_at(step: int):

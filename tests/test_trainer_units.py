@@ -87,7 +87,7 @@ def test_a_failed_background_save_is_one_line_naming_the_checkpoint(tmp_path, mo
 def test_a_checkpoint_directory_lost_mid_run_fails_at_the_next_save_not_at_the_end(tmp_path):
     from lm_core.metrics import read_metrics
     from lm_core.trainer import TrainData, TrainTask, text_train_data, train
-    from tests.test_finite_states import tiny_run
+    from tests.helpers import tiny_run
 
     workdir = tmp_path / "run"
 
@@ -114,7 +114,7 @@ def test_load_trained_model_reads_only_the_parameters_straight_into_a_mesh(tmp_p
     from lm_core import sharding
     from lm_core.checkpoint import Checkpointer
     from lm_core.trainer import load_trained_model, train
-    from tests.test_finite_states import tiny_run
+    from tests.helpers import tiny_run
 
     train(tiny_run(tmp_path, steps=2, checkpoint_every=2), tmp_path / "run")
     # The optimizer state is never restored: a full-state restore now fails the test.
@@ -131,7 +131,7 @@ def test_load_trained_model_reads_only_the_parameters_straight_into_a_mesh(tmp_p
 
 def test_a_resume_on_another_corpus_of_the_same_size_is_refused_naming_both(tmp_path):
     from lm_core.trainer import train
-    from tests.test_finite_states import tiny_run
+    from tests.helpers import tiny_run
 
     config = tiny_run(tmp_path, steps=2, checkpoint_every=2)
     train(config, tmp_path / "run")
