@@ -103,6 +103,15 @@ def aux_router_table(results: dict[str, dict[str, float]] | str) -> list[str]:
     return lines
 
 
+def claims_section(scale: str, dense: Any, rows: list[dict[str, Any]]) -> list[str]:
+    """The report's verdict lines: one per paper claim, or at demo scale one line saying it cannot show η."""
+    from experiments.moma.claims import claim_lines, too_small_line
+
+    if scale == "demo":
+        return [too_small_line(dense.steps, dense.model.d_model)]
+    return ["### Claims", "", *(f"- {line}" for line in claim_lines(rows))]
+
+
 def write_report(workdir: Path, scale: str, configs: dict[str, Any], rows: list[dict[str, Any]],
                  seconds: dict[str, float], plots: list[str], aux: dict[str, dict[str, float]] | str) -> Path:
     from experiments.moma.savings import markdown_table
@@ -116,7 +125,7 @@ def write_report(workdir: Path, scale: str, configs: dict[str, Any], rows: list[
              "## FLOPs savings η and throughput vs dense", "",
              "η = C_dense_final / C_variant(L_dense_final) from the smoothed training loss curves (\"-\": the variant "
              "never reaches dense's final loss). Throughput: compiled train steps timed side by side in one process "
-             "on the same batches.", "", markdown_table(rows), "",
+             "on the same batches.", "", markdown_table(rows), "", *claims_section(scale, dense, rows), "",
              "Paper (1.4B, 1T tokens): 4t4i 3.7x overall (text 2.6x, image 5.2x), 8x 3.0x, 4t4i + MoD 4.2x; "
              "throughput 8x -9%, 1t1i -6%, 4t4i -17%, MoD 4t4i -31%. At this scale (hundreds of steps) the curves "
              "are far from converged, so expect much smaller or no savings; the CPU executes every static expert slot "
@@ -151,7 +160,11 @@ def run(scale: str, workdir: Path) -> Section:
     def eta(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
-    summary = "; ".join(f"{row['run']}: η {eta(row['eta'])} (text {eta(row['eta_text'])}, image "
-                        f"{eta(row['eta_image'])}), throughput {100 * row['throughput_vs_dense']:+.0f}%"
-                        for row in rows[1:])
-    return Section(TITLE, report, summary + ". Loss curves in `moma/loss_*.png`.")
+    measured = "; ".join(f"{row['run']}: η {eta(row['eta'])} (text {eta(row['eta_text'])}, image "
+                         f"{eta(row['eta_image'])}), throughput {100 * row['throughput_vs_dense']:+.0f}%"
+                         for row in rows[1:])
+    from experiments.moma.claims import claim_lines, too_small_line
+
+    dense = configs["dense"]
+    verdicts = too_small_line(dense.steps, dense.model.d_model) if scale == "demo" else " ".join(claim_lines(rows))
+    return Section(TITLE, report, f"{verdicts} Measured: {measured}. Loss curves in `moma/loss_*.png`.")
