@@ -31,7 +31,6 @@ a part that fails (out of memory, a kernel the backend lacks) is reported as {"e
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import time
@@ -42,7 +41,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import emit, median_seconds, peak_memory_bytes
+from benchmarks.common import ArgumentParser, emit, median_seconds, peak_memory_bytes, positive_int
 from benchmarks.ttft import family
 from experiments.cli import fail
 from experiments.kv_prediction.evaluation import measure_ttft
@@ -305,12 +304,12 @@ def backend() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--batch", type=int, default=8, help="rows of 2048 tokens per device")
+    parser.add_argument("--batch", type=positive_int, default=8, help="rows of 2048 tokens per device")
     parser.add_argument("--remat", default="dots_with_no_batch_dims_saveable", choices=REMAT_POLICIES,
                         help="the dense 1B model's remat policy")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--budget_s", type=float, default=BUDGET_S)
     args = parser.parse_args()
     platform = backend()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -11,6 +12,42 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's bad-input contract: one `error:` line naming the bad value, exit code 2 (plain
+    argparse prints its whole usage first)."""
+
+    def __init__(self, description: str | None):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (sizes, steps, repeats)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def positive_int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1, e.g. "256,1024"."""
+    return [positive_int(part) for part in text.split(",")]
+
+
+def _int_at_least(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
+    return value
 
 
 def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1) -> float:

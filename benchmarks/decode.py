@@ -22,7 +22,6 @@ copy's writes are posted; reads stall on memory latency), so that, not 100%, is 
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import emit, interleaved_median_seconds, median_seconds
+from benchmarks.common import ArgumentParser, emit, interleaved_median_seconds, median_seconds, positive_int
 from benchmarks.train_step import bench_config
 from lm_core.config import ModelConfig
 from lm_core.flops import param_counts
@@ -81,10 +80,10 @@ def decode_run(model: Transformer, batch: int, prompt_len: int, new_tokens: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new_tokens", type=positive_int, default=64)
+    parser.add_argument("--prompt", type=positive_int, default=128)
     parser.add_argument("--size", choices=["bench", "memory", "both"], default="both")
     args = parser.parse_args()
     sizes = ["bench", "memory"] if args.size == "both" else [args.size]

@@ -18,7 +18,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import emit, median_seconds, peak_memory_bytes
+from benchmarks.common import ArgumentParser, emit, median_seconds, peak_memory_bytes, positive_int
 
 
 def measure(path: str, vocab: int, d: int, tokens: int, chunk: int, repeats: int) -> dict[str, float]:
@@ -43,12 +43,12 @@ def measure(path: str, vocab: int, d: int, tokens: int, chunk: int, repeats: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=65536)
-    parser.add_argument("--d", type=int, default=512)
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--chunk", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = ArgumentParser(__doc__)
+    parser.add_argument("--vocab", type=positive_int, default=65536)
+    parser.add_argument("--d", type=positive_int, default=512)
+    parser.add_argument("--tokens", type=positive_int, default=8192)
+    parser.add_argument("--chunk", type=positive_int, default=1024)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     args = parser.parse_args()

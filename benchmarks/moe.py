@@ -17,7 +17,6 @@ the time goes. Prints ratios, never asserts timings.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import emit, interleaved_median_seconds
+from benchmarks.common import ArgumentParser, emit, interleaved_median_seconds, positive_int
 from benchmarks.train_step import bench_config
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
@@ -171,12 +170,12 @@ def profile_group(config: ModelConfig, moma: MoMaConfig, batch: int, seq: int, r
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--variant", default="moe_4t4i", help="a MoMa variant name, moe_<m>t<n>i or moe_<n>x")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--profile", action="store_true", help="also time the pieces of one expert group")
     args = parser.parse_args()
 

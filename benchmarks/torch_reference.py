@@ -20,7 +20,6 @@ exits 2. Prints ratios, never asserts timings.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -32,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import emit, interleaved_median_seconds
+from benchmarks.common import ArgumentParser, emit, interleaved_median_seconds, nonnegative_int, positive_int
 from benchmarks.train_step import bench_config, make_bench_step
 from lm_core import flops
 from lm_core.config import ModelConfig
@@ -83,14 +82,14 @@ def thread_counts(text: str) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq", type=positive_int, default=256)
     parser.add_argument("--threads", default="auto",
                         help="torch intra-op thread counts to time, e.g. 1,2 (auto: 1 and all usable cores)")
-    parser.add_argument("--settle", type=int, default=1,
+    parser.add_argument("--settle", type=nonnegative_int, default=1,
                         help="untimed steps of the same kind right before each timed step (0: strict alternation)")
     parser.add_argument("--torch_only", action="store_true", help="time only the PyTorch step")
     args = parser.parse_args()

@@ -10,7 +10,6 @@ asserts timings.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import op_profile
-from benchmarks.common import emit, median_seconds, peak_memory_bytes
+from benchmarks.common import ArgumentParser, emit, median_seconds, peak_memory_bytes, positive_int
 from lm_core import flops, loss, optim
 from lm_core import train_step as ts
 from lm_core.config import ModelConfig
@@ -81,11 +80,11 @@ def make_bench_step(batch: int = 8, seq: int = 256, dtype: str = "float32", rema
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq", type=positive_int, default=256)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--profile", metavar="DIR", default="",

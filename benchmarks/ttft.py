@@ -24,9 +24,7 @@ overhead that no FLOPs count sees (`python -m experiments.kv_prediction.ttft` me
 
 from __future__ import annotations
 
-import argparse
-
-from benchmarks.common import emit
+from benchmarks.common import ArgumentParser, emit, positive_int, positive_int_list
 from benchmarks.decode import measure_copy_bandwidth
 from experiments.kv_prediction.evaluation import measure_ttft
 from experiments.kv_prediction.models import Family
@@ -49,14 +47,15 @@ def family(base: ModelConfig, spec: str) -> Family:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--prompt_lens", default="256,1024", help="Comma-separated prompt lengths in tokens.")
+    parser.add_argument("--prompt_lens", type=positive_int_list, default=[256, 1024],
+                        help="Comma-separated prompt lengths in tokens.")
     parser.add_argument("--variants", default="lp0.25,c256x2", help="Comma-separated auxiliary specs.")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     args = parser.parse_args()
-    prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
+    prompt_lens = args.prompt_lens
     base = ttft_base_config(max(prompt_lens) + 64)
     results = []
     weight_bytes = param_counts(base).total * 4

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags, logging
+from ml_collections.config_flags import config_flags
 
 from lm_core.errors import RunStopped, UserError
 
@@ -33,13 +35,52 @@ def one_line(error: Exception) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
 
 
+def define_config_file(name: str, default: str | None, help_string: str, **kwargs: Any) -> Any:
+    """`config_flags.DEFINE_config_file`, with its errors as one line and exit 2: it reads the command line's
+    --<name>.<field> overrides as it is defined (at import), so an unknown field fails there, before `run`."""
+    try:
+        return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
+    except (KeyError, AttributeError) as error:
+        overrides = [arg.split("=")[0] for arg in sys.argv if arg.startswith(f"--{name}.")]
+        fail(f"{', '.join(overrides) or f'--{name}.<field>'}: no such field in the config ({_last_reason(error)}); "
+             f"valid: the fields its get_config() defines")
+    except (ValueError, TypeError, OSError, SyntaxError) as error:
+        fail(f"--{name}: {one_line(error)}")
+
+
+def _last_reason(error: BaseException) -> str:
+    """The innermost line of a config error ("[Errno 2] No such file ...", "'nonexistent'")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(error).__name__
+    while len(reason) > 1 and reason[0] == reason[-1] and reason[0] in "\"'":  # KeyError quotes its key twice
+        reason = reason[1:-1]
+    return reason
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
-        return flags.FLAGS(argv)
-    except (flags.Error, KeyError, ValueError, TypeError, AttributeError) as error:
+        remaining = flags.FLAGS(argv)
+        _load_config_flags()
+        return remaining
+    except (flags.Error, KeyError, ValueError, TypeError, AttributeError, OSError, SyntaxError) as error:
         # absl would print the whole usage and exit 1; a user wants the one line that names the bad flag.
         fail(one_line(error))
         raise  # unreachable: fail() exits
+
+
+def _load_config_flags() -> None:
+    """Load every --config file and apply its --config.<field> overrides now, so a missing file, a syntax error
+    or an unknown field is one line here and not a traceback from inside the entrypoint."""
+    for name in list(flags.FLAGS):
+        flag = flags.FLAGS[name]
+        if config_flags.is_config_flag(flag):
+            if flag.value is None:  # an optional config file that was not given
+                continue
+            try:
+                # A file that failed to load is a stand-in that raises on first use: use it now.
+                flag.value.keys  # noqa: B018
+            except Exception as error:  # noqa: BLE001 - a config file may raise anything; report it as one line
+                raise ValueError(f"--{name}={flag.serialize().split('=', 1)[-1]}: {_last_reason(error)}") from error
 
 
 def _join_multi_process_run() -> None:

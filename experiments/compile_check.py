@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from absl import flags
-from ml_collections import config_flags
 
-from experiments.cli import run
+from experiments.cli import define_config_file, run
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lm_tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (any entrypoint's).")
+_CONFIG = define_config_file("config", DEFAULT_CONFIG, "Config file (any entrypoint's).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Target: a TPU topology (v5p:2x4x4, v5e:2x2, ...) or cpu:N.",
                                 required=True)
 _STAGE = flags.DEFINE_string("stage", "", "Compile only the stages whose name contains this text.")

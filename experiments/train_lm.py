@@ -27,12 +27,11 @@ import sys
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
 
-from experiments.cli import run
+from experiments.cli import define_config_file, run
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lm_tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file (ml_collections).",
+_CONFIG = define_config_file("config", DEFAULT_CONFIG, "Training config file (ml_collections).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.", required=True)
 

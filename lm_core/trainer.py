@@ -665,7 +665,11 @@ def load_trained_model(workdir: str | Path, task: TrainTask | None = None, *, me
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise UserError(f"{workdir} has no config.json; train first with python -m experiments.train_lm")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    try:
+        config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{config_path} is not readable JSON ({error}); valid: the config.json a training run "
+                        "writes (restore it, or retrain into a new --workdir)") from None
     model_config = model_config_from(config)
     checkpointer = Checkpointer(workdir / "checkpoints")
     step = checkpointer.latest_step()

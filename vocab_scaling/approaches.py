@@ -130,12 +130,19 @@ PAPER_COEFFICIENTS = Coefficients(
 def write_json_atomically(path: str | Path, values: dict[str, Any]) -> Path:
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a result file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(values, file, indent=2)
-        file.write("\n")
-    os.replace(temporary, path)
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(handle, "w") as file:
+            json.dump(values, file, indent=2)
+            file.write("\n")
+        os.replace(temporary, path)
+    except OSError as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)  # never leave the temporary file behind
+        raise UserError(f"cannot write {path} ({error.strerror or error}); valid: a path in a writable "
+                        "directory") from None
     return path
 
 

@@ -17,6 +17,9 @@ def read_header(path: str) -> list[str]:
             return [name.strip() for name in next(csv.reader(file), [])]
     except OSError as error:
         raise UserError(f"cannot read {path!r}: {error.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{path!r} is not a text CSV file ({error}); valid: UTF-8 comma-separated values with a "
+                        "header row") from None
 
 
 def read_numeric_columns(path: str, required: tuple[str, ...],
@@ -49,6 +52,9 @@ def read_numeric_columns(path: str, required: tuple[str, ...],
                     columns[name].append(value)
     except OSError as error:
         raise UserError(f"cannot read {path!r}: {error.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{path!r} is not a text CSV file ({error}); valid: UTF-8 comma-separated values with a "
+                        "header row") from None
     if not columns[required[0]]:
         raise UserError(f"{path}: no data rows")
     return {name: np.asarray(values) for name, values in columns.items()}

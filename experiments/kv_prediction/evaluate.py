@@ -22,12 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
 
-from experiments.cli import flag_given, run
+from experiments.cli import define_config_file, flag_given, run
 
 DEFAULT_CONFIG = str(Path(__file__).parents[1] / "configs" / "kvp_tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "KV prediction config (default: the workdir's).")
+_CONFIG = define_config_file("config", DEFAULT_CONFIG, "KV prediction config (default: the workdir's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.kv_prediction.train.",
                                required=True)
 _JSON = flags.DEFINE_bool("json", False, "Print the table rows as one JSON object.")

@@ -110,8 +110,12 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise UserError(f"{workdir} has no {CONFIG_FILE}; train first: python -m experiments.kv_prediction.train "
                         f"--config=experiments/configs/kvp_tiny.py --workdir={workdir} (or pass --config)")
-    values = json.loads(path.read_text())
-    values["kvp"]["variants"] = tuple(values["kvp"]["variants"])
+    try:
+        values = json.loads(path.read_text())
+        values["kvp"]["variants"] = tuple(values["kvp"]["variants"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is not a readable KV-prediction config ({error}); valid: the {CONFIG_FILE} "
+                        "experiments.kv_prediction.train writes") from None
     return ml_collections.ConfigDict(values)
 
 

@@ -28,12 +28,11 @@ import json
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
 
-from experiments.cli import flag_given, run
+from experiments.cli import define_config_file, flag_given, run
 
 DEFAULT_CONFIG = str(Path(__file__).parents[1] / "configs" / "kvp_tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "KV prediction config file.")
+_CONFIG = define_config_file("config", DEFAULT_CONFIG, "KV prediction config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A kv_prediction workdir (optional: trained models and config).")
 _VARIANT = flags.DEFINE_string("variant", None, "Auxiliary spec (default: every kvp.variants entry).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Prompts per batch.")
@@ -82,6 +81,9 @@ def main(argv: list[str]) -> None:
     from lm_core.trainer import model_config_from
 
     workdir = Path(_WORKDIR.value) if _WORKDIR.value else None
+    if workdir is not None and not workdir.is_dir():  # a typo must not fall back to timing random weights
+        raise UserError(f"--workdir={workdir} does not exist; valid: a workdir of experiments.kv_prediction.train, "
+                        "or no --workdir to time random weights of the configured sizes")
     use_saved = workdir is not None and (workdir / CONFIG_FILE).is_file() and not flag_given("config")
     config = load_config(workdir) if use_saved else _CONFIG.value
     base = model_config_from(config)

@@ -39,9 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from absl import flags
-from ml_collections import config_flags
 
-from experiments.cli import run
+from experiments.cli import define_config_file, run
 
 DEFAULT_CONFIG = str(Path(__file__).parents[1] / "configs" / "moma_tiny.py")
 UPCYCLE_SEED_FILE = "upcycle_seed.json"  # in an upcycled run's workdir: its seed's training compute (seed_record)
@@ -49,7 +48,7 @@ UPCYCLE_SEED_FILE = "upcycle_seed.json"  # in an upcycled run's workdir: its see
 
 def define_flags() -> None:
     """Flags are defined only when this file runs as the entrypoint: other modules import its functions."""
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "MoMa training config file (ml_collections).",
+    define_config_file("config", DEFAULT_CONFIG, "MoMa training config file (ml_collections).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.", required=True)
 

@@ -21,9 +21,8 @@ import math
 from typing import Any
 
 from absl import flags
-from ml_collections import config_flags
 
-from experiments.cli import run
+from experiments.cli import define_config_file, run
 from lm_core.errors import UserError
 from vocab_scaling.approaches import PAPER_COEFFICIENTS, Coefficients, predict
 
@@ -34,7 +33,7 @@ _COEFFICIENTS = flags.DEFINE_string("coefficients", "paper", "'paper' or a JSON 
                                     "(keys: the fields of vocab_scaling.approaches.Coefficients).")
 _D = flags.DEFINE_integer("d", None, "Model width d (default: the paper's table d(N_nv), or the config's d_model).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-_MODEL_CONFIG = config_flags.DEFINE_config_file(
+_MODEL_CONFIG = define_config_file(
     "model_config", None, "An lm_core config file (ml_collections get_config()); N_nv and d come from its model.")
 
 NAMES = {"approach1": "1 IsoFLOPs envelope", "approach2": "2 dC/dV = 0 (gamma)", "approach3": "3 parametric L_u fit"}
@@ -95,9 +94,24 @@ def main(argv: list[str]) -> None:
         raise UserError("--nnv (non-vocabulary parameters, e.g. 7e9) or --model_config=FILE.py is required")
     result = predict(nnv, flops=_FLOPS.value, approach=_APPROACH.value,
                      coefficients=load_coefficients(_COEFFICIENTS.value), d=d)
+    refuse_past_the_cap(result)
     if current_vocab is not None:
         result["config_vocab_size"] = current_vocab
     print(json.dumps(result) if _JSON.value else table(result, current_vocab))
+
+
+def refuse_past_the_cap(result: dict) -> None:
+    """A predicted V past VOCAB_CAP rests on f(V) where it is capped (vocab_scaling.tokenization_curve): refused,
+    not printed as an answer."""
+    from vocab_scaling.tokenization_curve import VOCAB_CAP
+
+    past = {name: entry["V"] for name, entry in result.items() if name.startswith("approach") and
+            entry["V"] > VOCAB_CAP}
+    if past:
+        values = ", ".join(f"{name} V={v:.3g}" for name, v in past.items())
+        raise UserError(f"--nnv={result['nnv']:g}: the predicted vocabulary ({values}) is past {VOCAB_CAP:,}, "
+                        "where the tokenization curve f(V) every approach rests on is capped; valid: a smaller "
+                        f"--nnv (the predictions hold while V <= {VOCAB_CAP:,})")
 
 
 if __name__ == "__main__":

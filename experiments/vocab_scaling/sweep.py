@@ -20,12 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
 
-from experiments.cli import run
+from experiments.cli import define_config_file, run
 
 DEFAULT_CONFIG = str(Path(__file__).parents[1] / "configs" / "vocab_sweep_tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Sweep config file.", lock_config=True)
+_CONFIG = define_config_file("config", DEFAULT_CONFIG, "Sweep config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where runs, results.csv, plots and REPORT.md go.", required=True)
 
 
