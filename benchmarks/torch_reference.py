@@ -81,7 +81,7 @@ def thread_counts(text: str) -> list[int]:
     return counts
 
 
-def main() -> None:
+def parse_arguments() -> Any:
     parser = ArgumentParser(__doc__)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--steps", type=positive_int, default=10)
@@ -92,7 +92,11 @@ def main() -> None:
     parser.add_argument("--settle", type=nonnegative_int, default=1,
                         help="untimed steps of the same kind right before each timed step (0: strict alternation)")
     parser.add_argument("--torch_only", action="store_true", help="time only the PyTorch step")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_arguments()
     threads = thread_counts(args.threads)
     try:
         import torch
