@@ -635,11 +635,20 @@ def _stop_diverged(step: int, metrics: dict[str, Any], checkpointer: Checkpointe
                            "(try model.dtype=float32 or a larger z_loss)")
 
 
+# TrainTask.extra_meta keys that checkpoints written before they existed do not have: such a checkpoint is accepted.
+# "built_on": which upstream runs (and which state of them) a run started from (experiments.kv_prediction.pipeline).
+RECORDED_SINCE = ("built_on",)
+
+
 def check_same_meta(saved: dict[str, Any], expected: dict[str, Any], workdir: Path) -> None:
-    differing = [key for key, value in expected.items() if _jsonable(saved.get(key)) != _jsonable(value)]
+    differing = [key for key, value in expected.items() if _jsonable(saved.get(key)) != _jsonable(value)
+                 and (key in saved or key not in RECORDED_SINCE)]
     if differing:
         details = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {expected[key]!r}" for key in differing)
-        raise UserError(f"{workdir} holds a checkpoint of a different setup ({details}); use another --workdir")
+        stale = (" (the run it was built on has changed since: move the stale run away to redo it)"
+                 if "built_on" in differing else "")
+        raise UserError(f"{workdir} holds a checkpoint of a different setup ({details}){stale}; use another "
+                        "--workdir")
 
 
 def _jsonable(value: Any) -> Any:

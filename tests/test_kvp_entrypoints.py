@@ -95,3 +95,22 @@ def test_ttft_without_a_workdir_and_bad_input():
         result = entrypoint("ttft", *args)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_kvp_run_built_on_a_base_that_trained_on_is_refused_not_reused(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, text in sorted(pydoc_data.topics.topics.items())[:12]:
+        (corpus / f"{name}.txt").write_text(text)
+    common = [f"--config.data.source=files:{corpus}/*.txt", *MICRO, "--config.kvp.variants=('lp0.50',)"]
+    workdir = tmp_path / "kvp"
+    trained = entrypoint("train", f"--workdir={workdir}", *common)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    again = entrypoint("train", f"--workdir={workdir}", *common)  # nothing changed: every run is reused
+    assert again.returncode == 0 and again.stdout.count("(finished,") == 3, again.stdout[-3000:]
+    longer = entrypoint("train", f"--workdir={workdir}", *common, "--config.steps=8")  # the base trains on
+    errors = [line for line in longer.stderr.splitlines() if line.startswith("error:")]
+    assert longer.returncode == 2 and len(errors) == 1, longer.stderr[-3000:]
+    assert "kvp_lp0.50 holds a checkpoint of a different setup (built_on:" in errors[0]
+    assert "'step 6, loss" in errors[0] and "'step 8, loss" in errors[0] and "move the stale run away" in errors[0]

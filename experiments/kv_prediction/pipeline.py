@@ -38,6 +38,7 @@ from lm_core.checkpoint import Checkpointer, check_same_model
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 from lm_core.flops import flops_per_token
+from lm_core.metrics import read_metrics
 from lm_core.model import Transformer
 from lm_core.train_step import TrainState
 from lm_core.trainer import TrainTask, check_same_meta, load_trained_model, model_config_from, train_to_end
@@ -206,7 +207,7 @@ def kvp_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> 
                      training_flops_per_token=kvp_training_flops_per_token(base_config, aux.config,
                                                                            config.data.seq_len),
                      extra_meta={"kvp_variant": aux.name, "aux_model": aux.config.to_dict(),
-                                 "layer_map": list(aux.layer_map)})
+                                 "layer_map": list(aux.layer_map), "built_on": built_on(config, workdir, aux)})
 
 
 def aux_only_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> TrainTask:
@@ -214,7 +215,38 @@ def aux_only_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec
         return state._replace(params=copy_into(state.params, nnx.state(initial_aux(config, workdir, aux),
                                                                        nnx.Param)))
 
-    return TrainTask(initialize=initialize, extra_meta={"aux_only_variant": aux.name})
+    return TrainTask(initialize=initialize, extra_meta={"aux_only_variant": aux.name,
+                                                        "built_on": built_on(config, workdir, aux)})
+
+
+def built_on(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> dict[str, str | None]:
+    """{upstream run: its state} for the runs a KVP / aux-only run starts from (the base, and the pretrained or
+    pretraining run of a canonical auxiliary). Saved with the run's checkpoints and compared when it is resumed
+    or found finished, so a run built on a base that has since trained on (or been replaced) is refused, not reused."""
+    upstream = {"base": base_dir(workdir)}
+    init_dir = aux_init_dir(config, workdir, aux)
+    if init_dir is not None:
+        upstream["aux_init"] = init_dir
+    return {name: run_state(directory) for name, directory in upstream.items()}
+
+
+def run_state(directory: Path) -> str | None:
+    """A run's latest checkpoint as a short string: its step and its logged loss there (two trainings that differ
+    end at different losses, a rerun of the same one at the same), or its import source; None: none yet."""
+    if not (directory / "checkpoints").is_dir():
+        return None
+    checkpointer = Checkpointer(directory / "checkpoints")
+    try:
+        step = checkpointer.latest_step()
+        meta = checkpointer.read_meta(step) if step is not None else {}
+    finally:
+        checkpointer.close()
+    if step is None:
+        return None
+    losses = [row["loss"] for row in read_metrics(directory / "metrics.jsonl") if row.get("step") == step]
+    origin = (f"loss {losses[-1]!r}" if losses else f"imported from {meta['imported_from']}"
+              if "imported_from" in meta else "no logged loss")
+    return f"step {step}, {origin}"
 
 
 # --- the pipeline ---------------------------------------------------------------------------------------------
@@ -312,7 +344,9 @@ def train_all(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any
         link_pretrained_base(config, workdir)
     save_config(config, workdir)
     results = {}
-    for index, (name, directory, stage, task) in enumerate(runs, start=1):
+    for index in range(1, len(runs) + 1):
+        # Planned again before each run: a downstream run records the state its upstream runs have now.
+        name, directory, stage, task = plan(config, workdir)[index - 1]
         if is_finished(directory, stage, task):
             print(f"== run {index} of {len(runs)}: {name} (finished, {directory})", flush=True)
             continue
