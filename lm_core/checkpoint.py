@@ -130,6 +130,19 @@ def _save_failures(where: Path) -> Iterator[None]:
                         "of that directory, then rerun the same command to resume") from error
 
 
+def latest_meta(directory: Path) -> tuple[int | None, dict[str, Any]]:
+    """(latest step, its meta) of the checkpoint directory `directory`; (None, {}) when it holds none or is absent
+    (it is never created here)."""
+    if not directory.is_dir():
+        return None, {}
+    checkpointer = Checkpointer(directory)
+    try:
+        step = checkpointer.latest_step()
+        return step, checkpointer.read_meta(step) if step is not None else {}
+    finally:
+        checkpointer.close()
+
+
 def prove_writable(directory: Path) -> None:
     """Create `directory` and write and delete a probe file in it, or raise UserError saying why not."""
     probe = directory / f".write_probe.{socket.gethostname()}.{os.getpid()}"

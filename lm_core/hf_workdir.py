@@ -80,7 +80,7 @@ def write_hf_model(model: nnx.Module, directory: Path, *, dtype: str, special_id
 
 def refuse_unexportable_workdir(workdir: Path) -> None:
     """UserError for a directory that is not one plain lm_core LM run (a KVP pipeline, MoMa, a KVP run)."""
-    from lm_core.checkpoint import Checkpointer
+    from lm_core.checkpoint import latest_meta
 
     if (workdir / "kvp_config.json").is_file():
         raise UserError(f"{workdir} is a KV-prediction pipeline directory (several models); export one of its "
@@ -88,12 +88,7 @@ def refuse_unexportable_workdir(workdir: Path) -> None:
     if not (workdir / "checkpoints").is_dir():
         raise UserError(f"{workdir} holds no checkpoints; valid: the workdir of a finished lm_core training run or "
                         "import")
-    checkpointer = Checkpointer(workdir / "checkpoints")
-    try:
-        step = checkpointer.latest_step()
-        meta = checkpointer.read_meta(step) if step is not None else {}
-    finally:
-        checkpointer.close()
+    _, meta = latest_meta(workdir / "checkpoints")
     for key, why in _NOT_PLAIN.items():
         if key in meta:
             raise UserError(f"{workdir} cannot be exported: {why}")

@@ -19,6 +19,15 @@ MICRO = ["--config.model.vocab_size=264", "--config.model.d_model=32", "--config
          "--config.kvp.eval_questions=4", "--config.kvp.answer_tokens=5"]
 
 
+def pydoc_corpus(tmp_path):
+    """12 documents of Python's own help topics as a files: corpus."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, text in sorted(pydoc_data.topics.topics.items())[:12]:
+        (corpus / f"{name}.txt").write_text(text)
+    return corpus
+
+
 def entrypoint(name, *args, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return subprocess.run([sys.executable, "-m", f"experiments.kv_prediction.{name}", *args], cwd=REPO, env=env,
@@ -27,10 +36,7 @@ def entrypoint(name, *args, timeout=600):
 
 @pytest.mark.slow
 def test_train_evaluate_ttft_micro(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name, text in sorted(pydoc_data.topics.topics.items())[:12]:
-        (corpus / f"{name}.txt").write_text(text)
+    corpus = pydoc_corpus(tmp_path)
     source = ("knowledge:entities=4,values=4,facts=2,filler_chars=20:retrieval:facts=2,filler_chars=20:"
               f"files:{corpus}/*.txt")
     common = [f"--config.data.source={source}", *MICRO, "--config.model.max_seq_len=192",
@@ -99,10 +105,7 @@ def test_ttft_without_a_workdir_and_bad_input():
 
 @pytest.mark.slow
 def test_a_kvp_run_built_on_a_base_that_trained_on_is_refused_not_reused(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name, text in sorted(pydoc_data.topics.topics.items())[:12]:
-        (corpus / f"{name}.txt").write_text(text)
+    corpus = pydoc_corpus(tmp_path)
     common = [f"--config.data.source=files:{corpus}/*.txt", *MICRO, "--config.kvp.variants=('lp0.50',)"]
     workdir = tmp_path / "kvp"
     trained = entrypoint("train", f"--workdir={workdir}", *common)

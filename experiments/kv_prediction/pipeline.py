@@ -34,7 +34,7 @@ from kv_prediction.inference import predictor_flops_per_token
 from kv_prediction.loss import kvp_loss
 from kv_prediction.optim import make_kvp_optimizer
 from kv_prediction.variants import AuxSpec, build_kvp_model, resolve_spec
-from lm_core.checkpoint import Checkpointer, check_same_model
+from lm_core.checkpoint import Checkpointer, check_same_model, latest_meta
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 from lm_core.flops import flops_per_token
@@ -233,14 +233,7 @@ def built_on(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> 
 def run_state(directory: Path) -> str | None:
     """A run's latest checkpoint as a short string: its step and its logged loss there (two trainings that differ
     end at different losses, a rerun of the same one at the same), or its import source; None: none yet."""
-    if not (directory / "checkpoints").is_dir():
-        return None
-    checkpointer = Checkpointer(directory / "checkpoints")
-    try:
-        step = checkpointer.latest_step()
-        meta = checkpointer.read_meta(step) if step is not None else {}
-    finally:
-        checkpointer.close()
+    step, meta = latest_meta(directory / "checkpoints")
     if step is None:
         return None
     losses = [row["loss"] for row in read_metrics(directory / "metrics.jsonl") if row.get("step") == step]
