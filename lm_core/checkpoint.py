@@ -91,13 +91,10 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> Restored:
         """Restore `step` into the structure, dtypes and shardings of `abstract_state` (ShapeDtypeStructs)."""
         meta = self.read_meta(step)
-        try:
+        with _restore_failures(self.directory / str(step)):
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore()))
-        except Exception as error:  # noqa: BLE001
-            raise UserError(f"checkpoint {self.directory / str(step)} could not be restored ({_short(error)}); "
-                            "it is corrupted or from a different model; move it away to use an older one") from error
         return Restored(step, restored.state, restored.data, meta)
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
@@ -105,12 +102,9 @@ class Checkpointer:
         (ShapeDtypeStructs): the optimizer moments (2x the parameters under Adam) are never read, and every
         parameter lands directly on its target devices."""
         item = {"params": abstract_params}
-        try:
+        with _restore_failures(self.directory / str(step)):
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-        except Exception as error:  # noqa: BLE001
-            raise UserError(f"checkpoint {self.directory / str(step)} could not be restored ({_short(error)}); "
-                            "it is corrupted or from a different model; move it away to use an older one") from error
         return restored.state["params"]
 
     def close(self) -> None:
@@ -128,6 +122,16 @@ def _save_failures(where: Path) -> Iterator[None]:
     except Exception as error:  # noqa: BLE001 - whatever the filesystem said, the save did not happen
         raise UserError(f"saving checkpoint {where} failed ({_short(error)}); free space or fix the permissions "
                         "of that directory, then rerun the same command to resume") from error
+
+
+@contextlib.contextmanager
+def _restore_failures(where: Path) -> Iterator[None]:
+    """Turns an exception of an Orbax restore into one line naming the checkpoint."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - any failure to restore means this checkpoint is unusable here
+        raise UserError(f"checkpoint {where} could not be restored ({_short(error)}); it is corrupted or from a "
+                        "different model; move it away to use an older one") from error
 
 
 def latest_meta(directory: Path) -> tuple[int | None, dict[str, Any]]:

@@ -19,7 +19,6 @@ from lm_core.sharding import batch_sharding
 ENV_COORDINATOR = "LM_CORE_COORDINATOR"  # host:port of process 0
 ENV_NUM_PROCESSES = "LM_CORE_NUM_PROCESSES"
 ENV_PROCESS_ID = "LM_CORE_PROCESS_ID"
-_joined = False  # this process has joined a multi-process run
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -30,11 +29,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     LM_CORE_NUM_PROCESSES=auto. CPU processes talk through gloo collectives. Every entrypoint calls this
     (experiments.cli.run); a second call is a no-op.
     """
-    global _joined
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
     requested = num_processes if num_processes is not None else os.environ.get(ENV_NUM_PROCESSES)
-    if requested is None or _joined:
-        return _joined
+    if requested is None or jax.distributed.is_initialized():
+        return jax.distributed.is_initialized()
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if requested == "auto":
@@ -45,7 +43,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             raise UserError(f"{ENV_NUM_PROCESSES}={requested} needs {ENV_COORDINATOR}=host:port (process 0's "
                             "address)")
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=count, process_id=index)
-    _joined = True
     return True
 
 

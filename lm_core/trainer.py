@@ -240,17 +240,11 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path, train_texts
     The caller saves a newly trained one into the workdir once the run's inputs have all been validated."""
     from lm_core import tokenizer as tok
 
-    if config.data.tokenizer == "byte":
-        tokenizer = tok.ByteTokenizer()
-    elif config.data.tokenizer == "pretrained":
-        tokenizer = _pretrained_tokenizer(config, workdir)
+    if config.data.tokenizer != "sentencepiece" or (workdir / tok.MODEL_FILENAME).exists():
+        tokenizer = run_tokenizer(config, workdir)
     else:
-        saved = workdir / "tokenizer.model"
-        if saved.exists():
-            tokenizer = tok.Tokenizer.load(saved)
-        else:
-            spec = tok.TokenizerSpec(vocab_size=model_config.vocab_size, seed=config.data.tokenizer_seed)
-            tokenizer = tok.train_tokenizer(_iterate(train_texts), spec, cache_dir=tokenizer_cache_dir())
+        spec = tok.TokenizerSpec(vocab_size=model_config.vocab_size, seed=config.data.tokenizer_seed)
+        tokenizer = tok.train_tokenizer(_iterate(train_texts), spec, cache_dir=tokenizer_cache_dir())
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's vocabulary "
                         f"({tokenizer.vocab_size}); use model.vocab_size >= {tokenizer.vocab_size}")
@@ -404,6 +398,7 @@ class _Run:
     eval_fn: Callable
     flops_per_token: float
     peak_flops_per_s: float  # of the whole job, for MFU
+    learning_rate: Callable[[int], Any]  # the optimizer's schedule, for the logged rows
     meta: dict[str, Any]  # saved with every checkpoint
     chars_seen: float  # counted from the run's start, also across a resume (a sweep turns it into FLOPs spent)
 
@@ -433,27 +428,28 @@ def _start_run(config: ml_collections.ConfigDict, workdir: Path, task: TrainTask
     checkpointer, latest, saved_meta = _open_checkpoints(config, workdir, task, model_config)
     data = (task.make_data or text_train_data)(config, workdir, model_config)
     if latest is not None:
-        _check_data_position(checkpointer, latest, data.loader, saved_meta, config)
+        _restore_data_position(checkpointer, latest, data.loader, saved_meta, config)
 
     _prepare_workdir(config, workdir, data.tokenizer, lock)
     if checkpointer is None:
         checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     save_every=config.checkpoint_every)
     parts = step_parts(config, task)
-    graphdef, state, shardings = _start_state(parts, task, mesh, config.seed, checkpointer, latest, data.loader)
+    graphdef, state, shardings = _start_state(parts, task, mesh, config.seed, checkpointer, latest)
     train_step = make_train_step(graphdef, parts.loss_fn, parts.optimizer, mesh, shardings,
                                  grad_accum_steps=config.grad_accum_steps)
     meta = {"model": model_config.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size,
             "data_source": config.data.source, **task.extra_meta}
     return _Run(config, workdir, task, mesh, model_config, checkpointer, data.loader, data.eval_batches, state,
                 train_step, make_eval_fn(graphdef, task.eval_sums_fn), parts.training_flops_per_token,
-                flops.total_peak_flops_per_s()[0], meta, float(saved_meta.get("chars_seen", 0.0)))
+                flops.total_peak_flops_per_s()[0], learning_rate_schedule(optimizer_config_from(config)), meta,
+                float(saved_meta.get("chars_seen", 0.0)))
 
 
-def _check_data_position(checkpointer: Checkpointer, step: int, loader: Any, saved_meta: dict[str, Any],
-                         config: ml_collections.ConfigDict) -> None:
-    """Refuse a resume on other data than the checkpoint's, before anything is written: its position is only
-    valid for that stream (the loader checks size, seed, tokenizer and a content digest)."""
+def _restore_data_position(checkpointer: Checkpointer, step: int, loader: Any, saved_meta: dict[str, Any],
+                           config: ml_collections.ConfigDict) -> None:
+    """Put `loader` at checkpoint `step`'s data position, before anything is written: a resume on other data
+    than the checkpoint's is refused here (the loader checks size, seed, tokenizer and a content digest)."""
     position = checkpointer.read_data(step)
     if not position:  # an imported model's step 0 (lm_core.hf_workdir): nothing to continue
         return
@@ -528,10 +524,10 @@ def _logged_row(run: _Run, step: int, metrics: dict[str, Any], throughput: _Thro
     """The metrics.jsonl row of a logged step, with the evaluation when this step evaluates."""
     config = run.config
     tokens_per_s = throughput.take_tokens_per_s()
-    learning_rate = float(learning_rate_schedule(optimizer_config_from(config))(step - 1))
     row = _train_row(step, metrics, run.task, tokens_per_s=tokens_per_s,
                      mfu=flops.mfu(tokens_per_s, run.flops_per_token, run.peak_flops_per_s),
-                     learning_rate=learning_rate, tokens=throughput.tokens_seen, chars=run.chars_seen)
+                     learning_rate=float(run.learning_rate(step - 1)), tokens=throughput.tokens_seen,
+                     chars=run.chars_seen)
     if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
         row.update(_evaluate(run))
     return row
@@ -571,14 +567,12 @@ def _open_checkpoints(config: ml_collections.ConfigDict, workdir: Path, task: Tr
 
 
 def _start_state(parts: StepParts, task: TrainTask, mesh: Mesh, seed: int, checkpointer: Checkpointer,
-                 latest: int | None, loader: Any) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-    """(graphdef, state, shardings): the latest checkpoint's state (and data position, into `loader`) on a resume,
-    else a fresh state passed through `task.initialize`."""
+                 latest: int | None) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """(graphdef, state, shardings): the latest checkpoint's state on a resume (its data position is restored
+    before, by `_restore_data_position`), else a fresh state passed through `task.initialize`."""
     graphdef, state, shardings = init_train_state(parts.create_model, parts.optimizer, mesh, seed)
     if latest is not None:
         restored = checkpointer.restore(latest, abstract_like(state, shardings))
-        if restored.data:  # an imported model's step 0 (lm_core.hf_workdir) has no position: start at the beginning
-            loader.restore(restored.data)
         print(f"resumed from {checkpointer.directory / str(latest)}", flush=True)
         return graphdef, restored.state, shardings
     if task.initialize is not None:
