@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import tempfile
 import time
@@ -44,6 +45,10 @@ _RECIPE_VERSION = 1
 # (<= 4 UTF-8 bytes each) always fit.
 _MAX_SENTENCE_BYTES = 1 << 16
 _MAX_SENTENCE_CHARS = _MAX_SENTENCE_BYTES // 4
+# Training reads at most this many sentences (non-blank lines): a uniform sample of a bigger corpus, since
+# sentencepiece holds its whole input in memory, several times over while it trains. A corpus with no more trains on
+# every sentence in order, exactly as before the bound existed (same model, same cache entry).
+MAX_TRAINING_SENTENCES = 2_000_000
 _UNUSED = model_pb2.ModelProto.SentencePiece.UNUSED
 
 
@@ -70,8 +75,9 @@ class TokenizerSpec:
     """Everything that determines a trained tokenizer besides its corpus.
 
     The sentencepiece model gets vocab_size - num_reserved_ids pieces; the reserved ids are the top of the range.
-    `seed` seeds sentencepiece's random generator; BPE training on the full, unshuffled corpus uses no randomness,
-    so it mainly keeps cache entries of different seeds apart.
+    `seed` seeds sentencepiece's random generator and the sentence sample of a corpus bigger than
+    MAX_TRAINING_SENTENCES; BPE training on a whole, unshuffled corpus uses no randomness, so there it mainly keeps
+    cache entries of different seeds apart.
     """
 
     vocab_size: int
@@ -190,8 +196,13 @@ class ByteTokenizer:
         data = piece.encode("utf-8")
         return data[0] + NUM_SPECIAL_IDS if len(data) == 1 else UNK_ID
 
+    @property
+    def model_bytes(self) -> bytes:
+        """What `save` writes: the whole tokenizer (its kind and reserved ids)."""
+        return json.dumps({"kind": "byte", "num_reserved_ids": self.num_reserved_ids}).encode()
+
     def save(self, path: str | Path) -> None:
-        _atomic_write(Path(path), json.dumps({"kind": "byte", "num_reserved_ids": self.num_reserved_ids}).encode())
+        _atomic_write(Path(path), self.model_bytes)
 
     @classmethod
     def load(cls, path: str | Path) -> ByteTokenizer:
@@ -218,39 +229,48 @@ def load_tokenizer(path: str | Path) -> Tokenizer | ByteTokenizer:
     return Tokenizer.load(path)
 
 
-def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec, cache_dir: str | Path) -> Tokenizer:
-    """Train (or reuse) a BPE tokenizer for `texts`; the result depends only on (texts, spec).
+def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec, cache_dir: str | Path, *,
+                    max_sentences: int = MAX_TRAINING_SENTENCES) -> Tokenizer:
+    """Train (or reuse) a BPE tokenizer for `texts`; the result depends only on (texts, spec, max_sentences).
 
-    The corpus is read once into memory (sentencepiece holds it all anyway) while hashing it; the cache entry is
+    `texts` is read once, as a stream, while hashing it: memory holds at most `max_sentences` sentences (a seeded
+    uniform sample when the corpus has more), never the whole corpus. The cache entry is
     `cache_dir/<sha256(corpus, spec, recipe)>/tokenizer.model`, written under a temporary name and renamed, so
     concurrent sweeps never read a half-written model.
     """
     _check_spec(spec)
-    corpus, corpus_fingerprint = _read_corpus(texts)
-    model_path = Path(cache_dir) / cache_key(corpus_fingerprint, spec) / MODEL_FILENAME
+    if max_sentences <= 0:
+        raise UserError(f"max_sentences={max_sentences} is invalid; valid: a positive number of sentences")
+    corpus = _read_corpus(texts, max_sentences, spec.seed)
+    sampled = max_sentences if corpus.num_sentences > max_sentences else 0
+    model_path = Path(cache_dir) / cache_key(corpus.fingerprint, spec, sampled_sentences=sampled) / MODEL_FILENAME
     if model_path.is_file():
         log.info("reusing tokenizer %s", model_path)
         return Tokenizer.load(model_path)
 
-    sentences = [sentence for text in corpus for sentence in _sentences(text)]
-    if not sentences:
+    if not corpus.sentences:
         raise UserError("cannot train a tokenizer on an empty corpus (no non-blank lines); valid: texts with "
                         "at least one non-blank line")
     start = time.perf_counter()
-    proto = _append_reserved_pieces(_train_sentencepiece(sentences, spec), spec.num_reserved_ids)
+    proto = _append_reserved_pieces(_train_sentencepiece(corpus.sentences, spec), spec.num_reserved_ids)
     tokenizer = Tokenizer(proto)
     _atomic_write(model_path, proto)
-    info = {"spec": dataclasses.asdict(spec), "corpus_sha256": corpus_fingerprint,
-            "corpus_chars": sum(len(text) for text in corpus), "corpus_sentences": len(sentences),
-            "train_seconds": round(time.perf_counter() - start, 3)}
+    info = {"spec": dataclasses.asdict(spec), "corpus_sha256": corpus.fingerprint, "corpus_chars": corpus.chars,
+            "corpus_sentences": corpus.num_sentences, "train_seconds": round(time.perf_counter() - start, 3)}
+    if sampled:
+        info["training_sentences"] = len(corpus.sentences)
     _atomic_write(model_path.with_name("spec.json"), json.dumps(info, indent=2).encode())
     log.info("trained tokenizer %s in %.1fs", model_path, info["train_seconds"])
     return tokenizer
 
 
-def cache_key(corpus_fingerprint: str, spec: TokenizerSpec) -> str:
-    payload = json.dumps({"corpus": corpus_fingerprint, "spec": dataclasses.asdict(spec), "recipe": _RECIPE_VERSION},
-                         sort_keys=True)
+def cache_key(corpus_fingerprint: str, spec: TokenizerSpec, *, sampled_sentences: int = 0) -> str:
+    """`sampled_sentences` > 0: the model was trained on a sample of that many sentences. It enters the key only
+    then, so the keys of corpora trained on every sentence are the ones they had before sampling existed."""
+    fields = {"corpus": corpus_fingerprint, "spec": dataclasses.asdict(spec), "recipe": _RECIPE_VERSION}
+    if sampled_sentences:
+        fields["sampled_sentences"] = sampled_sentences
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
 
 
@@ -267,16 +287,37 @@ def _check_spec(spec: TokenizerSpec) -> None:
                         "valid: distinct non-empty strings")
 
 
-def _read_corpus(texts: Iterable[str]) -> tuple[list[str], str]:
-    """(the texts as a list, sha256 of them). Hashes whole texts, so the key ignores how we cut sentences."""
+@dataclasses.dataclass
+class _Corpus:
+    fingerprint: str  # sha256 of the whole texts, so the key ignores how we cut sentences
+    chars: int
+    num_sentences: int  # in the whole corpus
+    sentences: list[str]  # all of them in order, or a uniform sample of max_sentences
+
+
+def _read_corpus(texts: Iterable[str], max_sentences: int, seed: int) -> _Corpus:
+    """One pass over `texts`: hash them and keep their sentences, by reservoir sampling (seeded by the spec's seed)
+    once there are more than `max_sentences`; until then the kept list is every sentence in order.
+
+    The sample is drawn here rather than by sentencepiece (input_sentence_size + shuffle_input_sentence): the cache
+    key needs the whole corpus hashed before training, and `texts` may be a one-shot iterator (the trainer's), so
+    the one pass that hashes must also keep what training reads."""
     digest = hashlib.sha256()
-    kept = []
+    rng = random.Random(seed)
+    kept: list[str] = []
+    chars = count = 0
     for text in texts:
         data = text.encode("utf-8")
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
-        kept.append(text)
-    return kept, digest.hexdigest()
+        chars += len(text)
+        for sentence in _sentences(text):
+            count += 1
+            if len(kept) < max_sentences:
+                kept.append(sentence)
+            elif (slot := rng.randrange(count)) < max_sentences:
+                kept[slot] = sentence  # each of the `count` sentences so far is kept with the same probability
+    return _Corpus(digest.hexdigest(), chars, count, kept)
 
 
 def _sentences(text: str) -> Iterator[str]:
@@ -305,7 +346,7 @@ def _train_sentencepiece(sentences: list[str], spec: TokenizerSpec) -> bytes:
             allow_whitespace_only_pieces=True,
             user_defined_symbols=list(spec.user_defined_symbols),
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            input_sentence_size=0,  # use every sentence
+            input_sentence_size=0,  # every sentence given: _read_corpus has already sampled a big corpus
             shuffle_input_sentence=False,
             max_sentence_length=_MAX_SENTENCE_BYTES,
             num_threads=2,  # fixed: the thread count is recorded in (and changes) the model bytes

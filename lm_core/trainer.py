@@ -28,12 +28,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm_core import distributed, flops, sharding
-from lm_core.checkpoint import Checkpointer, abstract_like, check_same_model, prove_writable
+from lm_core.checkpoint import Checkpointer, abstract_like, check_same_model, latest_meta, prove_writable
 from lm_core.config import ModelConfig, check_finite_numbers
 from lm_core.errors import RunStopped, TrainingDiverged, UserError
 from lm_core.layers import FFNFactory
 from lm_core.loss import cross_entropy, next_token_loss
-from lm_core.metrics import MetricsLog, Progress
+from lm_core.metrics import MetricsLog, Progress, read_metrics
 from lm_core.model import Transformer
 from lm_core.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 from lm_core.profiling import ProfileWindow, parse_profile_steps
@@ -223,6 +223,9 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     for name in ("seq_len", "global_batch_size"):
         if not isinstance(config.data[name], int) or config.data[name] <= 0:
             raise UserError(f"data.{name}={config.data[name]!r} must be a positive integer")
+    # numpy's generators (the data order) take no negative seed: refused here, not at the first batch
+    if not isinstance(config.seed, int) or config.seed < 0:
+        raise UserError(f"seed={config.seed!r} must be an integer >= 0")
     if config.data.tokenizer not in ("sentencepiece", "byte", "pretrained"):
         raise UserError(f"data.tokenizer={config.data.tokenizer!r} is unknown; valid: sentencepiece, byte, pretrained")
     if config.data.tokenizer == "pretrained" and not config.data.get("tokenizer_path"):
@@ -630,13 +633,33 @@ def _stop_diverged(step: int, metrics: dict[str, Any], checkpointer: Checkpointe
 
 
 # TrainTask.extra_meta keys that checkpoints written before they existed do not have: such a checkpoint is accepted.
-# "built_on": which upstream runs (and which state of them) a run started from (experiments.kv_prediction.pipeline).
+# "built_on": which upstream runs (and which state of them, `run_state`) a run started from: the KVP pipeline's
+# base and auxiliary runs, an upcycled MoMa run's seed (also what MoMa's auxiliary routers were trained on).
 RECORDED_SINCE = ("built_on",)
 
 
+def run_state(directory: Path) -> str | None:
+    """A run's latest checkpoint as a short string: its step and its logged loss there (two trainings that differ
+    end at different losses, a rerun of the same one at the same), or its import source; None: none yet. What a
+    run built on it records as "built_on", so it is refused once that run has trained on or been replaced."""
+    step, meta = latest_meta(directory / "checkpoints")
+    if step is None:
+        return None
+    losses = [row["loss"] for row in read_metrics(directory / "metrics.jsonl") if row.get("step") == step]
+    origin = (f"loss {losses[-1]!r}" if losses else f"imported from {meta['imported_from']}"
+              if "imported_from" in meta else "no logged loss")
+    return f"step {step}, {origin}"
+
+
+def differing_meta(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """The keys of `expected` whose saved value differs (compared as JSON), a key of RECORDED_SINCE that `saved`
+    predates excepted."""
+    return [key for key, value in expected.items() if _jsonable(saved.get(key)) != _jsonable(value)
+            and (key in saved or key not in RECORDED_SINCE)]
+
+
 def check_same_meta(saved: dict[str, Any], expected: dict[str, Any], workdir: Path) -> None:
-    differing = [key for key, value in expected.items() if _jsonable(saved.get(key)) != _jsonable(value)
-                 and (key in saved or key not in RECORDED_SINCE)]
+    differing = differing_meta(saved, expected)
     if differing:
         details = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {expected[key]!r}" for key in differing)
         stale = (" (the run it was built on has changed since: move the stale run away to redo it)"
@@ -674,11 +697,10 @@ def load_trained_model(workdir: str | Path, task: TrainTask | None = None, *, me
         raise UserError(f"{config_path} is not readable JSON ({error}); valid: the config.json a training run "
                         "writes (restore it, or retrain into a new --workdir)") from None
     model_config = model_config_from(config)
-    checkpointer = Checkpointer(workdir / "checkpoints")
-    step = checkpointer.latest_step()
+    step, meta = latest_meta(workdir / "checkpoints")  # a reader never creates a checkpoint dir in another's run
     if step is None:
         raise UserError(f"{workdir / 'checkpoints'} holds no checkpoint yet")
-    check_same_model(checkpointer.read_meta(step), model_config, workdir)
+    check_same_model(meta, model_config, workdir)
     mesh = mesh or sharding.make_mesh(sharding.MeshConfig(data=1), jax.local_devices()[:1])
 
     def create_model() -> nnx.Module:
@@ -688,6 +710,7 @@ def load_trained_model(workdir: str | Path, task: TrainTask | None = None, *, me
 
     graphdef, abstract_params = nnx.split(nnx.eval_shape(create_model), nnx.Param)
     target = abstract_with_shardings(abstract_params, param_shardings(mesh, abstract_params))
+    checkpointer = Checkpointer(workdir / "checkpoints")
     params = checkpointer.restore_params(step, target)
     checkpointer.close()
     return nnx.merge(graphdef, params), run_tokenizer(config, workdir), step

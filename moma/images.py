@@ -455,6 +455,10 @@ def _tfds_source(name: str, image_size: int, data_dir: str | os.PathLike | None)
     except ValueError as e:
         raise UserError(f"cannot open TFDS dataset '{name}' ({_one_line(e)}); valid: tfds:<name>[/<config>] "
                         "with a config the dataset defines") from e
+    except ModuleNotFoundError as e:  # some builders import TensorFlow or their own packages just to be made
+        reason = " ".join(str(e).split()).rsplit(": ", 1)[-1][:120]  # TFDS prefixes its builder arguments
+        raise UserError(f"cannot open TFDS dataset '{name}': a module its builder needs is not installed "
+                        f"({reason}); valid: install it, or a dataset whose builder needs none") from e
     image_key = _image_feature(builder.info.features, name)
     caption_of = _caption_reader(builder.info.features, name)
     try:

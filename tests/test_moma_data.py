@@ -185,6 +185,34 @@ def test_tfds_image_source_reads_a_local_builder(tmp_path):
         get_image_source("tfds:moma_test_image_captionz", data_dir=tmp_path)
 
 
+class MomaTestNeedsAModule(tfds.core.GeneratorBasedBuilder):
+    """A builder that cannot be made here: it imports a module that is not installed (as many TFDS builders import
+    TensorFlow, which TFDS does not install)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, **kwargs):
+        import moma_test_module_that_is_not_installed  # noqa: F401
+
+        super().__init__(**kwargs)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({}))
+
+    def _split_generators(self, dl_manager):
+        return {}
+
+    def _generate_examples(self):
+        yield from ()
+
+
+def test_a_tfds_builder_that_needs_a_missing_module_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"TFDS dataset 'moma_test_needs_a_module': a module its builder needs is not "
+                                        r"installed \(No module named 'moma_test_module_that_is_not_installed'\)"):
+        get_image_source("tfds:moma_test_needs_a_module", data_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # mixed-modal vocabulary and documents
 

@@ -70,6 +70,26 @@ def test_cache_hit_does_not_retrain(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*/.*.tmp")), "no temporary files left behind"
 
 
+def test_cache_keys_of_whole_corpora_are_the_ones_cached_tokenizers_have():
+    # the key before sentence sampling existed (sha256 of corpus, spec and recipe 1): cached entries stay valid
+    assert tokenizer_lib.cache_key("ab" * 32, TokenizerSpec(vocab_size=512)) == "daccc87dda92de5b4d6928a9"
+
+
+def test_a_corpus_over_the_sentence_bound_trains_on_a_seeded_sample(tmp_path):
+    spec = TokenizerSpec(vocab_size=400)
+    count = sum(1 for text in CORPUS for _ in tokenizer_lib._sentences(text))
+    corpus = tokenizer_lib._read_corpus(iter(CORPUS), count, seed=0)  # at the bound: every sentence, in order
+    assert corpus.sentences == [s for text in CORPUS for s in tokenizer_lib._sentences(text)]
+    whole = train_tokenizer(CORPUS, spec, tmp_path / "cache", max_sentences=count)
+    sampled = train_tokenizer(iter(CORPUS), spec, tmp_path / "cache", max_sentences=count // 4)
+    again = train_tokenizer(CORPUS, spec, tmp_path / "other", max_sentences=count // 4)
+    assert sampled.model_proto == again.model_proto != whole.model_proto  # deterministic, and its own cache entry
+    infos = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/spec.json")]
+    assert sorted(info.get("training_sentences", 0) for info in infos) == [0, count // 4]
+    assert {info["corpus_sentences"] for info in infos} == {count}
+    assert len(tokenizer_lib._read_corpus(iter(CORPUS), 10, seed=0).sentences) == 10
+
+
 def test_save_load_roundtrip(trained, tmp_path):
     trained.save(tmp_path / "t.model")
     loaded = load_tokenizer(tmp_path / "t.model")

@@ -210,3 +210,27 @@ def test_claims_say_whether_the_best_vocabulary_moves_up_beyond_the_noise():
     assert "NOT reproduced" in claims.compute_claim(means, None) and "no noise bar" in claims.compute_claim(means, None)
     assert "not testable" in claims.compute_claim(claims.seed_means(small), 0.02)
     assert claims.shift_claims(means, 0.02)[0].startswith("Under/over-training shift in group g")
+
+
+def test_interpolated_optimum_is_the_vertex_of_a_quadratic_in_log_v():
+    from experiments.vocab_scaling import claims
+
+    def curve(center, budget, seed_shift=0.0):
+        # L_u = (ln V - ln center)^2 - 1 exactly: the vertex is `center`
+        points = [{"group": "g", "V": v, "budget": budget, "L_u": (math.log(v / center)) ** 2 - 1.0, "seed": 0}
+                  for v in (256, 512, 1024, 2048)]
+        return points + [{**points[1], "L_u": points[1]["L_u"] + seed_shift, "seed": 1}]
+
+    assert claims.interpolated_best_v(curve(700, 1e11)[:4]) == pytest.approx(700)
+    # two points, a curve without a minimum, or a vertex outside the swept range give no optimum
+    assert claims.interpolated_best_v(curve(700, 1e11)[:2]) is None
+    assert claims.interpolated_best_v([dict(p, L_u=-p["L_u"]) for p in curve(700, 1e11)[:4]]) is None
+    assert claims.interpolated_best_v(curve(5000, 1e11)[:4]) is None
+    # one variant per seed: seed 1's curve swaps in its own V=512 run and keeps the single runs
+    variants = claims.seed_variants(curve(700, 1e11, seed_shift=0.1))
+    assert [sorted((p["V"], p["seed"]) for p in v) for v in variants] == [
+        [(256, 0), (512, 0), (1024, 0), (2048, 0)], [(256, 0), (512, 1), (1024, 0), (2048, 0)]]
+    (line,) = claims.interpolated_shift_lines(curve(700, 1e11, 0.1) + curve(1400, 1e12))
+    # the seed-averaged curve's vertex moves a little (0.05 at V=512); seed 0's is exact, seed 1's further off
+    assert line.startswith("Interpolated optimum in group g") and "V 702 at C=1.00e+11 (seeds 700-704)" in line
+    assert "-> 1400 at C=1.00e+12 (seeds 1400-1400), x1.99" in line

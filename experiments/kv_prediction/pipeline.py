@@ -34,14 +34,13 @@ from kv_prediction.inference import predictor_flops_per_token
 from kv_prediction.loss import kvp_loss
 from kv_prediction.optim import make_kvp_optimizer
 from kv_prediction.variants import AuxSpec, build_kvp_model, resolve_spec
-from lm_core.checkpoint import Checkpointer, check_same_model, latest_meta
+from lm_core.checkpoint import Checkpointer, check_same_model
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 from lm_core.flops import flops_per_token
-from lm_core.metrics import read_metrics
 from lm_core.model import Transformer
 from lm_core.train_step import TrainState
-from lm_core.trainer import TrainTask, check_same_meta, load_trained_model, model_config_from, train_to_end
+from lm_core.trainer import TrainTask, check_same_meta, load_trained_model, model_config_from, run_state, train_to_end
 
 CONFIG_FILE = "kvp_config.json"
 
@@ -228,18 +227,6 @@ def built_on(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> 
     if init_dir is not None:
         upstream["aux_init"] = init_dir
     return {name: run_state(directory) for name, directory in upstream.items()}
-
-
-def run_state(directory: Path) -> str | None:
-    """A run's latest checkpoint as a short string: its step and its logged loss there (two trainings that differ
-    end at different losses, a rerun of the same one at the same), or its import source; None: none yet."""
-    step, meta = latest_meta(directory / "checkpoints")
-    if step is None:
-        return None
-    losses = [row["loss"] for row in read_metrics(directory / "metrics.jsonl") if row.get("step") == step]
-    origin = (f"loss {losses[-1]!r}" if losses else f"imported from {meta['imported_from']}"
-              if "imported_from" in meta else "no logged loss")
-    return f"step {step}, {origin}"
 
 
 # --- the pipeline ---------------------------------------------------------------------------------------------

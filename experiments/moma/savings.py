@@ -49,9 +49,10 @@ def main(argv: list[str]) -> None:
     from lm_core.errors import UserError
 
     options = flags.FLAGS
-    if options.throughput_steps < 0 or options.smooth < 1:
-        raise UserError(f"--throughput_steps={options.throughput_steps} must be >= 0 and --smooth={options.smooth} "
-                        ">= 1")
+    if options.throughput_steps < 0:
+        raise UserError(f"--throughput_steps={options.throughput_steps} is invalid; valid: an integer >= 0 (0 = skip)")
+    if options.smooth < 1:
+        raise UserError(f"--smooth={options.smooth} is invalid; valid: an integer >= 1 (1 = no smoothing)")
     rows = write_savings(Path(options.workdir), smooth=options.smooth, throughput_steps=options.throughput_steps)
     print(json.dumps(rows, indent=2) if options.json else markdown_table(rows))
 
@@ -73,16 +74,18 @@ def write_savings(directory: Path, *, smooth: int = 5, throughput_steps: int = 5
 def find_runs(directory: Path) -> dict[str, Path]:
     """run name (its directory's name) -> run dir for every MoMa run directly under `directory`, sorted by name
     with the dense baseline first (an upcycled or re-run variant next to the original keeps its own row)."""
+    from experiments.moma.train import read_config_json
     from lm_core.errors import UserError
 
+    if not Path(directory).is_dir():
+        raise UserError(f"{directory} does not exist or is not a directory; valid: a directory with one "
+                        "experiments.moma.train run per variant")
     runs, dense = {}, []
-    candidates = sorted(p for p in Path(directory).iterdir() if (p / "config.json").exists()) \
-        if Path(directory).is_dir() else []
-    for path in candidates:
-        config = json.loads((path / "config.json").read_text())
-        if "moma" in config and (path / "metrics.jsonl").exists():
+    for path in sorted(p for p in Path(directory).iterdir() if (p / "config.json").is_file()):
+        config = read_config_json(path)  # an unreadable one is refused, not skipped: it may be a run's
+        if "moma" in config and (path / "metrics.jsonl").exists():  # not e.g. a shared image tokenizer's dir
             runs[path.name] = path
-            if config["moma"]["variant"] == BASELINE:
+            if config.moma.variant == BASELINE:
                 dense.append(path.name)
     if len(dense) != 1:
         raise UserError(f"{directory} holds {len(dense)} dense MoMa runs {dense} among {sorted(runs) or 'none'}; "

@@ -20,7 +20,9 @@ checkpoints/; rerunning resumes exactly, SIGTERM/Ctrl-C saves and exits.
 of its modality's FFN, every router column a copy of its gate: moma.upcycle; router noise on), with a fresh
 learning-rate schedule, continuing that run's data stream where it stopped. The seed's training compute up to the
 checkpoint it was upcycled from is recorded in DIR/upcycle_seed.json (`seed_record`), where experiments.moma.savings
-starts the upcycled run's compute axis, so its η pays for stage 1 as the paper's does.
+starts the upcycled run's compute axis, so its η pays for stage 1 as the paper's does. The seed's state (its latest
+step and loss) is saved with the upcycled run's checkpoints (`upcycled_built_on`): once the seed has trained on, a
+rerun of the upcycled run is refused in one line naming both states (move the stale run away to redo it).
 
 For other modules: `moma_task(config, workdir)` (the TrainTask), `load_moma(workdir)` (trained model + config),
 `mixed_eval_batches(workdir)` (the run's mixed-modal evaluation batches), `training_flops_per_token(config)` and
@@ -55,9 +57,10 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    from lm_core.trainer import train
+    from lm_core.trainer import train, validate_run_config
 
     config, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
+    validate_run_config(config)  # before the MoMa checks, which would trip over e.g. a batch of 0 rows first
     result = train(config, workdir, moma_task(config, workdir))
     if result.stopped_by_signal:
         sys.exit(143)
@@ -70,16 +73,27 @@ def main(argv: list[str]) -> None:
 # --- configuration ----------------------------------------------------------------------------------------------
 
 
-def read_run_config(workdir: str | Path):  # -> ml_collections.ConfigDict
-    """The config.json a MoMa run wrote (a UserError when `workdir` holds no MoMa run)."""
+def read_config_json(workdir: str | Path):  # -> ml_collections.ConfigDict
+    """The config.json in `workdir`, whatever wrote it (a UserError when it is missing or not a JSON object)."""
     import ml_collections
 
     from lm_core.errors import UserError
 
     path = Path(workdir) / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"{workdir} has no config.json; train it first with python -m experiments.moma.train")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as error:  # TypeError: JSON that is not an object
+        raise UserError(f"{path} is not readable JSON ({error}); valid: the config.json experiments.moma.train "
+                        "writes (restore it, or retrain into a new --workdir)") from None
+
+
+def read_run_config(workdir: str | Path):  # -> ml_collections.ConfigDict
+    """The config.json a MoMa run wrote (a UserError when `workdir` holds no MoMa run)."""
+    from lm_core.errors import UserError
+
+    config = read_config_json(workdir)
     if "moma" not in config:
         raise UserError(f"{workdir} holds no MoMa run (its config.json has no moma section)")
     return config
@@ -125,14 +139,12 @@ def seed_record(seed_dir: str | Path) -> dict[str, Any]:
     """The compute an upcycled run inherits: its seed's training FLOPs up to the seed's latest checkpoint (the one
     upcycling loads), counted as lm_core.trainer counts tokens (steps x batch x seq_len), plus whatever the seed
     itself inherited."""
-    from lm_core.checkpoint import Checkpointer
+    from lm_core.checkpoint import latest_meta
     from lm_core.errors import UserError
 
     seed_dir = Path(seed_dir)
     config = read_run_config(seed_dir)
-    checkpoints = Checkpointer(seed_dir / "checkpoints")
-    step = checkpoints.latest_step()
-    checkpoints.close()
+    step, _ = latest_meta(seed_dir / "checkpoints")
     if step is None:
         raise UserError(f"cannot read the upcycling seed's compute: {seed_dir} holds no checkpoint")
     tokens = step * config.data.global_batch_size * config.data.seq_len
@@ -206,18 +218,48 @@ def _check_image_tokenizer(config) -> None:
 
 
 def _check_upcycle_source(config, target) -> None:
-    """upcycle_from must be a finished-enough moe_1t1i run of the same model (checked before anything is written)."""
-    from lm_core.checkpoint import Checkpointer
+    """upcycle_from must be a finished-enough moe_1t1i run of the same model (checked before anything is written);
+    every refusal names the field, since the messages underneath name only a directory or a variant."""
+    from lm_core.checkpoint import latest_meta
     from lm_core.errors import UserError
     from moma.upcycle import check_upcycle
 
     source_dir = Path(config.moma.upcycle_from)
-    source_config = read_run_config(source_dir)
-    check_upcycle(moma_config_from(source_config), target)
+    prefix = f"cannot upcycle from moma.upcycle_from={source_dir}"
+    try:
+        source_config = read_run_config(source_dir)
+        check_upcycle(moma_config_from(source_config), target)
+    except UserError as error:
+        raise UserError(f"{prefix}: {error}") from None
     if source_config.model.to_dict() != config.model.to_dict():
-        raise UserError(f"cannot upcycle from {source_dir}: its model config differs from this run's model.*")
-    if Checkpointer(source_dir / "checkpoints").latest_step() is None:
-        raise UserError(f"cannot upcycle from {source_dir}: it holds no checkpoint yet")
+        raise UserError(f"{prefix}: its model config differs from this run's model.*")
+    if latest_meta(source_dir / "checkpoints")[0] is None:  # probed without creating a directory in the seed
+        raise UserError(f"{prefix}: it holds no checkpoint yet")
+
+
+def upcycled_built_on(config) -> dict[str, str | None]:
+    """{seed dir: its state (lm_core.trainer.run_state)}: what an upcycled run is built on, saved with its
+    checkpoints (TrainTask.extra_meta["built_on"]) and compared on every rerun, so once the seed has trained on
+    (or been replaced) the upcycled run is refused, naming both states, rather than resumed or taken as finished
+    on weights and a data position its seed no longer has."""
+    from lm_core.trainer import run_state
+
+    seed_dir = Path(config.moma.upcycle_from)
+    return {str(seed_dir): run_state(seed_dir)}
+
+
+def _check_image_tokenizer_training(config) -> None:
+    """The VQ training settings, named by their fields (the VQ trainer would name them without the prefix, and
+    only after the image source is read; numpy takes no negative seed)."""
+    from lm_core.errors import UserError
+
+    settings = config.moma.image_tokenizer
+    for name, low in (("steps", 1), ("batch_size", 1), ("seed", 0)):
+        if not isinstance(settings[name], int) or settings[name] < low:
+            raise UserError(f"moma.image_tokenizer.{name}={settings[name]!r} is invalid; valid: an integer >= {low}")
+    if not settings.learning_rate > 0:
+        raise UserError(f"moma.image_tokenizer.learning_rate={settings.learning_rate!r} is invalid; valid: a "
+                        "positive learning rate")
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -328,7 +370,7 @@ def moma_task(config, workdir: str | Path, check_data: bool = True, num_devices:
 
     Relative moma.image_tokenizer.dir / moma.upcycle_from are made absolute in `config`, so the config.json the
     trainer writes names them wherever it is read from. check_data=False skips opening the image source and the
-    upcycling run (experiments.compile_check compiles the step without data); make_data then opens the source.
+    upcycling run (no built_on: experiments.compile_check compiles the step without data; make_data opens them).
     num_devices: the devices the mesh will span (default: this process's jax.device_count())."""
     import jax
     from flax import nnx
@@ -345,12 +387,14 @@ def moma_task(config, workdir: str | Path, check_data: bool = True, num_devices:
     model_config = model_config_from(config)
     _check_fits(config, moma, model_config, num_devices or jax.device_count())
     vq_config_from(config)
-    source = None
+    _check_image_tokenizer_training(config)
+    source, extra_meta = None, {"moma": {k: v for k, v in dataclasses.asdict(moma).items() if k != "router_noise"}}
     if check_data:
         _check_image_tokenizer(config)
         source = image_source(config)
         if config.moma.upcycle_from:
             _check_upcycle_source(config, moma)
+            extra_meta["built_on"] = upcycled_built_on(config)
     vocab = mixed_vocab_for(config)
     loss_fn = functools.partial(mixed_modal_loss, vocab=vocab, z_loss_weight=config.z_loss,
                                 chunk_tokens=config.loss_chunk_tokens)
@@ -373,7 +417,7 @@ def moma_task(config, workdir: str | Path, check_data: bool = True, num_devices:
         eval_sums_fn=per_modality_eval_sums(vocab),
         initialize=initialize_upcycled if config.moma.upcycle_from else None,
         training_flops_per_token=training_flops_per_token(config),
-        extra_meta={"moma": {k: v for k, v in dataclasses.asdict(moma).items() if k != "router_noise"}},
+        extra_meta=extra_meta,
         make_data=lambda config, workdir, model_config: make_mixed_data(config, workdir, model_config,
                                                                         source or image_source(config)),
         train_row_fn=per_modality_train_row,

@@ -12,7 +12,9 @@ aux scores (> 0.5; the main router still gates), which is what token-by-token in
 
 Writes DIR/aux_routers/: checkpoints/ (the aux-router parameters, Orbax via lm_core's Checkpointer), metrics.jsonl
 (training curve), results.json (what `run` returns). Rerunning with the same settings reuses the saved routers and
-only re-evaluates; other settings on an existing DIR/aux_routers are refused (move it away to retrain).
+only re-evaluates; other settings on an existing DIR/aux_routers are refused (move it away to retrain), and so are
+routers trained on an earlier state of the run (they record its step and loss: once DIR has trained on, they
+predict the selections of a model that is gone).
 
 Expected, measured on 2 busy CPU cores (a demo run: `python -m experiments.moma.train
 --config=experiments/configs/moma_tiny.py:demo --workdir=DIR`, 40 steps; then this with the default 200 steps):
@@ -137,6 +139,7 @@ def restore_aux_routers(model, directory: Path, expected_meta: dict[str, Any]) -
 
     from lm_core.checkpoint import Checkpointer
     from lm_core.errors import UserError
+    from lm_core.trainer import differing_meta
     from moma.aux_routers import AUX_ROUTER_PARAMS
 
     if not directory.is_dir():
@@ -147,12 +150,14 @@ def restore_aux_routers(model, directory: Path, expected_meta: dict[str, Any]) -
         checkpointer.close()
         return False
     saved = checkpointer.read_meta(step)
-    differing = {k: (saved.get(k), v) for k, v in expected_meta.items() if saved.get(k) != v}
+    differing = differing_meta(saved, expected_meta)  # routers saved before built_on existed are still reused
     if differing:
         checkpointer.close()
-        details = ", ".join(f"{k}: saved {old!r} vs now {new!r}" for k, (old, new) in differing.items())
-        raise UserError(f"{directory} holds aux routers trained with other settings ({details}); rerun with those "
-                        "settings to re-evaluate, or move the directory away to retrain")
+        details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {expected_meta[k]!r}" for k in differing)
+        remedy = ("the run they were trained on has trained on since: move the directory away to retrain"
+                  if "built_on" in differing else
+                  "rerun with those settings to re-evaluate, or move the directory away to retrain")
+        raise UserError(f"{directory} holds aux routers trained with other settings ({details}); {remedy}")
     current = nnx.state(model, AUX_ROUTER_PARAMS)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
     nnx.update(model, checkpointer.restore(step, abstract).state)
@@ -174,6 +179,7 @@ def run(config: AuxRouterConfig | None, workdir: str | Path) -> dict[str, float]
     """
     from flax import nnx
 
+    from lm_core.trainer import run_state
     from moma.aux_routers import attach_aux_routers, evaluate_routing
 
     config = config or AuxRouterConfig()
@@ -181,7 +187,8 @@ def run(config: AuxRouterConfig | None, workdir: str | Path) -> dict[str, float]
     model, run_config, moma = load_run(workdir)
     output = workdir / OUTPUT_DIR
     attach_aux_routers(model, model.config, rngs=nnx.Rngs(config.seed))
-    meta = {"variant": moma.variant, **config.training_meta()}
+    # the model state they learn to route for (keyed "run", not by path: a moved run keeps its routers)
+    meta = {"variant": moma.variant, **config.training_meta(), "built_on": {"run": run_state(workdir)}}
     if restore_aux_routers(model, output / "checkpoints", meta):
         print(f"reusing the aux routers in {output / 'checkpoints'}", flush=True)
     else:

@@ -49,12 +49,7 @@ def main(argv: list[str]) -> None:
 
     workdir = Path(_WORKDIR.value)
     config = _vq_config()
-    for name, value in (("steps", _STEPS.value), ("batch_size", _BATCH_SIZE.value),
-                        ("eval_images", _EVAL_IMAGES.value), ("log_every", _LOG_EVERY.value)):
-        if value < 1:
-            raise UserError(f"--{name}={value} is invalid; valid: a positive integer")
-    if not _LR.value > 0:
-        raise UserError(f"--lr={_LR.value} is invalid; valid: a positive learning rate")
+    _check_flags(workdir)
     source = get_image_source(_SOURCE.value, image_size=config.image_size, data_dir=_DATA_DIR.value)
     if source.skipped:
         print(f"skipped {len(source.skipped)} unreadable image(s): {', '.join(source.skipped[:10])}")
@@ -88,6 +83,24 @@ def main(argv: list[str]) -> None:
     print(f"validation ({result.num_images} images): MSE {result.mse:.4f} (PSNR {result.psnr:.1f} dB), codebook "
           f"usage {100 * result.usage:.1f}% of {config.codebook_size}, perplexity {result.perplexity:.1f}")
     print(f"tokenizer in {vq_dir}; wrote {workdir / 'reconstructions.png'} and {workdir / 'REPORT.md'}")
+
+
+def _check_flags(workdir: Path) -> None:
+    """The training flags and the workdir, before the image source is read or anything is written."""
+    from lm_core.errors import UserError
+
+    for name, value in (("steps", _STEPS.value), ("batch_size", _BATCH_SIZE.value),
+                        ("eval_images", _EVAL_IMAGES.value), ("log_every", _LOG_EVERY.value)):
+        if value < 1:
+            raise UserError(f"--{name}={value} is invalid; valid: a positive integer")
+    if not _LR.value > 0:
+        raise UserError(f"--lr={_LR.value} is invalid; valid: a positive learning rate")
+    if _SEED.value < 0:  # numpy's generators take none, and would fail only after config.json is written
+        raise UserError(f"--seed={_SEED.value} is invalid; valid: an integer >= 0")
+    blocking = next((path for path in (workdir, *workdir.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"--workdir={workdir} cannot be a directory: {blocking} is a file; valid: a new or "
+                        "existing directory")
 
 
 def _vq_config():  # -> moma.vq.VQConfig (imported lazily: --help stays fast)

@@ -7,6 +7,9 @@
 
 Runs repeated with several seeds are averaged; the noise bar is the largest seed-to-seed L_u difference of one
 run. A shift counts only if the larger budget's best V beats the smaller budget's best V there by more than it.
+Between grid points, `interpolated_best_v` places each curve's optimum at the vertex of a quadratic in ln V (what
+the paper's IsoFLOP curves are fitted with); `interpolated_shift_lines` says how far it moves, for information:
+the verdicts above stay on the swept grid.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 MIN_RATIO = 1.5  # a best V that grows by less than this over the budgets swept is not called a shift
 
@@ -95,3 +100,50 @@ def approaches_claim(predict: Callable[[float, float], dict[str, Any]], models: 
     verdict = "REPRODUCED" if all(grows.values()) else "NOT reproduced"
     return (f"The approaches agree in direction (our fits, N_nv {small_n:,.0f} -> {large_n:,.0f}): {verdict}: "
             f"{values}.")
+
+
+def interpolated_best_v(points: Sequence[dict[str, Any]]) -> float | None:
+    """The V at the vertex of the least-squares quadratic in ln V through one IsoFLOP curve's (V, L_u) points;
+    None with fewer than 3 V's, a curve without a minimum, or a vertex outside the swept range."""
+    vocab = sorted({p["V"] for p in points})
+    if len(vocab) < 3:
+        return None
+    mean_loss = {v: np.mean([p["L_u"] for p in points if p["V"] == v]) for v in vocab}
+    a, b, _ = np.polyfit(np.log(vocab), [mean_loss[v] for v in vocab], 2)
+    if a <= 0:
+        return None
+    vertex = math.exp(-b / (2 * a))
+    return vertex if vocab[0] <= vertex <= vocab[-1] else None
+
+
+def seed_variants(points: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The curve once per seed: each repeated V taken from that seed's run (others from their only run), so the
+    spread of `interpolated_best_v` over the variants is its seed noise."""
+    seeds = sorted({p.get("seed", 0) for p in points})
+    variants = []
+    for seed in seeds:
+        chosen = {}
+        for p in sorted(points, key=lambda p: p.get("seed", 0) != seed):
+            chosen.setdefault(p["V"], p)
+        variants.append(list(chosen.values()))
+    return variants
+
+
+def interpolated_shift_lines(finals: Sequence[dict[str, Any]]) -> list[str]:
+    """Per group: the interpolated optimum at its smallest and largest budget, with its range over seeds."""
+    lines = []
+    for group in sorted({p["group"] for p in finals}):
+        budgets = sorted({p["budget"] for p in finals if p["group"] == group})
+        optima = []
+        for budget in (budgets[0], budgets[-1]):
+            curve = [p for p in finals if p["group"] == group and p["budget"] == budget]
+            found = [v for v in map(interpolated_best_v, seed_variants(curve)) if v is not None]
+            optima.append((budget, interpolated_best_v(curve), found))
+        if len(budgets) < 2 or any(best is None for _, best, _ in optima):
+            continue
+        (low_c, low, low_seeds), (high_c, high, high_seeds) = optima
+        lines.append(f"Interpolated optimum in group {group} (vertex of a quadratic in ln V, for information): "
+                     f"V {low:.0f} at C={low_c:.2e} (seeds {min(low_seeds):.0f}-{max(low_seeds):.0f}) -> "
+                     f"{high:.0f} at C={high_c:.2e} (seeds {min(high_seeds):.0f}-{max(high_seeds):.0f}), "
+                     f"x{high / low:.2f}.")
+    return lines

@@ -275,7 +275,7 @@ def _claims(plan: Sequence[PlannedRun], finals: list[dict[str, Any]], fits: Fits
         return _safe_predict(n_nv, d, fits.coefficients, fits.fitted)
 
     return [claims.compute_claim(means, noise), *claims.shift_claims(means, noise),
-            claims.approaches_claim(predict, models, fits.fitted)]
+            claims.approaches_claim(predict, models, fits.fitted), *claims.interpolated_shift_lines(finals)]
 
 
 def _scale_lines(finals: list[dict[str, Any]], fits: Fits) -> list[str]:

@@ -9,10 +9,11 @@ sees follow from its budget C = 6 (N_nv + V·d) H f(V)); the runs at `sweep.seed
 and bits per character along the way on the same validation text at every V (whole documents, up to
 `sweep.eval_chars` characters; 0 = the whole split); (4) fit Approaches 1-3 on our points and write DIR/REPORT.md
 with IsoFLOP curves, the f(V) plot, fitted constants, predictions next to the paper's, and one line per claim of
-the paper saying whether our runs show it (against the seed-to-seed noise bar); DIR/results.csv has one row per
+the paper saying whether our runs show it (against the seed-to-seed noise bar; plus each group's optimum between
+grid points, a quadratic in ln V, for information); DIR/results.csv has one row per
 evaluation. Rerunning skips finished runs; SIGTERM stops the sweep (exit 143) and a rerun resumes the
 interrupted run from its checkpoint.
-Configs: vocab_sweep_tiny.py (23 min on 2 CPU cores; `:demo` ~2 min), vocab_sweep_small.py, vocab_sweep_paper.py.
+Configs: vocab_sweep_tiny.py (27.5 min on 2 CPU cores; `:demo` ~2 min), vocab_sweep_small.py, vocab_sweep_paper.py.
 """
 
 from __future__ import annotations

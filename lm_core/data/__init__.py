@@ -1,5 +1,6 @@
 """Text data for language-model training: sources by name, sequence packing, a resumable loader
-(`PackedStream`, which a loader of other documents, e.g. moma's image-caption pairs, subclasses).
+(`PackedStream`, which a loader of other documents, e.g. moma's image-caption pairs, subclasses), and pre-tokenised
+datasets (`prepared`: `tokens:DIR`, written once by experiments.prepare_data, read by `PreparedTokensLoader`).
 
 Light to import: TensorFlow Datasets is imported only when a TFDS-backed source (builtin, tfds:) is opened.
 
@@ -10,9 +11,10 @@ Light to import: TensorFlow Datasets is imported only when a TFDS-backed source 
 
 from lm_core.data.loader import LMDataLoader, iter_eval_batches
 from lm_core.data.packing import BATCH_KEYS, PackCursor, PackedBatch, TokenizedDocument, pack_documents, pack_rows
+from lm_core.data.prepared import PreparedTokensLoader, iter_prepared_eval_batches, open_prepared
 from lm_core.data.sources import TextSource, get_text_source, register_text_source
 from lm_core.data.stream import PackedStream
 
-__all__ = ["BATCH_KEYS", "LMDataLoader", "PackCursor", "PackedBatch", "PackedStream", "TextSource",
-           "TokenizedDocument", "get_text_source", "iter_eval_batches", "pack_documents", "pack_rows",
-           "register_text_source"]
+__all__ = ["BATCH_KEYS", "LMDataLoader", "PackCursor", "PackedBatch", "PackedStream", "PreparedTokensLoader",
+           "TextSource", "TokenizedDocument", "get_text_source", "iter_eval_batches",
+           "iter_prepared_eval_batches", "open_prepared", "pack_documents", "pack_rows", "register_text_source"]

@@ -3,7 +3,7 @@
 The stream, its one-cursor resumable position and the multi-host split are `stream.PackedStream`'s. Here: the
 items are the split's text documents, tokenized in chunks as the stream reaches them. Every host tokenizes every
 document; each document is tokenized once per loader and kept in memory (fine for corpora of a few hundred MB of
-text; bigger ones want a pre-tokenized TFDS dataset).
+text; bigger ones want a prepared dataset, `tokens:DIR`, read by lm_core.data.prepared without keeping it).
 """
 
 from __future__ import annotations
@@ -57,17 +57,7 @@ class LMDataLoader(PackedStream):
 
     @functools.cached_property
     def _content_digest(self) -> int:
-        """A 48-bit digest of up to CONTENT_SAMPLE evenly spaced documents and of how the tokenizer encodes them:
-        cheap at any corpus size (random access), and different for a different corpus or tokenizer."""
-        step = max(1, self.num_documents // CONTENT_SAMPLE)
-        digest = hashlib.sha256()
-        for index in range(0, self.num_documents, step)[:CONTENT_SAMPLE]:
-            text = self._documents[index]
-            digest.update(f"{index}:{len(text)}:".encode())
-            digest.update(text.encode("utf-8", errors="surrogatepass"))
-        probe = self._documents[0][:256]
-        digest.update(np.asarray(self._tokenizer.encode(probe), np.int64).tobytes())
-        return int.from_bytes(digest.digest()[:6], "big")
+        return content_digest(self._documents, self._tokenizer)
 
     def _document_at(self, stream_index: int) -> TokenizedDocument | None:
         located = self._epoch_and_item(stream_index)
@@ -85,6 +75,21 @@ class LMDataLoader(PackedStream):
         for index, text, ids in zip(indices, texts, self._tokenizer.encode_batch(texts), strict=True):
             self._cache[index] = tokenized_document(ids, len(text), bos_id=self._tokenizer.bos_id,
                                                     eos_id=self._tokenizer.eos_id)
+
+
+def content_digest(documents: Sequence[str], tokenizer: TextTokenizer) -> int:
+    """A 48-bit digest of up to CONTENT_SAMPLE evenly spaced documents and of how the tokenizer encodes them:
+    cheap at any corpus size (random access), and different for a different corpus or tokenizer. A prepared
+    dataset (lm_core.data.prepared) records its splits' digests, so its loader's saved position equals this one's."""
+    step = max(1, len(documents) // CONTENT_SAMPLE)
+    digest = hashlib.sha256()
+    for index in range(0, len(documents), step)[:CONTENT_SAMPLE]:
+        text = documents[index]
+        digest.update(f"{index}:{len(text)}:".encode())
+        digest.update(text.encode("utf-8", errors="surrogatepass"))
+    probe = documents[0][:256]
+    digest.update(np.asarray(tokenizer.encode(probe), np.int64).tobytes())
+    return int.from_bytes(digest.digest()[:6], "big")
 
 
 def iter_eval_batches(split: Sequence[str], tokenizer: TextTokenizer, seq_len: int, batch_size: int,

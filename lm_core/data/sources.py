@@ -3,6 +3,9 @@
 A `TextSource` maps split names ("train", "validation") to random-access sequences of document strings, which
 is all the loader needs. Paper packages add their own prefixes with `register_text_source` (e.g. image-text).
 
+`tokens:<dir>` (a dataset experiments.prepare_data tokenised once, lm_core.data.prepared) is no text source: training
+reads it directly, and asking it for text is refused in one line.
+
 TFDS is imported only inside the builtin/tfds factories, so importing this module stays light.
 """
 
@@ -254,9 +257,22 @@ def _close_matches(name: str, tfds: Any) -> str:
     return f" (did you mean {', '.join(matches)}?)" if matches else ""
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# tokens:<dir>
+
+
+def _tokens_source(directory: str, *, data_dir: str | os.PathLike | None) -> TextSource:
+    """A prepared dataset (lm_core.data.prepared) holds token ids, not text: registered so that whoever asks for
+    its text learns what it is, in one line, instead of "unknown text source"."""
+    del data_dir
+    raise UserError(f"'tokens:{directory}' is a pre-tokenised dataset (token ids, no text), read only by training "
+                    "(experiments.train_lm); valid here: a text source, e.g. the one its manifest.json names")
+
+
 register_text_source("builtin", _builtin_source, form="builtin")
 register_text_source("files", _files_source, form="files:<glob>")
 register_text_source("tfds", _tfds_source, form="tfds:<name>[/<config>]")
+register_text_source("tokens", _tokens_source, form="tokens:<prepared dir> (training only)")
 
 __all__ = ["RecordTexts", "TextSource", "TextSourceFactory", "get_text_source", "hash_split",
            "register_text_source"]

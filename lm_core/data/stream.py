@@ -24,8 +24,10 @@ import numpy as np
 from lm_core.data.packing import PackCursor, TokenizedDocument, pack_rows
 from lm_core.errors import UserError
 
-# Stream identity fields that positions saved by older versions lack.
-OPTIONAL_IDENTITY = frozenset({"content_digest"})
+# Stream identity fields that some saved positions lack: content_digest those of older versions; tokenizer_fingerprint
+# those of an LMDataLoader over the text a prepared dataset was made from (same stream, same content_digest), so a run
+# can move from its text source to the prepared tokens of it and continue exactly.
+OPTIONAL_IDENTITY = frozenset({"content_digest", "tokenizer_fingerprint"})
 
 
 class PackedStream:
