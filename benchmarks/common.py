@@ -40,6 +40,17 @@ def positive_int_list(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",")]
 
 
+def unit_fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1] (utilisations, shares)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
+    return value
+
+
 def _int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)

@@ -39,7 +39,23 @@ def mixed_modal_loss(model: Any, batch: Batch, rng: Array | None = None, *, voca
     overflows = [value for layer in aux for name, value in layer.items() if name.endswith("_slot_overflow")]
     if overflows:  # > 0 only when a batch exceeds a max_*_fraction bound: those expert picks were clipped
         metrics["slot_overflow"] = jnp.max(jnp.stack(overflows))
-    return loss, metrics
+    return loss, {**metrics, **routing_layer_means(aux)}
+
+
+# Routing statistics logged per step (moma.experts.routing_statistics, moma.depths.MoDBlock): which share of a
+# group's tokens got any expert, how many experts a token got, which share of tokens a MoD layer kept.
+ROUTING_SUFFIXES = ("_routed_fraction", "_experts_per_token", "_selected_fraction")
+
+
+def routing_layer_means(aux: tuple[dict[str, Array], ...]) -> dict[str, Array]:
+    """Each routing statistic averaged over the layers that report it, e.g. `image_routed_fraction`: an expert
+    group whose tokens go without any FFN shows it here from the first steps on."""
+    per_layer: dict[str, list[Array]] = {}
+    for layer in aux:
+        for name, value in layer.items():
+            if name.endswith(ROUTING_SUFFIXES) and jnp.ndim(value) == 0:
+                per_layer.setdefault(name, []).append(value)
+    return {name: jnp.mean(jnp.stack(values)) for name, values in per_layer.items()}
 
 
 def per_modality_eval_sums(vocab: MixedVocab) -> Callable[[Array, Batch], dict[str, Array]]:
@@ -72,6 +88,7 @@ def per_modality_eval_row(summary: dict[str, float]) -> dict[str, float]:
 
 def per_modality_train_row(metrics: dict[str, float]) -> dict[str, float]:
     """The trainer's `train_row_fn`: the step's text_loss / image_loss, and aux_loss / slot_overflow (the largest
-    share of any expert's budget its static slots could not hold) when the model has them."""
-    return {name: metrics[name] for name in ("text_loss", "image_loss", "aux_loss", "slot_overflow")
-            if name in metrics}
+    share of any expert's budget its static slots could not hold) and the routing statistics (`ROUTING_SUFFIXES`,
+    layer means) when the model has them."""
+    return {name: value for name, value in metrics.items()
+            if name in ("text_loss", "image_loss", "aux_loss", "slot_overflow") or name.endswith(ROUTING_SUFFIXES)}

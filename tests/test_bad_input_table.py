@@ -45,6 +45,9 @@ CASES = [
     ("zero vocabulary", "benchmarks.large_vocab", ["--vocab=0"], "--vocab: 0 must be >= 1"),
     ("non-numeric prompt lengths", "benchmarks.ttft", ["--prompt_lens=abc"], "--prompt_lens: 'abc'"),
     ("zero decode tokens", "benchmarks.decode", ["--new_tokens=0"], "--new_tokens: 0 must be >= 1"),
+    ("zero data batches", "benchmarks.data", ["--batches=0"], "--batches: 0 must be >= 1"),
+    ("data benchmark on no prepared dataset", "benchmarks.data", ["--prepared={tmp}/corrupt"],
+     "tokens:{tmp}/corrupt has no manifest.json"),
     ("negative seed", "experiments.train_lm", ["--workdir={tmp}/w", "--config.seed=-1"], "seed=-1"),
     # MoMa: the run fixtures are config.json files only (moma_runs below); every case fails before any training
     ("unknown MoMa config variant", "experiments.moma.train",

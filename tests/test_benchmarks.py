@@ -259,3 +259,45 @@ def test_accelerator_benchmark_skips_what_the_budget_cannot_fit_and_reports_erro
     lines = report_lines(result)
     assert sum("ZeroDivisionError" in line for line in lines) == 3
     assert sum(line.startswith("skipped ") for line in lines) == 5
+
+
+def test_data_benchmark_reports_json_and_the_required_rate_of_the_sweeps_smallest_model():
+    import math
+
+    from experiments.configs.vocab_sweep_small import get_config
+    from lm_core import flops
+    from vocab_scaling.sweep import ModelGroup
+
+    result = subprocess.run([sys.executable, "-m", "benchmarks.data", "--json", "--tokenizer=byte", "--seq_len=64",
+                             "--batch_size=4", "--batches=2", "--warmup=1", "--repeats=1", "--device=a100",
+                             "--mfu=0.5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    rates = ("on_the_fly_tokens_per_s", "prepared_tokens_per_s", "required_tokens_per_s")
+    for key in (*rates, "prepare_seconds", "prepared_vs_on_the_fly", "prepared_vs_required"):
+        assert math.isfinite(report[key]) and report[key] > 0, (key, report)
+    assert report["prepared_vs_on_the_fly"] == report["prepared_tokens_per_s"] / report["on_the_fly_tokens_per_s"]
+    assert report["prepared_vs_required"] == report["prepared_tokens_per_s"] / report["required_tokens_per_s"]
+    for against in ("on_the_fly", "required"):
+        assert report[f"prepared_vs_{against}_verdict"].startswith("prepared / ")
+    assert (report["seq_len"], report["batch_size"], report["tokenizer"], report["vocab_size"]) == (64, 4, "byte", 260)
+    assert report["on_the_fly_batches"] == report["prepared_batches"] == 2
+    # vocab_sweep_small's smallest group, d256L4 (4 heads of 64, d_ff 704), at its smallest V=1024 and seq 512
+    config = get_config()
+    name, d_model, layers, heads, d_ff = config.sweep.groups[0]
+    assert name == "d256L4" and report["model"] == "d256L4 V=1024"
+    model = ModelGroup(name, d_model, layers, heads, d_ff).model_config(min(config.sweep.vocab_sizes), 512)
+    per_token = flops.flops_per_token(model, 512).training
+    # 3 x (q,k,v,o 2·4·256·64·16 + scores 4·4·4·64·(512+1)/2 + FFN 2·4·3·256·704 + output 2·256·1024)
+    assert per_token == 3 * (2_097_152 + 1_050_624 + 4_325_376 + 524_288) == report["training_flops_per_token"]
+    assert report["required_tokens_per_s"] == pytest.approx(312e12 * 0.5 / per_token, rel=1e-12)  # A100 bf16 dense
+
+
+def test_data_benchmark_bad_arguments_exit_2_with_one_line():
+    for argument, fragment in (("--device=h300", "argument --device: unknown device 'h300'; valid: "),
+                               ("--mfu=1.5", "argument --mfu: 1.5 must be in (0, 1]")):
+        result = subprocess.run([sys.executable, "-m", "benchmarks.data", argument], cwd=REPO, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 2 and result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {fragment}"), result.stderr

@@ -225,6 +225,10 @@ def test_a_batch_beyond_the_slot_bound_is_clipped_and_reported_in_the_loss_metri
         _, metrics = mixed_modal_loss(model, batch, vocab=vocab)
         row = per_modality_train_row({k: float(v) for k, v in metrics.items()})
         overflows[bound, groups] = row["slot_overflow"]
+        if (bound, groups) == (1.0, 1):  # every layer: budgets ceil(7/2) = 4 for 7 image, ceil(5/2) = 3 for 5 text
+            assert row["image_experts_per_token"] == pytest.approx(8 / 7)
+            assert row["text_experts_per_token"] == pytest.approx(6 / 5)
+            assert 0 < row["image_routed_fraction"] <= 1 and 0 < row["text_routed_fraction"] <= 1
     # One group: 7 image tokens over 2 experts, budget ceil(7/2) = 4 each; a 0.2 bound gives ceil(0.2 * 12 / 2) = 2
     # slots (half the budget clipped), 0.4 gives 3 (a quarter). Two groups (one row each, 3 and 4 image tokens):
     # budgets 2 and 2; a 0.4 bound gives ceil(0.4 * 6 / 2) = 2 slots per group (nothing clipped), 0.2 gives 1.
@@ -242,3 +246,17 @@ def test_mod_layers_keep_unbounded_expert_slots():
     mod_groups, plain_groups = model.blocks[0].block.ffn.groups, model.blocks[1].ffn.groups
     assert (mod_groups["text"].max_fraction, mod_groups["image"].max_fraction) == (1.0, 1.0)
     assert (plain_groups["text"].max_fraction, plain_groups["image"].max_fraction) == (0.3, 0.5)
+
+
+def test_routing_statistics_are_logged_as_layer_means():
+    from moma.losses import per_modality_train_row, routing_layer_means
+
+    aux = ({"text_routed_fraction": jnp.array(0.5), "text_expert_load": jnp.array([0.2, 0.8]),
+            "mod_selected_fraction": jnp.array(0.25)},
+           {"text_routed_fraction": jnp.array(0.7), "text_experts_per_token": jnp.array(1.0)})
+    means = {name: float(value) for name, value in routing_layer_means(aux).items()}
+    # per-expert vectors are not step metrics; each scalar is averaged over the layers that report it
+    assert means == {"text_routed_fraction": pytest.approx(0.6), "mod_selected_fraction": 0.25,
+                     "text_experts_per_token": 1.0}
+    row = per_modality_train_row({"loss": 1.0, "text_loss": 0.5, "grad_norm": 2.0, **means})
+    assert set(row) == {"text_loss", "text_routed_fraction", "mod_selected_fraction", "text_experts_per_token"}
