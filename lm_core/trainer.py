@@ -678,6 +678,19 @@ def _write_json_atomically(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
+def read_config_json(workdir: str | Path, *, trained_by: str = "experiments.train_lm") -> ml_collections.ConfigDict:
+    """The config.json a training run wrote into `workdir`; missing or unreadable (not JSON, not an object) is a
+    UserError saying which entrypoint (`trained_by`) writes it."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{workdir} has no config.json; train first with python -m {trained_by}")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as error:  # TypeError: JSON that is not an object
+        raise UserError(f"{path} is not readable JSON ({error}); valid: the config.json python -m {trained_by} "
+                        "writes (restore it, or retrain into a new --workdir)") from None
+
+
 def load_trained_model(workdir: str | Path, task: TrainTask | None = None, *, mesh: Mesh | None = None
                        ) -> tuple[Any, Any, int]:
     """(model, tokenizer, step) from a workdir's config, tokenizer and latest checkpoint.
@@ -688,14 +701,7 @@ def load_trained_model(workdir: str | Path, task: TrainTask | None = None, *, me
     """
     task = task or TrainTask()
     workdir = Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise UserError(f"{workdir} has no config.json; train first with python -m experiments.train_lm")
-    try:
-        config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-    except (OSError, ValueError) as error:
-        raise UserError(f"{config_path} is not readable JSON ({error}); valid: the config.json a training run "
-                        "writes (restore it, or retrain into a new --workdir)") from None
+    config = read_config_json(workdir)
     model_config = model_config_from(config)
     step, meta = latest_meta(workdir / "checkpoints")  # a reader never creates a checkpoint dir in another's run
     if step is None:

@@ -74,15 +74,16 @@ def write_savings(directory: Path, *, smooth: int = 5, throughput_steps: int = 5
 def find_runs(directory: Path) -> dict[str, Path]:
     """run name (its directory's name) -> run dir for every MoMa run directly under `directory`, sorted by name
     with the dense baseline first (an upcycled or re-run variant next to the original keeps its own row)."""
-    from experiments.moma.train import read_config_json
     from lm_core.errors import UserError
+    from lm_core.trainer import read_config_json
 
     if not Path(directory).is_dir():
         raise UserError(f"{directory} does not exist or is not a directory; valid: a directory with one "
                         "experiments.moma.train run per variant")
     runs, dense = {}, []
     for path in sorted(p for p in Path(directory).iterdir() if (p / "config.json").is_file()):
-        config = read_config_json(path)  # an unreadable one is refused, not skipped: it may be a run's
+        # an unreadable one is refused, not skipped: it may be a run's
+        config = read_config_json(path, trained_by="experiments.moma.train")
         if "moma" in config and (path / "metrics.jsonl").exists():  # not e.g. a shared image tokenizer's dir
             runs[path.name] = path
             if config.moma.variant == BASELINE:

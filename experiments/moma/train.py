@@ -73,27 +73,12 @@ def main(argv: list[str]) -> None:
 # --- configuration ----------------------------------------------------------------------------------------------
 
 
-def read_config_json(workdir: str | Path):  # -> ml_collections.ConfigDict
-    """The config.json in `workdir`, whatever wrote it (a UserError when it is missing or not a JSON object)."""
-    import ml_collections
-
-    from lm_core.errors import UserError
-
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{workdir} has no config.json; train it first with python -m experiments.moma.train")
-    try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as error:  # TypeError: JSON that is not an object
-        raise UserError(f"{path} is not readable JSON ({error}); valid: the config.json experiments.moma.train "
-                        "writes (restore it, or retrain into a new --workdir)") from None
-
-
 def read_run_config(workdir: str | Path):  # -> ml_collections.ConfigDict
     """The config.json a MoMa run wrote (a UserError when `workdir` holds no MoMa run)."""
     from lm_core.errors import UserError
+    from lm_core.trainer import read_config_json
 
-    config = read_config_json(workdir)
+    config = read_config_json(workdir, trained_by="experiments.moma.train")
     if "moma" not in config:
         raise UserError(f"{workdir} holds no MoMa run (its config.json has no moma section)")
     return config
