@@ -12,11 +12,8 @@ Both write into a temporary directory renamed at the end: a failure leaves nothi
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ from lm_core import hf_convert
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 from lm_core.safetensors_io import CheckpointTensors, TensorSpec, write_checkpoint
+from lm_core.staging import staged_directory
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jax.numpy.bfloat16)}
 # What an import writes for `train_lm --config=DIR/train_config.py` (an ml_collections config file).
@@ -56,7 +54,7 @@ def export_workdir(workdir: Path, out: Path, *, dtype: str | None = None, max_sh
     hf_convert.refuse_unexportable(config)
     dtype = dtype or config.param_dtype
     special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    with _staging(out) as staging:
+    with staged_directory(out) as staging:
         files = write_hf_model(model, staging, dtype=dtype, special_ids=special, max_shard_bytes=max_shard_bytes)
         export_hf_tokenizer(tokenizer, staging, model_max_length=config.max_seq_len)
     return files
@@ -130,7 +128,7 @@ def import_checkpoint(hf_dir: Path, workdir: Path, *, max_seq_len: int | None = 
         raise UserError(f"the tokenizer in {hf_dir} has {tokenizer.vocab_size} ids but the embedding has "
                         f"{config.vocab_size} rows; valid: a tokenizer whose ids all index the embedding")
     run_config = imported_run_config(config, seq_len=min(seq_len, config.max_seq_len))
-    with _staging(workdir) as staging:
+    with staged_directory(workdir) as staging:
         tokenizer.save(staging / "tokenizer")
         run_config.data.tokenizer_path = str(workdir.absolute() / "tokenizer")
         _write_checkpoint_zero(staging, run_config, tensors, mappings, tokenizer.vocab_size, hf_dir)
@@ -255,22 +253,6 @@ def check_new_directory(path: Path, flag: str) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{flag}={path} exists and is not an empty directory; valid: a new path (nothing is "
                         "overwritten)")
-
-
-@contextlib.contextmanager
-def _staging(target: Path) -> Iterator[Path]:
-    """A temporary directory next to `target`, renamed to it when the block succeeds and deleted when it fails."""
-    target = target.absolute()
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        if target.exists():
-            target.rmdir()  # empty (check_new_directory)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

@@ -24,7 +24,6 @@ tokenizer it was prepared with (another is refused in one line), and the loader'
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -33,7 +32,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -49,6 +47,7 @@ from lm_core.data.packing import TokenizedDocument, tokenized_document
 from lm_core.data.sources import TextSource, get_text_source
 from lm_core.data.stream import PackedStream, check_positive
 from lm_core.errors import UserError
+from lm_core.staging import staged_directory
 
 PREFIX = "tokens"
 MANIFEST = "manifest.json"
@@ -458,7 +457,7 @@ def prepare(source: str, tokenizer: str, out: str | os.PathLike, *, workers: int
     text_source = get_text_source(source, data_dir=data_dir)
     splits = {name: text_source.split(name) for name in SPLITS}
     plan = _plan_shards({name: len(texts) for name, texts in splits.items()}, docs_per_shard)
-    with _staging(out) as staging:
+    with staged_directory(out) as staging:
         tokenizer_dir = staging / TOKENIZER_DIRNAME
         tokenizer_dir.mkdir()
         for name, data in tokenizer_files(chosen).items():
@@ -552,23 +551,3 @@ def _manifest(job: _Job, tokenizer: Any, origin: str, docs_per_shard: int, count
         "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
         "token_dtype": job.token_dtype, "docs_per_shard": docs_per_shard, "splits": splits,
     }
-
-
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary sibling of `out`, renamed to it when the block succeeds and deleted when it fails or is
-    interrupted: `out` is either absent (or the empty directory it was) or complete."""
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a killed run that had this process id
-        staging.mkdir(parents=True)
-    except OSError as e:
-        raise UserError(f"cannot write next to '{out}' ({tok._one_line(e)}); valid: an --out in a writable "
-                        "directory") from e
-    try:
-        yield staging
-        if out.exists():
-            out.rmdir()  # the empty directory checked before; a file written there since fails here, unchanged
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
