@@ -2,9 +2,11 @@
 
 Llama-style, like lm_core.model.Transformer with the same `ModelConfig`: token embedding scaled by sqrt(d),
 pre-norm blocks (RMSNorm, causal multi-head attention with rotary embeddings, SwiGLU FFN), a final RMSNorm and an
-untied output layer; no biases. Only stock PyTorch pieces (nn.Linear, nn.RMSNorm, F.scaled_dot_product_attention,
-torch.optim.AdamW), because the point is the baseline one gets without tuning anything. Imported only once torch
-is known to be installed (benchmarks/torch_reference.py checks).
+untied output layer; no biases. Only stock PyTorch pieces (nn.Linear, nn.RMSNorm, F.scaled_dot_product_attention
+with is_causal=True, torch.optim.AdamW, clip_grad_norm_), written as a PyTorch user would: queries, keys and values
+come from one fused nn.Linear (one matmul instead of three). The parameters are lm_core's, the same count; the
+point is the baseline one gets without tuning anything. `torch.compile(train_step)` is the compiled baseline
+(benchmarks/torch_reference.py). Imported only once torch is known to be installed (torch_reference.py checks).
 """
 
 from __future__ import annotations
@@ -32,22 +34,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        d, heads, hd = config.d_model, config.num_heads, config.head_dim
-        self.heads, self.head_dim = heads, hd
-        self.query = nn.Linear(d, heads * hd, bias=False)
-        self.key = nn.Linear(d, heads * hd, bias=False)
-        self.value = nn.Linear(d, heads * hd, bias=False)
-        self.out = nn.Linear(heads * hd, d, bias=False)
+        d, hd = config.d_model, config.head_dim
+        self.heads, self.kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        # rows: queries (heads·hd), keys (kv_heads·hd), values (kv_heads·hd)
+        self.widths = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]
+        self.qkv = nn.Linear(d, sum(self.widths), bias=False)
+        self.out = nn.Linear(self.heads * hd, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
 
-        def split_heads(t: torch.Tensor) -> torch.Tensor:  # [batch, seq, h·hd] -> [batch, heads, seq, head_dim]
-            return t.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        def split_heads(t: torch.Tensor) -> torch.Tensor:  # [batch, seq, h·hd] -> [batch, h, seq, head_dim]
+            return t.view(batch, seq, -1, self.head_dim).transpose(1, 2)
 
-        q = apply_rope(split_heads(self.query(x)), cos, sin)
-        k = apply_rope(split_heads(self.key(x)), cos, sin)
-        attended = F.scaled_dot_product_attention(q, k, split_heads(self.value(x)), is_causal=True)
+        q, k, v = (split_heads(t) for t in self.qkv(x).split(self.widths, dim=-1))
+        attended = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v,
+                                                  is_causal=True, enable_gqa=self.kv_heads != self.heads)
         return self.out(attended.transpose(1, 2).reshape(batch, seq, -1))
 
 

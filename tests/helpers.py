@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pydoc_data.topics
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +54,46 @@ def tiny_run(tmp_path: Path, **changes):
     config.optimizer.update(warmup_steps=2, total_steps=8)
     config.update(changes)
     return config
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pydoc_corpus(directory: Path, documents: int) -> Path:
+    """A small text corpus from the standard library's pydoc topics (no download): `documents` .txt files."""
+    directory.mkdir()
+    for name, text in sorted(pydoc_data.topics.topics.items())[:documents]:
+        (directory / f"{name}.txt").write_text(text)
+    return directory
+
+
+def step_line_after(marker: str) -> Callable[[list[str]], bool]:
+    """A `run_cli` stop condition: the newest output line is a training progress line ("step 5/40 | ...") and an
+    earlier line contained `marker` (e.g. "== run 2 of"), i.e. that run is inside its step loop."""
+
+    def reached(lines: list[str]) -> bool:
+        return lines[-1].startswith("step ") and any(marker in line for line in lines)
+
+    return reached
+
+
+def run_cli(command: list[str], env: dict[str, str], stop_when: Callable[[list[str]], bool] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """`command` run from the repository root, stdout and stderr merged into `.stdout`; with `stop_when`, SIGTERM
+    is sent once (the first time it holds for the lines printed so far), as a scheduler preempting the job would.
+    A child still running after `timeout` seconds is killed, so a hung pipeline fails the test instead of hanging."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    watchdog = threading.Timer(timeout, process.kill)
+    watchdog.start()
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if stop_when is not None and stop_when(lines):
+                process.send_signal(signal.SIGTERM)
+                stop_when = None
+        process.wait()
+    finally:
+        watchdog.cancel()
+    return subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")

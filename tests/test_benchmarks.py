@@ -98,17 +98,62 @@ def test_ttft_benchmark_reports_json():
     assert 0 < row["flops_and_weight_read_prediction"] < 1
 
 
-def test_torch_reference_reports_json():
-    pytest.importorskip("torch")
+def _torch_reference(*flags):
+    """benchmarks.torch_reference's JSON report at test sizes (one torch thread: two would only slow the test)."""
     result = subprocess.run([sys.executable, "-m", "benchmarks.torch_reference", "--json", "--steps=1", "--batch=2",
-                             "--seq=32", "--threads=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                             "--seq=16", "--threads=1", *flags], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in ("tokens_per_s", "jax_tokens_per_s", "jax_over_torch", "torch_params", "jax_params", "threads"):
-        assert key in report
-    assert report["tokens_per_s"] > 0 and report["jax_tokens_per_s"] > 0 and report["jax_over_torch"] > 0
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _assert_consistent(report, mode):
+    """The report's ratios are the ratios of the tokens/s it reports, and both models are the same size."""
+    assert report["mode"] == mode and report["threads"] == 1
+    assert report["tokens_per_s"] == pytest.approx(report["tokens_per_s_by_threads"]["1"], rel=1e-9)
+    assert report["tokens_per_s"] == pytest.approx(2 * 16 / report["step_s"], rel=1e-9)
+    assert report["jax_tokens_per_s"] == pytest.approx(2 * 16 / report["jax_step_s"], rel=1e-9)
+    assert report["jax_over_torch"] == pytest.approx(report["jax_tokens_per_s"] / report["tokens_per_s"], rel=1e-9)
+    assert report["tokens_per_s"] > 0 and report["jax_tokens_per_s"] > 0
     # the same model in both frameworks: 5,261,568 parameters, as lm_core.flops counts them
-    assert report["torch_params"] == report["jax_params"] == report["formula_params"]
+    assert report["torch_params"] == report["jax_params"] == report["formula_params"] == 5_261_568
+
+
+def test_torch_reference_times_each_framework_in_its_own_process():
+    pytest.importorskip("torch")
+    report = _torch_reference("--rounds=1", "--no_compile")
+    _assert_consistent(report, "processes")
+    assert report["rounds"] == 1
+    assert report["rounds_tokens_per_s"]["torch_eager:1"] == [report["tokens_per_s"]]
+    assert report["rounds_tokens_per_s"]["jax"] == [report["jax_tokens_per_s"]]
+    assert report["torch_compile_tokens_per_s"] is None and report["jax_over_torch_compile"] is None
+    assert report["torch_compile_error"] == "skipped (--no_compile)"
+
+
+def test_torch_reference_reports_a_failed_torch_compile_as_null_with_its_reason():
+    pytest.importorskip("torch")
+    # no torch.compile process starts, let alone compiles, in 0.1 s: it is stopped and counts as failed
+    report = _torch_reference("--rounds=1", "--torch_only", "--compile_timeout=0.1")
+    assert report["tokens_per_s"] > 0 and "jax_tokens_per_s" not in report
+    assert report["torch_compile_tokens_per_s"] is None and report["rounds_tokens_per_s"]["torch_compile:1"] == []
+    assert report["torch_compile_error"] == "torch_compile:1 failed: its process took longer than 0.1 s"
+
+
+def test_torch_reference_interleaved_mode_times_both_in_one_process():
+    pytest.importorskip("torch")
+    report = _torch_reference("--mode=interleaved")
+    _assert_consistent(report, "interleaved")
+    assert report["torch_compile_tokens_per_s"] is None and "interleaved" in report["torch_compile_error"]
+
+
+@pytest.mark.parametrize("flag, named", [("--mode=threads", "'threads'"), ("--rounds=0", "0"),
+                                         ("--compile_timeout=nan", "nan"), ("--threads=0", "'0'")])
+def test_torch_reference_bad_argument_exits_2_with_one_line(flag, named):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.torch_reference", flag], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error:") and named in line
 
 
 def test_torch_reference_without_torch_exits_2_with_one_line():
@@ -164,8 +209,10 @@ def test_torch_reference_model_computes_what_lm_core_computes():
     for block, ref in zip(jax_model.blocks, reference.blocks, strict=True):
         copy(ref.attention_norm.weight, block.attention_norm.scale)
         copy(ref.ffn_norm.weight, block.ffn_norm.scale)
-        for name in ("query", "key", "value"):
-            copy(getattr(ref.attention, name).weight, getattr(block.attention, f"{name}_proj"), (d, width))
+        # the fused qkv weight is [queries; keys; values] stacked along its output rows
+        fused = np.concatenate([np.asarray(getattr(block.attention, f"{name}_proj")[...], np.float32)
+                                .reshape(d, width) for name in ("query", "key", "value")], axis=1)
+        copy(ref.attention.qkv.weight, fused, fused.shape)
         copy(ref.attention.out.weight, block.attention.out_proj, (width, d))
         for name in ("gate", "up", "down"):
             copy(getattr(ref.ffn, name).weight, getattr(block.ffn, name), getattr(block.ffn, name).shape)

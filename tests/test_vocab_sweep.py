@@ -3,8 +3,6 @@
 import csv
 import math
 import os
-import pydoc_data.topics
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +11,9 @@ import numpy as np
 import pytest
 
 from lm_core.errors import UserError
+from tests.helpers import pydoc_corpus, run_cli, step_line_after
 from vocab_scaling.sweep import ModelGroup, chars_for_budget, isoflop_points, plan_sweep
 from vocab_scaling.tokenization_curve import FCurve
-
-ROOT = Path(__file__).resolve().parents[1]
 
 FLAT_F = FCurve(0.0, 0.0, 0.25)  # 0.25 tokens per character at every V: easy hand arithmetic
 
@@ -60,14 +57,6 @@ def test_isoflop_points_convert_characters_to_flops():
     assert points[0]["L_u"] == -0.5
 
 
-def pydoc_corpus(directory: Path, documents: int) -> Path:
-    """A small text corpus from the standard library's pydoc topics (no download)."""
-    directory.mkdir()
-    for name, text in sorted(pydoc_data.topics.topics.items())[:documents]:
-        (directory / f"{name}.txt").write_text(text)
-    return directory
-
-
 MICRO_SWEEP = """
 import ml_collections
 from lm_core.trainer import default_config
@@ -91,16 +80,7 @@ def run_sweep_cli(config_file: Path, workdir: Path, env: dict[str, str], stop_at
     """The sweep entrypoint in a subprocess; with stop_at_run, SIGTERM once it starts that run's training."""
     command = [sys.executable, "-m", "experiments.vocab_scaling.sweep", f"--config={config_file}",
                f"--workdir={workdir}"]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    output = []
-    for line in process.stdout:
-        output.append(line)
-        if stop_at_run and line.startswith("step ") and any(f"== run {stop_at_run} of" in o for o in output):
-            process.send_signal(signal.SIGTERM)
-            stop_at_run = 0
-    process.wait(timeout=600)
-    return subprocess.CompletedProcess(command, process.returncode, "".join(output), "")
+    return run_cli(command, env, step_line_after(f"== run {stop_at_run} of") if stop_at_run else None)
 
 
 @pytest.mark.slow
