@@ -51,7 +51,6 @@ class Stage:
     name: str
     config: Any  # the lm_core training config (ml_collections.ConfigDict) of this run
     task: Any  # its lm_core.trainer.TrainTask
-    extra_batch_keys: dict[str, tuple[tuple[int, ...], Any]] = dataclasses.field(default_factory=dict)
     # (config, mesh, batch) -> (lowered step, analytic FLOPs of one step) for a step that is not the trainer's
     # (MoMa's aux-router stage); None: lm_core.trainer's train step for `task`
     lower: Callable[[Any, Any, dict[str, Any]], tuple[Any, float]] | None = None
@@ -95,20 +94,13 @@ def _moma_stages(config: Any, num_devices: int | None) -> list[Stage]:
     (experiments.moma.train_aux_routers: main model frozen, BCE on the expert-choice selections)."""
     import tempfile
 
-    import numpy as np
-
-    from experiments.moma.train import mixed_vocab_for, moma_config_from, moma_task
+    from experiments.moma.train import moma_config_from, moma_task
     from moma.aux_routers import variant_routes
-    from moma.mixed_modal import modality_counts
 
     config = copy.deepcopy(config)
     task = moma_task(config, Path(tempfile.gettempdir()) / "compile_check", check_data=False,
                      num_devices=num_devices)
-    rows, seq = config.data.global_batch_size, config.data.seq_len
-    counts = modality_counts(np.zeros((rows, seq), np.int32), np.zeros((rows, seq), np.float32),
-                             mixed_vocab_for(config))
-    extra = {name: (value.shape, value.dtype) for name, value in counts.items()}
-    stages = [Stage(f"moma {config.moma.variant}", config, task, extra)]
+    stages = [Stage(f"moma {config.moma.variant}", config, task)]
     if variant_routes(moma_config_from(config)):
         stages.append(Stage(f"aux routers {config.moma.variant}", config, task, lower=_lower_aux_router_step))
     return stages
@@ -171,8 +163,6 @@ def compile_stage(stage: Stage, target: Any) -> dict[str, Any]:
     check_batch_fits(mesh, rows, config.grad_accum_steps)
     zeros = PackedBatch.zeros(1, seq).as_dict()
     batch = {name: jax.ShapeDtypeStruct((rows, seq), value.dtype) for name, value in zeros.items() if name != "chars"}
-    batch.update({name: jax.ShapeDtypeStruct((rows, *shape[1:]), dtype)
-                  for name, (shape, dtype) in stage.extra_batch_keys.items()})
     lowered, analytic_per_step = (stage.lower or _lower_train_step(stage.task))(config, mesh, batch)
     report = aot.compile_lowered(lowered)
     devices = len(target.devices)

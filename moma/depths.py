@@ -12,10 +12,10 @@ the layer iff its aux score > 0.5, first come within its row, still weighted by 
 Why per row: batch stays the leading axis of the sub-batch, so it shards over the batch mesh axes like every other
 activation, and no attention row holds more than seq tokens (a top-k over the flattened batch would give one row
 of c_d · batch · seq tokens, O((c_d · T)^2) attention on one device). It is also what the original MoD paper does
-(Raposo et al. 2024, per-sequence top-k). MoMa's spec text (../shared/papers/moma.md) says the MoD router
-"picks the top c_d = 25% of tokens of the batch", batch-level like its experts ("Each expert picks the top-k tokens
-of its modality in the batch"); per-row MoD deviates from that wording: the same share c_d, but tokens compete only
-within their own row. The experts keep batch-level expert choice (`moma.experts`, unchanged: inside a MoD layer
+(Raposo et al. 2024, per-sequence top-k). MoMa (Lin et al. 2024) describes its MoD router as picking the top
+c_d = 25% of the tokens of the batch, batch-level like its experts (each expert picks the top-k tokens of its
+modality in the batch); per-row MoD deviates from that: the same share c_d, but tokens compete only within their
+own row. The experts keep batch-level expert choice (`moma.experts`, unchanged: inside a MoD layer
 they route over the whole [batch, slots] sub-batch).
 
 The FFN seam cannot express "skip attention too", so MoD wraps whole blocks: `build_moma_model` builds an lm_core

@@ -19,8 +19,9 @@ Which one a pair gets is decided by a hash of (seed, pair index, epoch): about h
 the pair lands in the shuffled stream, and a pair seen in several epochs is seen both ways.
 
 Packing and positions are lm_core's (`pack_rows`): segment ids, positions restarting per document, loss mask,
-`chars` (caption characters). Batches add per-row counts of loss-bearing TARGETS by modality (`text_tokens`,
-`image_tokens`): the denominators of per-modality losses.
+`chars` (caption characters). Batches carry nothing else: the per-modality losses find each target's modality
+from its id on the device (`moma.losses`, `per_modality_sums`), so per-row modality counts would be sent to the
+device every step for nothing; `modality_counts` computes them on the host for whoever inspects a batch.
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from lm_core.data.packing import BATCH_KEYS, TokenizedDocument, tokenized_document
+from lm_core.data.packing import TokenizedDocument, tokenized_document
 from lm_core.data.stream import PackedStream
 from lm_core.errors import UserError
 from lm_core.tokenizer import TextTokenizer
 
-MIXED_BATCH_KEYS = (*BATCH_KEYS, "text_tokens", "image_tokens")
 # Captions tokenized per encode_batch call (as lm_core's loader does): threads for sentencepiece, quick first batch.
 _TOKENIZE_CHUNK = 256
 
@@ -156,7 +156,10 @@ def mixed_document(caption_ids: Sequence[int], codes: np.ndarray, vocab: MixedVo
 
 
 def modality_counts(targets: np.ndarray, loss_mask: np.ndarray, vocab: MixedVocab) -> dict[str, np.ndarray]:
-    """Per row: loss-bearing targets that are text / image codes. [rows, seq] -> [rows] int32 each."""
+    """Per row: loss-bearing targets that are text / image codes. [rows, seq] -> [rows] int32 each.
+
+    Host-side only, for inspecting batches: the loader does not add these to its batches, since the training and
+    evaluation losses count each modality's targets themselves (`per_modality_sums`)."""
     image = modality_mask(targets, vocab) & (loss_mask > 0)
     text = ~modality_mask(targets, vocab) & (loss_mask > 0)
     return {"text_tokens": text.sum(-1).astype(np.int32), "image_tokens": image.sum(-1).astype(np.int32)}
@@ -223,7 +226,7 @@ class MixedModalLoader(PackedStream):
     `image_first(seed, pair, epoch)`, so the same pair alternates between image-first and caption-first.
 
     `next()` -> {"inputs", "targets", "segment_ids", "positions", "loss_mask": [per_host, seq_len],
-    "chars", "text_tokens", "image_tokens": [per_host]} numpy arrays.
+    "chars": [per_host]} numpy arrays (`lm_core.data.packing.BATCH_KEYS`).
     """
 
     _description = "mixed-modal loader"
@@ -257,7 +260,7 @@ class MixedModalLoader(PackedStream):
     def __next__(self) -> dict[str, np.ndarray]:
         rows = super().__next__()
         self._documents = {k: v for k, v in self._documents.items() if k >= self._cursor.document}
-        return {**rows, **modality_counts(rows["targets"], rows["loss_mask"], self.vocab)}
+        return rows
 
     next = __next__
 
@@ -301,6 +304,5 @@ def iter_mixed_eval_batches(pairs: CodedPairs, tokenizer: TextTokenizer, vocab: 
     yield from itertools.islice(loader, max_batches)
 
 
-__all__ = ["MIXED_BATCH_KEYS", "CodedPairs", "MixedModalLoader", "MixedVocab", "image_first",
-           "iter_mixed_eval_batches", "mixed_document", "modality_counts", "modality_mask", "per_modality_sums",
-           "reserved_ids_for_images"]
+__all__ = ["CodedPairs", "MixedModalLoader", "MixedVocab", "image_first", "iter_mixed_eval_batches",
+           "mixed_document", "modality_counts", "modality_mask", "per_modality_sums", "reserved_ids_for_images"]

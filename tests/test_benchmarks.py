@@ -1,6 +1,7 @@
 """The benchmarks run and report what they promise (their numbers are read by people, never asserted on)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,11 +30,24 @@ def test_train_step_benchmark_reports_json(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("tokens_per_s", "mfu", "matmul_flops_per_s", "compile_s", "peak_memory_bytes", "d_ff"):
         assert key in report
-    assert report["d_ff"] == 688 and report["tokens_per_s"] > 0 and report["mfu"] > 0
+    assert (report["d_ff"], report["dtype"], report["backend"]) == (688, "float32", "cpu")
+    # the bench model: untied V·d twice + 4 layers of (q, k, v, o 4·256·256 + FFN 3·256·688 + 2 norms) + final norm
+    assert report["params"] == 2 * 4096 * 256 + 4 * (4 * 256 * 256 + 3 * 256 * 688 + 2 * 256) + 256 == 5_261_568
+    # 3 x (q,k,v,o 2·4·256·64·16 + scores 4·4·4·64·(32+1)/2 + FFN 2·4·3·256·688 + output 2·256·4096)
+    assert report["flops_per_token"] == 3 * (2_097_152 + 67_584 + 4_227_072 + 2_097_152)
+    assert report["tokens_per_s"] == pytest.approx(2 * 32 / report["step_s"], rel=1e-12)
+    model_flops_per_s = report["tokens_per_s"] * report["flops_per_token"]
+    assert report["model_flops_per_s"] == pytest.approx(model_flops_per_s, rel=1e-12)
+    assert report["mfu"] == pytest.approx(model_flops_per_s / report["peak_flops_per_s"], rel=1e-12)
+    # on a CPU the peak is the matmul rate measured in the same process (lm_core.flops.peak_flops_per_s)
+    assert report["peak_source"] == "measured matmul (cpu, float32)" and report["peak_flops_per_s"] > 0
+    assert report["compile_s"] > 0 and report["peak_memory_bytes"] > 0
     profile = report["profile"]
     assert Path(profile["trace_file"]).is_file() and profile["busy_s"] > 0
     top = profile["top_ops"]
     assert top and any(op["is_matmul"] for op in top)
+    seconds = [op["seconds_per_call"] for op in top]
+    assert seconds == sorted(seconds, reverse=True)  # most time first
     assert any("dot_general" in op["description"] for op in top)  # named after the JAX operation
 
 
@@ -69,9 +83,20 @@ def test_decode_benchmark_reports_json():
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    params = 5_261_568  # the bench model of benchmarks.train_step (test_train_step_benchmark_reports_json)
+    assert report["param_bytes"] == 4 * params
     for batch in (1, 8):
-        assert report[f"batch{batch}_tokens_per_s"] > 0 and report[f"batch{batch}_fraction_of_bound"] > 0
-        assert report[f"batch{batch}_matvec_ceiling_tokens_per_s"] > 0
+        # every f32 weight but the untied embedding's unused rows, and the f32 cache: K and V of 4 layers, each
+        # [batch, 8 + 4 slots (prompt + new tokens), 4 heads, 64]
+        cache_bytes = 4 * 2 * 4 * batch * 12 * 4 * 64
+        assert report[f"batch{batch}_bytes_per_step"] == 4 * (params - 4096 * 256 + batch * 256) + cache_bytes
+        tokens_per_s, bound = report[f"batch{batch}_tokens_per_s"], report[f"batch{batch}_bound_tokens_per_s"]
+        assert tokens_per_s > 0 and report[f"batch{batch}_matvec_ceiling_tokens_per_s"] > 0
+        assert report[f"batch{batch}_fraction_of_bound"] == pytest.approx(tokens_per_s / bound, rel=1e-12)
+    # the reported copy bandwidth is the one batch 1's bound divides (batch 8 measures its own, not reported)
+    assert report["batch1_bound_tokens_per_s"] == pytest.approx(
+        report["copy_bandwidth_bytes_per_s"] / report["batch1_bytes_per_step"], rel=1e-12)
+    assert report["read_stream_bytes_per_s"] > 0 and not any(key.startswith("memory_") for key in report)
 
 
 def test_decode_counts_only_the_embedding_rows_it_looks_up():
@@ -88,14 +113,32 @@ def test_decode_counts_only_the_embedding_rows_it_looks_up():
 
 
 def test_ttft_benchmark_reports_json():
+    from benchmarks.ttft import ttft_base_config
+    from kv_prediction.inference import ttft_flops
+    from kv_prediction.variants import resolve_spec
+    from lm_core.flops import param_counts
+
     result = subprocess.run([sys.executable, "-m", "benchmarks.ttft", "--json", "--prompt_lens=16",
                              "--variants=c128x1", "--repeats=1"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     (row,) = report["results"]
-    assert row["kvp_ttft_s"] > 0 and row["flops_reduction"] > 1
+    assert (row["variant"], row["prompt_len"], row["batch"], row["repeats"]) == ("c128x1", 16, 1, 1)
+    base = ttft_base_config(16 + 64)
+    expected = ttft_flops(base, resolve_spec(base, "c128x1").config, 16)
+    assert (row["base_flops"], row["kvp_flops"]) == (expected.base_only, expected.kvp)
+    assert row["flops_reduction"] == pytest.approx(expected.reduction, rel=1e-12) and row["flops_reduction"] > 1
+    assert report["base_weight_bytes"] == 4 * param_counts(base).total
+    assert row["kvp_ttft_s"] > 0 and row["base_ttft_s"] > 0 and row["aux_ttft_s"] > 0
+    assert row["measured_reduction"] == pytest.approx(row["base_ttft_s"] / row["kvp_ttft_s"], rel=1e-12)
+    assert row["measured_over_flops"] == pytest.approx(row["measured_reduction"] / row["flops_reduction"], rel=1e-12)
+    weight_read_s = report["base_weight_bytes"] / report["copy_bandwidth_bytes_per_s"]
+    assert row["flops_and_weight_read_prediction"] == pytest.approx(
+        1 / (1 + weight_read_s * row["flops_reduction"] / row["base_ttft_s"]), rel=1e-12)
     assert 0 < row["flops_and_weight_read_prediction"] < 1
+    # the target speaks of 256+ token prompts only, so a 16-token run has no worst ratio
+    assert report["target"] == 0.9 and math.isnan(report["worst_measured_over_flops"])
 
 
 def _torch_reference(*flags):
@@ -170,9 +213,11 @@ def test_moe_benchmark_reports_json():
                              "--profile"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    for prefix in ("", "bounded_"):
-        assert report[f"{prefix}moe_s"] > 0 and report[f"{prefix}ratio"] > 0
+    assert (report["variant"], report["tokens"], report["d_model"], report["d_ff"]) == ("moe_4t4i", 64, 256, 688)
     assert report["dense_s"] > 0
+    for prefix in ("", "bounded_"):
+        assert report[f"{prefix}moe_s"] > 0
+        assert report[f"{prefix}ratio"] == pytest.approx(report[f"{prefix}moe_s"] / report["dense_s"], rel=1e-12)
     # equal active FLOPs up to the routers: 2·3·256·688 per token dense; moe_4t4i adds 2·256·4 per group, half the
     # tokens in each
     assert report["dense_flops_per_token"] == 2 * 3 * 256 * 688
@@ -181,6 +226,12 @@ def test_moe_benchmark_reports_json():
     assert report["moe_executed_flops_per_token"] == 2 * report["dense_flops_per_token"] + 2 * 2 * 256 * 4
     assert report["bounded_moe_executed_flops_per_token"] == report["dense_flops_per_token"] + 2 * 2 * 256 * 4
     assert report["profile_default"]["slots"] == 2 * report["profile_bounded"]["slots"]
+    pieces = {"router_scores", "top_k_route", "gather", "expert_swiglus", "scatter_add", "whole_group",
+              "dense_same_rows"}
+    for setting in ("default", "bounded"):
+        profile = report[f"profile_{setting}"]
+        assert profile.keys() == {"experts", "slots", *pieces} and profile["experts"] == 4  # the text group's
+        assert all(profile[piece] > 0 for piece in pieces)
 
 
 def test_torch_reference_model_computes_what_lm_core_computes():
@@ -249,15 +300,26 @@ def _tiny_accelerator_sizes():
                  codebook_size=16, kvp_prompt_len=16, kvp_spec="c16x1", warmup=1, steps=1)
 
 
+def _assert_train_step_report(result, flops_per_token, peak_flops_per_s):
+    """One benchmarks.accelerator train-step part: its rate, MFU and FLOPs agree with each other and the formula."""
+    import jax
+
+    assert result["global_batch"] == jax.device_count() and result["seq"] == 16
+    assert result["flops_per_token"] == pytest.approx(flops_per_token, rel=1e-12)
+    assert result["tokens_per_s"] == pytest.approx(result["global_batch"] * 16 / result["step_s"], rel=1e-12)
+    assert result["mfu"] == pytest.approx(result["tokens_per_s"] * flops_per_token / peak_flops_per_s, rel=1e-12)
+    assert result["step_s"] > 0 and result["compile_s"] > 0 and math.isfinite(result["loss"])
+
+
 @pytest.mark.slow
 def test_accelerator_benchmark_runs_every_part_at_tiny_sizes(monkeypatch, capsys):
     """main() as on a GPU (backend check bypassed, tiny sizes): every part through lm_core/moma/kvp's real code on
     the 8 fake CPU devices, reported as one JSON object."""
-    import math
-
     import jax
 
     from benchmarks import accelerator
+    from experiments.moma.train import training_flops_per_token
+    from lm_core.flops import param_counts
 
     monkeypatch.setattr(accelerator, "backend", lambda: "gpu")
     monkeypatch.setattr(accelerator, "default_sizes", lambda *args, **kwargs: _tiny_accelerator_sizes())
@@ -265,24 +327,31 @@ def test_accelerator_benchmark_runs_every_part_at_tiny_sizes(monkeypatch, capsys
     accelerator.main()
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["backend"] == "gpu" and report["num_devices"] == jax.device_count() and report["skipped"] == []
+    sizes, peak = _tiny_accelerator_sizes(), report["peak_flops_per_s"]
     dense = report["dense_1b"]
     assert set(dense) == {"xla_blocked", "dot_product"}
+    # 3 x (q,k,v,o 2·32·16·8 + scores 4·2·16·(16+1)/2 + FFN 2·3·32·64 + output 2·32·256) for one layer
+    dense_flops_per_token = 3 * (8_192 + 1_088 + 12_288 + 16_384)
     for result in dense.values():
         assert "error" not in result, result
-        for key in ("tokens_per_s", "mfu", "step_s", "compile_s", "loss", "flops_per_token"):
-            assert math.isfinite(result[key]) and result[key] > 0, (key, result)
+        _assert_train_step_report(result, dense_flops_per_token, peak)
         assert result["params"] == 2 * 256 * 32 + (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32  # untied: V·d twice
-        assert result["global_batch"] == jax.device_count() and result["seq"] == 16
     moma = report["moma_4t4i_vs_dense"]
     assert set(moma) == {"dense", "moe_4t4i", "tokens_per_s_ratio"}, moma
     for name in ("dense", "moe_4t4i"):
         assert "error" not in moma[name], moma[name]
-        assert math.isfinite(moma[name]["loss"]) and moma[name]["tokens_per_s"] > 0 and moma[name]["mfu"] > 0
+        config = accelerator.moma_run_config(sizes.moma, name, sizes.seq, sizes.codebook_size, sizes.loss_chunk_tokens)
+        _assert_train_step_report(moma[name], training_flops_per_token(config), peak)
+    assert moma["moe_4t4i"]["flops_per_token"] > moma["dense"]["flops_per_token"]  # the same FFN width + routers
     assert moma["moe_4t4i"]["slot_overflow"] == 0  # the batch's 75% image share fits moma_tiny's slot bounds
-    assert moma["tokens_per_s_ratio"] > 0
+    assert moma["tokens_per_s_ratio"] == pytest.approx(
+        moma["moe_4t4i"]["tokens_per_s"] / moma["dense"]["tokens_per_s"], rel=1e-12)
     kvp = report["kvp_ttft_16"]
     assert "error" not in kvp, kvp
     assert kvp["kvp_ttft_s"] > 0 and kvp["base_ttft_s"] > 0 and kvp["flops_reduction"] > 1
+    assert kvp["flops_reduction"] == pytest.approx(kvp["base_flops"] / kvp["kvp_flops"], rel=1e-12)
+    assert kvp["measured_reduction"] == pytest.approx(kvp["base_ttft_s"] / kvp["kvp_ttft_s"], rel=1e-12)
+    assert kvp["base_params"] == param_counts(accelerator.kvp_base_config(sizes.dense, 16)).total
     assert kvp["aux_params"] < kvp["base_params"]
     assert report["elapsed_s"] > 0 and report["peak_memory_bytes"] > 0
     lines = accelerator.report_lines(report)  # the human-readable form of the same report

@@ -219,7 +219,6 @@ def test_stages_of_each_kind_of_config():
     assert all(stage.config.model.vocab_size == largest and "sweep" not in stage.config for stage in stages)
     moma = stages_for(moma_tiny.get_config("mod_moe_4t4i"))
     assert [stage.name for stage in moma] == ["moma mod_moe_4t4i", "aux routers mod_moe_4t4i"]
-    assert set(moma[0].extra_batch_keys) == {"text_tokens", "image_tokens"}
     assert [stage.name for stage in stages_for(moma_tiny.get_config("dense"))] == ["moma dense"]  # nothing routes
 
 

@@ -18,13 +18,13 @@ from lm_core.errors import UserError
 from lm_core.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
 from moma.images import RenderedGlyphs, fit_image, get_image_source, glyph_spec, image_batches
 from moma.mixed_modal import (
-    MIXED_BATCH_KEYS,
     CodedPairs,
     MixedModalLoader,
     MixedVocab,
     image_first,
     iter_mixed_eval_batches,
     mixed_document,
+    modality_counts,
     modality_mask,
     per_modality_sums,
     reserved_ids_for_images,
@@ -286,7 +286,7 @@ def make_loader(pairs: CodedPairs, **overrides) -> MixedModalLoader:
 
 
 def assert_batches_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() == set(MIXED_BATCH_KEYS)
+    assert a.keys() == b.keys() == set(BATCH_KEYS)  # no per-modality counts: nothing on the device reads them
     for key in a:
         assert a[key].dtype == b[key].dtype
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -303,7 +303,8 @@ def test_loader_packs_one_pair_as_hand_computed():
     np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 9 + [0] * 3)
     np.testing.assert_array_equal(batch["positions"][0], [*range(9), 0, 0, 0])
     np.testing.assert_array_equal(batch["loss_mask"][0], [1.0] * 9 + [0.0] * 3)
-    assert (batch["chars"][0], batch["image_tokens"][0], batch["text_tokens"][0]) == (2, 4, 5)
+    counts = modality_counts(batch["targets"], batch["loss_mask"], VOCAB)
+    assert (batch["chars"][0], counts["image_tokens"][0], counts["text_tokens"][0]) == (2, 4, 5)
 
 
 def test_loader_resume_is_exact_across_epochs():
@@ -326,10 +327,12 @@ def test_loader_batches_count_modalities_and_respect_the_packing_convention():
     loader = make_loader(pairs, seq_len=32)
     for _ in range(3):
         batch = loader.next()
-        assert set(BATCH_KEYS) < batch.keys() and batch["inputs"].shape == (4, 32)
+        assert batch.keys() == set(BATCH_KEYS) and batch["inputs"].shape == (4, 32)
         image = modality_mask(batch["targets"], VOCAB) & (batch["loss_mask"] > 0)
-        np.testing.assert_array_equal(batch["image_tokens"], image.sum(-1))
-        np.testing.assert_array_equal(batch["text_tokens"] + batch["image_tokens"], batch["loss_mask"].sum(-1))
+        counts = modality_counts(batch["targets"], batch["loss_mask"], VOCAB)
+        np.testing.assert_array_equal(counts["image_tokens"], image.sum(-1))
+        np.testing.assert_array_equal(counts["text_tokens"] + counts["image_tokens"], batch["loss_mask"].sum(-1))
+        assert image.sum() > 0 and (~image & (batch["loss_mask"] > 0)).sum() > 0  # both modalities present
         assert not np.any(batch["targets"][batch["loss_mask"] > 0] == BOS_ID)
     assert_batches_equal(make_loader(pairs, seq_len=32).next(), make_loader(pairs, seq_len=32).next())
     assert not np.array_equal(make_loader(pairs).next()["inputs"], make_loader(pairs, seed=8).next()["inputs"])
@@ -341,13 +344,14 @@ def test_multi_process_slices_concatenate_to_the_single_process_batch():
     hosts = [make_loader(pairs, global_batch_size=6, process_index=i, process_count=2) for i in range(2)]
     for _ in range(3):
         whole, parts = single.next(), [host.next() for host in hosts]
-        assert_batches_equal(whole, {k: np.concatenate([p[k] for p in parts]) for k in MIXED_BATCH_KEYS})
+        assert_batches_equal(whole, {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS})
 
 
 def test_single_pass_sees_every_pair_once_and_half_each_way():
     pairs = coded_pairs(40)
     batches = list(iter_mixed_eval_batches(pairs, TOKENIZER, VOCAB, seq_len=16, batch_size=4))
-    assert sum(int(b["image_tokens"].sum()) for b in batches) == 40 * 4
+    assert sum(int(modality_counts(b["targets"], b["loss_mask"], VOCAB)["image_tokens"].sum()) for b in batches) \
+        == 40 * 4
     assert sum(int(b["chars"].sum()) for b in batches) == sum(len(c) for c in pairs.captions)
     assert 10 < sum(image_first(0, i) for i in range(40)) < 30
 

@@ -77,15 +77,17 @@ def test_train_logs_per_modality_losses_and_resumes_exactly(tmp_path, vq_dir):
 
 @pytest.mark.slow
 def test_load_moma_and_eval_batches_of_a_run(tmp_path, vq_dir):
-    from experiments.moma.train import load_moma, mixed_eval_batches
+    from experiments.moma.train import load_moma, mixed_eval_batches, mixed_vocab_for
     from moma.depths import MoDBlock
+    from moma.mixed_modal import modality_counts
 
     train_moma(tiny_moma_config("mod_moe_2x", vq_dir, steps=2), tmp_path / "run")
     model, config = load_moma(tmp_path / "run")
     assert config.moma.variant == "mod_moe_2x" and isinstance(model.blocks[0], MoDBlock)
     batches = mixed_eval_batches(tmp_path / "run")
     assert len(batches) == 1 and batches[0]["inputs"].shape == (8, 48)
-    assert batches[0]["image_tokens"].sum() > 0 and batches[0]["text_tokens"].sum() > 0
+    counts = modality_counts(batches[0]["targets"], batches[0]["loss_mask"], mixed_vocab_for(config))
+    assert counts["image_tokens"].sum() > 0 and counts["text_tokens"].sum() > 0
     logits = model(batches[0]["inputs"], positions=batches[0]["positions"],
                    segment_ids=batches[0]["segment_ids"]).logits
     assert logits.shape == (8, 48, 288) and np.isfinite(np.asarray(logits)).all()

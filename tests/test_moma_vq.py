@@ -18,7 +18,7 @@ from lm_core.errors import UserError
 from lm_core.tokenizer import ByteTokenizer
 from moma import vq
 from moma.images import RenderedGlyphs, image_batches
-from moma.mixed_modal import MixedModalLoader, MixedVocab, mixed_document, reserved_ids_for_images
+from moma.mixed_modal import MixedModalLoader, MixedVocab, mixed_document, modality_counts, reserved_ids_for_images
 
 # One stride-2 level keeps compilation short on CPU; test_deeper_configs_have_the_right_shapes covers f = 4, 8.
 CONFIG = vq.VQConfig(image_size=16, downsample=2, codebook_size=32, code_dim=8, widths=(16,))
@@ -171,7 +171,8 @@ def test_encoded_pairs_feed_the_mixed_modal_loader(trained):
     tokenizer = ByteTokenizer(num_reserved_ids=reserved_ids_for_images(CONFIG.codebook_size))
     vocab = MixedVocab.for_tokenizer(tokenizer, CONFIG.codebook_size)
     batch = MixedModalLoader(pairs, tokenizer, vocab, seq_len=128, global_batch_size=2, seed=0).next()
-    assert batch["image_tokens"].sum() > 0 and batch["text_tokens"].sum() > 0
+    counts = modality_counts(batch["targets"], batch["loss_mask"], vocab)
+    assert counts["image_tokens"].sum() > 0 and counts["text_tokens"].sum() > 0
     assert batch["inputs"].max() < vocab.vocab_size
 
 

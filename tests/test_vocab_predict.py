@@ -20,10 +20,10 @@ from vocab_scaling.tokenization_curve import PAPER_F
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Spec "Published predictions": N_nv, d, V_opt in thousands by approaches 1 / 2 / 3, compute-optimal C.
+# The paper's Table 1: N_nv, d, V_opt in thousands by approaches 1 / 2 / 3, compute-optimal C.
 PUBLISHED = [(3e9, 3200, (39, 43, 37), 1.3e21), (7e9, 4096, (62, 67, 60), 7.1e21),
              (13e9, 5120, (83, 91, 81), 2.4e22)]
-# The sweep's model family (spec "Model family"): N_nv and d.
+# The model family of the paper's sweeps (33M to 2.87B non-vocabulary parameters): N_nv and d.
 FAMILY = [(33e6, 512), (85e6, 768), (151e6, 768), (302e6, 1024), (631e6, 1536), (1130e6, 2048), (2870e6, 3200)]
 
 
@@ -46,7 +46,7 @@ def test_width_defaults_to_the_paper_table_and_llama2_70b_deserves_over_200k():
 
 
 def test_approach3_moves_the_optimum_with_the_budget():
-    # Spec "Validation experiments": the 2.87B model (d=3200) at 2.8e20 / 1.2e21 / 2.3e21 FLOPs -> 24K / 35K / 43K.
+    # The paper's validation experiments: the 2.87B model (d=3200) at 2.8e20 / 1.2e21 / 2.3e21 FLOPs -> 24K / 35K / 43K.
     # The formula gives 23.9K / 35.4K / 42.2K; 43K would need C ~ 2.45e21 (see the package report).
     under, optimal, over = (predict(2.87e9, flops=c, approach=3, d=3200)["approach3"]["V"]
                             for c in (2.8e20, 1.2e21, 2.3e21))

@@ -1,6 +1,6 @@
 """Tao et al. 2024, "Scaling Laws with Vocabulary" (arXiv 2407.13623): the formulas, fits and predictor.
 
-One idea per module (spec: /work/shared/papers/vocab_scaling.md):
+One idea per module, each stating the paper's convention it implements:
 - `unigram_loss`: the vocabulary-insensitive loss L_u and bits per character;
 - `tokenization_curve`: f(V), tokens per character as a quadratic in ln V;
 - `flops`: C = 6 (N_nv + V·d) · H · f(V) and the paper's width table d(N_nv);

@@ -5,7 +5,8 @@
   the level comes from one empirical anchor (the smallest model's best N_v).
 - Approach 3 (parametric): fit L_u(N_nv, N_v, D), then solve ∂L_u/∂V = 0 at a budget. The only approach that
   answers for under- or over-trained budgets.
-Spec: /work/shared/papers/vocab_scaling.md, sections "Approach 1-3" and "Published predictions".
+tests/test_vocab_paper_fits.py refits the published constants from the paper's own data (vocab_scaling/data/) and
+tests/test_vocab_predict.py checks `predict` against the paper's Table 1 of compute-optimal vocabularies.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class Coefficients:
         return write_json_atomically(path, self.to_dict())
 
 
-# Spec: "Approach 1-3" (precise published constants) and "Quantities" (SlimPajama f(V)).
+# The paper's constants at full precision (those its reference code, github.com/sail-sg/scaling-with-vocab,
+# fitted; `vocab_scaling.reference`) and its SlimPajama f(V) (`PAPER_F`).
 PAPER_COEFFICIENTS = Coefficients(
     ln_k1=-2.4846510161625193, iso_alpha1=0.5, ln_k2=-1.589031299255507, iso_alpha2=0.4163622634135234,
     gamma=0.8353974035228025, n_v0=6144 * 512, n_nv0=33e6,
@@ -196,7 +198,7 @@ APPROACH1_FITS = ("huber", "reference")
 
 def fit_approach1(flops: ArrayLike, loss: ArrayLike, n_nv: ArrayLike, n_v: ArrayLike, chars: ArrayLike, *,
                   fixed_alpha: float | None = 0.5, fit: str = "huber") -> Approach1Fit:
-    """Power-law fits of N_nv, N_v and H against C on the envelope (spec: α1 = α3 fixed at 0.5).
+    """Power-law fits of N_nv, N_v and H against C on the envelope (the paper fixes α1 = α3 at 0.5).
 
     fit="huber": the converged Huber fit (`fit_power_law`); fit="reference": the reference code's optimizer
     (`reference.fit_power_law_as_reference`), which the published constants came from.
@@ -240,7 +242,7 @@ def flops_vocab_derivative(vocab_size: float, n_nv: float, d: float, chars: floa
 
 
 def flops_optimal_vocab(n_nv: float, d: float, f: FCurve = PAPER_F) -> float:
-    """The V minimising FLOPs at fixed N_nv and H: root of ∂C/∂V by fsolve from V = 1000 (spec).
+    """The V minimising FLOPs at fixed N_nv and H: root of ∂C/∂V by fsolve from V = 1000, as the paper solves it.
 
     H cancels, and dividing by 6H·d leaves (N_nv/d + V)·f'(V) + f(V), which is O(1) at the root.
     """
@@ -252,7 +254,7 @@ def fit_gamma(n_nv: ArrayLike, widths: ArrayLike, f: FCurve = PAPER_F) -> float:
     """γ of log(N_v/N_v0) = γ·log(N_nv/N_nv0) over the ∂C/∂V = 0 solutions (Huber, γ in [0, 1)).
 
     The reference (N_nv0, N_v0) is the smallest model's solution: only the slope is kept, the level comes
-    from `empirical_anchor` (spec pitfall 5).
+    from `empirical_anchor`: the derivative fixes only how N_v scales, not its absolute size.
     """
     data = finite_positive("Approach 2", N_nv=n_nv, d=widths)
     order = np.argsort(data["N_nv"])
@@ -320,7 +322,7 @@ def loss_vocab_derivative(vocab_k: float, n_nv: float, d: float, flops: float, l
 
 
 def approach3_vocab(n_nv: float, d: float, flops: float, law: VocabLossLaw) -> float:
-    """The V (in tokens) with ∂L_u/∂V = 0 at budget C: fsolve from V = 1K in normalised units (spec).
+    """The V (in tokens) with ∂L_u/∂V = 0 at budget C: fsolve from V = 1K in normalised units, as the paper does.
 
     The root is unique: the N_v term's slope falls faster in V than the data term's, so their sum crosses zero
     once. Smaller budgets (under-training) move it down, larger ones (over-training) up.

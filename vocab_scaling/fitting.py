@@ -8,8 +8,8 @@ starts and keeps the best solution. `robust_fit` is that procedure once; the law
 - `fit_chinchilla`: L = E + A/N^α + B/D^β, residual LSE(a − α log N, b − β log D, e) − log L with a = log A,
   b = log B, e = log E (exactly Hoffmann et al.'s objective);
 - `fit_vocab_loss`: L_u = −E + A1/N_nv^α1 + A2/N_v^α2 + B/D^β with α1 = β tied (Approach 3). Its residual is
-  prediction − L_u, NOT a log-space residual: L_u can be negative, so there is no log to take (spec: "Fit with
-  Huber (δ=1e-3) on L_u").
+  prediction − L_u, NOT a log-space residual: L_u can be negative, so there is no log to take (the paper fits
+  Approach 3 with the Huber loss on L_u itself).
 
 The two parametric laws are fitted in normalised units (N in 1e6 parameters, D in 1e9 tokens, V and d in 1e3)
 so the log-coefficients are O(1) and one small grid of starts covers them; `fit_chinchilla` converts A and B back
@@ -35,12 +35,13 @@ from numpy.typing import ArrayLike
 
 from lm_core.errors import UserError
 
-HUBER_DELTA = 1e-3  # spec and Hoffmann et al.: δ = 1e-3
-EXPONENT_RANGE = (0.1, 1.0)  # Approach 3 keeps only solutions with every exponent strictly inside (spec)
+HUBER_DELTA = 1e-3  # the paper's δ, the same as Hoffmann et al. 2022 (Chinchilla)
+EXPONENT_RANGE = (0.1, 1.0)  # the paper's Approach 3 keeps only solutions with every exponent strictly inside
 LAW_EXPONENTS = ("alpha1", "alpha2", "beta")
 
-# Normalised units of the parametric laws (spec, Approach 3): N in millions, V and d in thousands (so
-# N_v = V·d is in millions too), D in billions of tokens; hence C = 6·N·D is in units of 1e15.
+# Normalised units of the parametric laws, the ones the paper publishes Approach 3's constants in: N in millions,
+# V and d in thousands (so N_v = V·d is in millions too), D in billions of tokens; hence C = 6·N·D is in units
+# of 1e15.
 PARAMS_UNIT = 1e6
 VOCAB_UNIT = 1e3
 WIDTH_UNIT = 1e3
@@ -377,7 +378,8 @@ def fit_chinchilla(n: ArrayLike, d: ArrayLike, loss: ArrayLike, *, delta: float 
 class VocabLossLaw:
     """Approach 3's L_u(N_nv, N_v, D); constants in NORMALISED units (N_nv, N_v in 1e6, D in 1e9 tokens).
 
-    Calls take raw units (parameters, tokens) and normalise, so nobody has to remember pitfall 2.
+    Calls take raw units (parameters, tokens) and normalise, so nobody has to remember that the constants only
+    hold in the normalised units.
     """
 
     E: float
@@ -412,7 +414,7 @@ def exponent_violations(values: Mapping[str, float]) -> list[str]:
 
 def fit_vocab_loss(n_nv: ArrayLike, vocab_size: ArrayLike, d: ArrayLike, tokens: ArrayLike, loss: ArrayLike, *,
                    tie_beta: bool = True, delta: float = HUBER_DELTA, strict: bool = True) -> VocabLossLaw:
-    """Approach 3's fit (spec): Huber on the L_u residual, α1 = β tied, best of a grid of starts.
+    """Approach 3's fit, as the paper describes it: Huber on the L_u residual, α1 = β tied, best of a grid of starts.
 
     Inputs in raw units (N_nv parameters, V tokens, d, D tokens). Coefficients are fitted as logs (A1 = e^a1,
     ..., E = e^e) so they stay positive; the grid is the paper's (log-coefficients {0, 2.5, 5}, e {0, 2},

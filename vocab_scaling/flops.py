@@ -1,4 +1,4 @@
-"""Training compute in the paper's accounting (spec: "Quantities"): C ≈ 6 (N_nv + V·d) · H · f(V).
+"""Training compute in the paper's accounting: C ≈ 6 (N_nv + V·d) · H · f(V).
 
 N_v = V·d is counted once (the output layer; the input embedding is a lookup and costs no FLOPs), and the data
 is H characters, D = H·f(V) tokens, so a larger vocabulary costs more per token but needs fewer tokens.

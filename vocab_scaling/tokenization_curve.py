@@ -1,4 +1,4 @@
-"""f(V): tokens per character as a function of vocabulary size (spec: "Quantities").
+"""f(V): tokens per character as a function of vocabulary size.
 
 Training data is measured in characters H because characters do not depend on the tokenizer; the tokens a model
 sees are D = H · f(V). The paper fits f(V) = a·ln²V + b·lnV + c (natural log) on tokenizers of many sizes trained
@@ -19,7 +19,7 @@ from numpy.typing import ArrayLike
 
 from lm_core.errors import UserError
 
-VOCAB_CAP = 200_000  # spec pitfall 4: V is capped at 200K before evaluating f
+VOCAB_CAP = 200_000  # f is evaluated at min(V, 200K): beyond, the fitted quadratic turns upward (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class FCurve:
         return dataclasses.asdict(self)
 
 
-# The paper's fit on SlimPajama (spec: "Quantities"); our own corpus gets its own curve from `fit_tokens_per_char`.
+# The paper's published fit on SlimPajama; our own corpus gets its own curve from `fit_tokens_per_char`.
 PAPER_F = FCurve(a=0.00639222, b=-0.15811069, c=1.20470122)
 
 

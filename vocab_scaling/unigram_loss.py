@@ -1,4 +1,4 @@
-"""The vocabulary-insensitive loss L_u and bits per character (spec: "Vocabulary-insensitive loss").
+"""The vocabulary-insensitive loss L_u and bits per character.
 
 Per-token loss cannot compare models with different vocabularies: a larger V predicts fewer, rarer tokens.
 L_u = -(1/T) Σ log(p(w_i | w_<i) / p_unigram(w_i)) subtracts what a context-free unigram model already knows, so
@@ -23,7 +23,7 @@ def unigram_distribution(tokens: ArrayLike | Iterable[ArrayLike], vocab_size: in
                          counts: bool = False) -> np.ndarray:
     """p_unigram over `vocab_size` ids from token id arrays (or, with counts=True, a [vocab_size] count array).
 
-    Ids never seen get count 1 before normalising (the spec's rule), so log p_unigram is finite for every id a
+    Ids never seen get count 1 before normalising (as the paper does), so log p_unigram is finite for every id a
     model can predict. Returns float64 [vocab_size] summing to 1.
     """
     if not (isinstance(vocab_size, int | np.integer) and vocab_size > 0):

@@ -332,7 +332,7 @@ def make_mixed_data(config, workdir: Path, model_config, source):  # -> lm_core.
 def mixed_eval_batches(workdir: str | Path, max_batches: int | None = None, batch_size: int | None = None
                        ) -> list[dict[str, Any]]:
     """The evaluation batches of a trained MoMa run (its validation pairs, tokenizer and sizes), as numpy dicts
-    with inputs/targets/segment_ids/positions/loss_mask [batch, seq] and chars/text_tokens/image_tokens [batch]."""
+    with inputs/targets/segment_ids/positions/loss_mask [batch, seq] and chars [batch]."""
     from lm_core import tokenizer as tok
     from moma.mixed_modal import MixedVocab, iter_mixed_eval_batches
 
