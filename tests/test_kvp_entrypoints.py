@@ -117,3 +117,15 @@ def test_a_kvp_run_built_on_a_base_that_trained_on_is_refused_not_reused(tmp_pat
     assert longer.returncode == 2 and len(errors) == 1, longer.stderr[-3000:]
     assert "kvp_lp0.50 holds a checkpoint of a different setup (built_on:" in errors[0]
     assert "'step 6, loss" in errors[0] and "'step 8, loss" in errors[0] and "move the stale run away" in errors[0]
+
+
+def test_every_stage_checkpoints_at_the_configured_cadence_or_at_its_end():
+    from experiments.configs import kvp_paper
+    from experiments.kv_prediction.pipeline import stage_config
+
+    config = kvp_paper.get_config()
+    assert config.checkpoint_every == 1000
+    # a 20,000-step KVP stage keeps the 1000-step cadence (it saved only at its end before: a crash lost it all)
+    assert stage_config(config, 20_000).checkpoint_every == 1000
+    assert stage_config(config, 300).checkpoint_every == 300  # shorter than the cadence: saved at its end
+    assert stage_config(config, 20_000).eval_every == 20_000

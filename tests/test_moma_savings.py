@@ -23,3 +23,17 @@ def test_savings_by_hand():
 def test_bad_curves():
     with pytest.raises(UserError, match="matching, finite, positive"):
         flops_to_reach([1e9, -1], [3.0, 2.0], 2.5)
+
+
+def test_the_noise_bar_is_the_larger_eta_between_two_dense_seeds_either_way_round():
+    from experiments.moma.savings import noise_from_seeds
+
+    flops = [1e9, 1e10, 1e11]
+    first = {"overall": (flops, [4.0, 3.0, 2.5]), "text": (flops, [2.0, 1.5, 1.0])}
+    # the second seed ends lower overall: it reaches 2.5 half-way (in loss) between 1e10 and 1e11 -> η 10^0.5;
+    # first never reaches its 2.4, so only that way round counts. Text: identical curves, η 1 both ways.
+    second = {"overall": (flops, [4.0, 3.0, 2.0]), "text": (flops, [2.0, 1.5, 1.0])}
+    noise = noise_from_seeds(first, [second])
+    assert noise["eta"] == pytest.approx(10**0.5 - 1) and noise["eta_text"] == pytest.approx(0.0)
+    assert noise["eta_image"] == 0.0  # no image curves: no bar
+    assert noise_from_seeds(second, [first])["eta"] == pytest.approx(10**0.5 - 1)  # symmetric

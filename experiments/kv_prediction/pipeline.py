@@ -90,7 +90,9 @@ def stage_config(config: ml_collections.ConfigDict, steps: int, model: ModelConf
     stage.optimizer.total_steps = steps
     stage.optimizer.warmup_steps = max(1, min(stage.optimizer.warmup_steps, steps // 10))
     stage.eval_every = steps
-    stage.checkpoint_every = steps
+    # the configured cadence, so a crash (kill -9, a lost host) of a long run keeps all but the last few steps; a
+    # run shorter than it saves at its end (as every run does)
+    stage.checkpoint_every = min(config.checkpoint_every, steps)
     if model is not None:
         stage.model.update(model.to_dict())
     if learning_rate is not None:

@@ -2,7 +2,8 @@
 
     python -m experiments.moma.savings --workdir=DIR [--json] [--throughput_steps=5] [--smooth=5]
 
-DIR holds one run per variant (subdirectories written by experiments.moma.train, one of them `dense`).
+DIR holds one run per variant (subdirectories written by experiments.moma.train, one of them `dense`); more dense
+runs (other seeds, e.g. `dense_seed1`) get rows of their own, whose η against `dense` is the seed-to-seed noise bar.
 η = C_dense_final / C_variant(L_dense_final) (moma.savings), overall and per modality, read off the TRAINING loss
 curves in metrics.jsonl (`loss`, `text_loss`, `image_loss`; the paper's curves) after a trailing mean over
 `--smooth` logged points, with C = tokens seen x the variant's analytic training FLOPs per token
@@ -88,11 +89,37 @@ def find_runs(directory: Path) -> dict[str, Path]:
             runs[path.name] = path
             if config.moma.variant == BASELINE:
                 dense.append(path.name)
-    if len(dense) != 1:
+    # several dense runs (other seeds, for a noise bar): the one named `dense` is the baseline
+    baseline = dense[0] if len(dense) == 1 else (BASELINE if BASELINE in dense else None)
+    if baseline is None:
         raise UserError(f"{directory} holds {len(dense)} dense MoMa runs {dense} among {sorted(runs) or 'none'}; "
-                        "valid: a directory with one experiments.moma.train run per variant, exactly one of them "
-                        "variant dense")
-    return {dense[0]: runs.pop(dense[0]), **runs}
+                        "valid: a directory with one experiments.moma.train run per variant, one dense run (or "
+                        f"several, one of them named {BASELINE!r}: the baseline; the others measure seed noise)")
+    return {baseline: runs.pop(baseline), **runs}
+
+
+def seed_noise(rows: list[dict[str, Any]], smooth: int = 5) -> dict[str, float] | None:
+    """The η noise bar of `savings_rows(...)`'s runs (`noise_from_seeds`); None without a second dense run."""
+    seeds = [loss_curves(Path(row["path"]), smooth) for row in rows[1:] if row["variant"] == BASELINE]
+    return noise_from_seeds(loss_curves(Path(rows[0]["path"]), smooth), seeds) if seeds else None
+
+
+Curves = dict[str, tuple[list[float], list[float]]]  # modality -> (training FLOPs, smoothed loss), as loss_curves
+
+
+def noise_from_seeds(baseline: Curves, seeds: list[Curves]) -> dict[str, float]:
+    """Per η key (eta, eta_text, eta_image): the largest η - 1 between the baseline dense run and a dense run of
+    another seed, both ways round. The two end at the same compute, so the one that ends lower reaches the other's
+    final loss by then: one way round is always defined, and η - 1 >= 0 there."""
+    from moma.savings import flops_savings
+
+    noise = {}
+    for modality, key in ETA_KEYS.items():
+        etas = [eta for other in seeds if modality in other and modality in baseline
+                for eta in (flops_savings(*baseline[modality], *other[modality]),
+                            flops_savings(*other[modality], *baseline[modality])) if eta is not None]
+        noise[key] = max(etas) - 1.0 if etas else 0.0
+    return noise
 
 
 def variant_of(run_dir: Path) -> str:
