@@ -103,17 +103,21 @@ def aux_router_table(results: dict[str, dict[str, float]] | str) -> list[str]:
     return lines
 
 
-def claims_section(scale: str, dense: Any, rows: list[dict[str, Any]]) -> list[str]:
-    """The report's verdict lines: one per paper claim, or at demo scale one line saying it cannot show η."""
+def claim_verdicts(scale: str, dense: Any, rows: list[dict[str, Any]], aux: dict[str, dict[str, float]] | str,
+                   smooth: int) -> list[str]:
+    """One line per paper claim (against a second dense seed's η when there is one: savings.seed_noise), or at
+    demo scale one line saying it cannot show η."""
     from experiments.moma.claims import claim_lines, too_small_line
+    from experiments.moma.savings import seed_noise
 
     if scale == "demo":
         return [too_small_line(dense.steps, dense.model.d_model)]
-    return ["### Claims", "", *(f"- {line}" for line in claim_lines(rows))]
+    return claim_lines(rows, seed_noise(rows, smooth), aux)
 
 
 def write_report(workdir: Path, scale: str, configs: dict[str, Any], rows: list[dict[str, Any]],
-                 seconds: dict[str, float], plots: list[str], aux: dict[str, dict[str, float]] | str) -> Path:
+                 seconds: dict[str, float], plots: list[str], aux: dict[str, dict[str, float]] | str,
+                 verdicts: list[str]) -> Path:
     from experiments.moma.savings import markdown_table
 
     dense = configs["dense"]
@@ -125,7 +129,8 @@ def write_report(workdir: Path, scale: str, configs: dict[str, Any], rows: list[
              "## FLOPs savings η and throughput vs dense", "",
              "η = C_dense_final / C_variant(L_dense_final) from the smoothed training loss curves (\"-\": the variant "
              "never reaches dense's final loss). Throughput: compiled train steps timed side by side in one process "
-             "on the same batches.", "", markdown_table(rows), "", *claims_section(scale, dense, rows), "",
+             "on the same batches.", "", markdown_table(rows), "",
+             *(verdicts if scale == "demo" else ["### Claims", "", *(f"- {line}" for line in verdicts)]), "",
              "Paper (1.4B, 1T tokens): 4t4i 3.7x overall (text 2.6x, image 5.2x), 8x 3.0x, 4t4i + MoD 4.2x; "
              "throughput 8x -9%, 1t1i -6%, 4t4i -17%, MoD 4t4i -31%. At this scale (hundreds of steps) the curves "
              "are far from converged, so expect much smaller or no savings; the CPU executes every static expert slot "
@@ -155,7 +160,8 @@ def run(scale: str, workdir: Path) -> Section:
     rows = write_savings(workdir, smooth=smooth, throughput_steps=3 if scale == "demo" else 5)
     plots = plot_loss_curves(workdir, list(configs), smooth)
     shutil.copyfile(workdir / "image_tokenizer" / "reconstructions.png", workdir / "vq_reconstructions.png")
-    report = write_report(workdir, scale, configs, rows, seconds, plots, aux)
+    verdicts = claim_verdicts(scale, configs["dense"], rows, aux, smooth)
+    report = write_report(workdir, scale, configs, rows, seconds, plots, aux, verdicts)
 
     def eta(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}x"
@@ -163,8 +169,4 @@ def run(scale: str, workdir: Path) -> Section:
     measured = "; ".join(f"{row['run']}: η {eta(row['eta'])} (text {eta(row['eta_text'])}, image "
                          f"{eta(row['eta_image'])}), throughput {100 * row['throughput_vs_dense']:+.0f}%"
                          for row in rows[1:])
-    from experiments.moma.claims import claim_lines, too_small_line
-
-    dense = configs["dense"]
-    verdicts = too_small_line(dense.steps, dense.model.d_model) if scale == "demo" else " ".join(claim_lines(rows))
-    return Section(TITLE, report, f"{verdicts} Measured: {measured}. Loss curves in `moma/loss_*.png`.")
+    return Section(TITLE, report, f"{' '.join(verdicts)} Measured: {measured}. Loss curves in `moma/loss_*.png`.")
