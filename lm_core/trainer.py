@@ -271,7 +271,9 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> Any:
 
     kind = config.data.get("tokenizer", "sentencepiece")
     if kind == "byte":
-        return tok.ByteTokenizer()
+        # the saved copy carries the run's reserved ids (MoMa's image codes sit there); a new run has none yet
+        saved = workdir / tok.MODEL_FILENAME
+        return tok.ByteTokenizer.load(saved) if saved.exists() else tok.ByteTokenizer()
     if kind == "pretrained":
         return _pretrained_tokenizer(config, workdir)
     return tok.Tokenizer.load(workdir / tok.MODEL_FILENAME)

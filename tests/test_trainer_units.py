@@ -129,6 +129,20 @@ def test_load_trained_model_reads_only_the_parameters_straight_into_a_mesh(tmp_p
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
 
 
+def test_a_byte_run_with_reserved_ids_loads_back_with_them(tmp_path):
+    """A byte run's saved tokenizer keeps its reserved ids (MoMa's image codes); reading the run back must not
+    shrink the vocabulary to the 260 plain byte ids."""
+    from lm_core.tokenizer import MODEL_FILENAME, ByteTokenizer
+    from lm_core.trainer import load_trained_model, train
+    from tests.helpers import tiny_run
+
+    train(tiny_run(tmp_path, steps=1, checkpoint_every=1), tmp_path / "run")  # a byte run with no reserved ids
+    assert load_trained_model(tmp_path / "run")[1].vocab_size == 260
+    ByteTokenizer(num_reserved_ids=4).save(tmp_path / "run" / MODEL_FILENAME)  # as a MoMa byte run saves its own
+    tokenizer = load_trained_model(tmp_path / "run")[1]
+    assert (tokenizer.vocab_size, tokenizer.num_reserved_ids) == (264, 4)
+
+
 def test_a_resume_on_another_corpus_of_the_same_size_is_refused_naming_both(tmp_path):
     from lm_core.trainer import train
     from tests.helpers import tiny_run
