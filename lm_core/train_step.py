@@ -167,45 +167,53 @@ def check_batch_fits(mesh: Mesh, global_batch_size: int, grad_accum_steps: int =
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     mesh: Mesh, state_shardings: TrainState, *, grad_accum_steps: int = 1
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """A compiled `step(state, batch) -> (new_state, metrics)`; `state` is donated (updated in place).
+                    ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """A compiled `step(state, batch, proceed=True) -> (new_state, metrics)`; `state` is donated (updated in place).
 
-    metrics["finite"] (bool) is False when the objective, the gradient norm or an updated parameter is not finite;
-    `new_state` is then `state` unchanged (step count included).
+    metrics["finite"] (bool) is False when the objective, the gradient norm or an updated parameter is not finite,
+    or when `proceed` is False; `new_state` is then `state` unchanged (step count included). `proceed` is the
+    previous step's metrics["finite"], still on the device: a caller that reads each step's flag back only after
+    dispatching the next step (so the host never waits for the device) passes it, and a step that follows a
+    non-finite one is not applied either, so the state the caller finally sees is still the last finite one.
 
     `step.lower(state, batch)` gives the same jit's `jax.stages.Lowered`, for looking at what runs: its HLO,
     `.compile().cost_analysis()`, or the op names of a profile (benchmarks/op_profile.py).
     """
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+    def step(state: TrainState, batch: Batch, proceed: Array) -> tuple[TrainState, dict[str, Array]]:
         step_rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
         loss, metrics, grads = loss_and_grads(graphdef, loss_fn, state.params, batch, step_rng, grad_accum_steps)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
-        finite = all_finite(loss, grad_norm, params)
-        # A step that is not finite is not applied, decided here on device: the caller reads one bool per step (as
-        # many host syncs as reading the loss) and still holds the last finite state, to save instead of a NaN one.
-        # Costs a reduction over the parameters and keeping the old ones until it is done (~0.8x their size).
+        finite = all_finite(loss, grad_norm, params) & proceed
+        # A step that is not finite is not applied, decided here on device, so the state the caller holds is the
+        # last finite one, to save instead of a NaN one. Costs a reduction over the parameters and keeping the old
+        # ones until it is done (~0.8x their size).
         updated = TrainState(state.step + 1, params, opt_state, state.rng)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         return new_state, dict(metrics, objective=loss, grad_norm=grad_norm, finite=finite)
 
-    compiled: dict[str, Callable] = {}
+    compiled: dict[str, Any] = {}
 
     def jitted(batch: Batch) -> Any:
         if "step" not in compiled:  # shardings of the batch are known only once we see its keys and ranks
-            compiled["step"] = jax.jit(step, in_shardings=(state_shardings, batch_shardings(mesh, batch)),
+            compiled["step"] = jax.jit(step, in_shardings=(state_shardings, batch_shardings(mesh, batch),
+                                                           replicated(mesh)),
                                        out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
         return compiled["step"]
 
-    def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+    def run(state: TrainState, batch: Batch, proceed: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
+        if proceed is None:  # made on first use: an ahead-of-time mesh of abstract TPU devices holds no arrays
+            if "always" not in compiled:
+                compiled["always"] = jax.device_put(jnp.asarray(True), replicated(mesh))
+            proceed = compiled["always"]
         with jax.set_mesh(mesh):
-            return jitted(batch)(state, batch)
+            return jitted(batch)(state, batch, proceed)
 
     def lower(state: TrainState, batch: Batch) -> jax.stages.Lowered:
         with jax.set_mesh(mesh):
-            return jitted(batch).lower(state, batch)
+            return jitted(batch).lower(state, batch, jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated(mesh)))
 
     run.lower = lower  # type: ignore[attr-defined]
     return run

@@ -18,7 +18,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import jax
 import ml_collections
@@ -467,42 +467,82 @@ def _restore_data_position(checkpointer: Checkpointer, step: int, loader: Any, s
 
 def _run_steps(run: _Run, log: MetricsLog, profiler: ProfileWindow) -> tuple[str | None, dict[str, Any]]:
     """Train from the state's step to config.steps: (the signal that stopped it or None, the last logged row).
-    A non-finite step saves the last finite state and raises TrainingDiverged (`_stop_diverged`)."""
+
+    A step's metrics are read back after the NEXT step is dispatched, so the host prepares batch k + 1 while the
+    device runs step k. The next step gets the step's finite flag on the device (make_train_step's `proceed`) and
+    is not applied either when it is False, so a late read still finds the last finite state. Steps that save,
+    evaluate or stop are read back at once. A non-finite step saves the last finite state and raises
+    TrainingDiverged (`_stop_diverged`)."""
     config, checkpointer = run.config, run.checkpointer
     start_step = int(run.state.step)
-    throughput = _Throughput(config, start_step)
-    progress = Progress(config.steps, start_step)
-    last_row: dict[str, Any] = {}
+    loop = _StepLoop(log, profiler, _Throughput(config, start_step), Progress(config.steps, start_step))
+    pending: _Dispatched | None = None
     with StopRequested() as stop:
         for step in range(start_step + 1, config.steps + 1):
             profiler.before_step(step)
             position = run.loader.state()  # where this step's batch starts: saved with the state before it
             host_batch = run.loader.next()
-            batch_chars = float(np.sum(host_batch.pop("chars")))
-            run.state, metrics = run.train_step(run.state, distributed.global_batch(run.mesh, host_batch))
-            # The one value read back every step (a bool; the loss was, before): False = the step was not applied.
-            if not bool(metrics["finite"]):
-                profiler.close()
-                log.close(exit_code=1)
-                _stop_diverged(step, metrics, checkpointer, run.state, position,
-                               {**run.meta, "chars_seen": run.chars_seen})
-            checkpointer.raise_if_save_failed()
-            run.chars_seen += batch_chars
-            throughput.count_step()
-            if step % config.log_every == 0 or step == config.steps:
-                last_row = _logged_row(run, step, metrics, throughput)
-                log.write(last_row)
-                progress.print(step, last_row)
+            chars = float(np.sum(host_batch.pop("chars")))
+            run.state, metrics = run.train_step(run.state, distributed.global_batch(run.mesh, host_batch),
+                                                pending.metrics["finite"] if pending else None)
+            if pending:
+                _read_back(run, pending, loop)
+            pending = _Dispatched(step, metrics, position, chars)
             stopping = stop.should_stop(step)
-            if checkpointer.should_save(step) or step == config.steps or stopping:
+            saving = checkpointer.should_save(step) or step == config.steps or stopping
+            if saving or _evaluates(config, step):
+                _read_back(run, pending, loop)
+                pending = None
+            if saving:
                 checkpointer.save(step, run.state, run.loader.state(), {**run.meta, "chars_seen": run.chars_seen},
                                   wait=stopping)
             profiler.after_step(step, (run.state, metrics))
             if stopping:
                 print(f"received {stop.signal_name}: saved checkpoint at step {step} in {checkpointer.directory}; "
                       "rerun the same command to resume", flush=True)
-                return stop.signal_name, last_row
-    return None, last_row
+                return stop.signal_name, loop.last_row
+    return None, loop.last_row
+
+
+class _Dispatched(NamedTuple):
+    """A step handed to the device whose metrics the host has not read yet."""
+
+    step: int
+    metrics: dict[str, Any]
+    position: dict[str, Any]  # where its batch starts in the data: a diverged stop saves it, to retry the batch
+    chars: float  # characters in its batch
+
+
+@dataclasses.dataclass
+class _StepLoop:
+    """Where read-back steps go: the metrics log, the profiler, the throughput window, progress lines."""
+
+    log: MetricsLog
+    profiler: ProfileWindow
+    throughput: _Throughput
+    progress: Progress
+    last_row: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _evaluates(config: ml_collections.ConfigDict, step: int) -> bool:
+    return bool(config.eval_every) and (step % config.eval_every == 0 or step == config.steps)
+
+
+def _read_back(run: _Run, done: _Dispatched, loop: _StepLoop) -> None:
+    """Wait for step `done` and take its metrics: stop if it was not finite, count it, log it on a logging step."""
+    # The one value read back every step (a bool): False = the step was not applied.
+    if not bool(done.metrics["finite"]):
+        loop.profiler.close()
+        loop.log.close(exit_code=1)
+        _stop_diverged(done.step, done.metrics, run.checkpointer, run.state, done.position,
+                       {**run.meta, "chars_seen": run.chars_seen})
+    run.checkpointer.raise_if_save_failed()
+    run.chars_seen += done.chars
+    loop.throughput.count_step()
+    if done.step % run.config.log_every == 0 or done.step == run.config.steps:
+        loop.last_row = _logged_row(run, done.step, done.metrics, loop.throughput)
+        loop.log.write(loop.last_row)
+        loop.progress.print(done.step, loop.last_row)
 
 
 class _Throughput:
@@ -533,7 +573,7 @@ def _logged_row(run: _Run, step: int, metrics: dict[str, Any], throughput: _Thro
                      mfu=flops.mfu(tokens_per_s, run.flops_per_token, run.peak_flops_per_s),
                      learning_rate=float(run.learning_rate(step - 1)), tokens=throughput.tokens_seen,
                      chars=run.chars_seen)
-    if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+    if _evaluates(config, step):  # read back at once (`_run_steps`): run.state is this step's
         row.update(_evaluate(run))
     return row
 

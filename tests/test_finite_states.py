@@ -74,6 +74,62 @@ def test_a_non_finite_step_is_not_applied_and_keeps_the_sharding(case):
     assert bool(metrics["finite"]) and int(state.step) == 2
 
 
+def test_a_step_after_a_non_finite_one_is_not_applied_even_when_it_is_finite():
+    """The trainer reads a step's flag back only after dispatching the next step; it passes the flag on the device
+    (`proceed`), so the next step is not applied either and the state it finally reads is the last finite one."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
+    optimizer = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0))
+    graphdef, state, shardings = ts.init_train_state(lambda: Transformer(tiny_config(), rngs=nnx.Rngs(0)),
+                                                     optimizer, mesh, 0)
+    step = ts.make_train_step(graphdef, poisoned_loss, optimizer, mesh, shardings)
+    clean, poisoned = (dict(random_batch(0), poison=np.full((8,), flag, np.int32)) for flag in (0, 1))
+    state, good = step(state, clean)
+    before = host_copy(state)
+    state, bad = step(state, poisoned, good["finite"])
+    state, after_bad = step(state, clean, bad["finite"])  # finite numbers, but it follows a non-finite step
+    assert (bool(good["finite"]), bool(bad["finite"]), bool(after_bad["finite"])) == (True, False, False)
+    assert math.isfinite(float(after_bad["objective"]))
+    for kept, previous in zip(jax.tree.leaves(host_copy(state)), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(kept, previous)
+    state, resumed = step(state, clean, good["finite"])
+    assert bool(resumed["finite"]) and int(state.step) == 2
+
+
+def test_the_trainer_reads_a_step_back_after_dispatching_the_next_except_where_it_saves(tmp_path, monkeypatch):
+    """The host never waits for the step it just dispatched: step k's flag is read after step k + 1 is on its way,
+    and step k + 1 gets step k's flag as `proceed`. Saving steps (4 and 8 here) are read back at once, so the step
+    after one needs no flag."""
+    from lm_core import trainer
+
+    events: list[tuple] = []
+
+    class SpiedFlag:
+        def __init__(self, step: int, value):
+            self.step, self.value = step, value
+
+        def __bool__(self) -> bool:
+            events.append(("read", self.step))
+            return bool(self.value)
+
+    def spying_make_train_step(*args, **kwargs):
+        real_step = ts.make_train_step(*args, **kwargs)
+
+        def run(state, batch, proceed=None):
+            number = sum(event[0] == "dispatch" for event in events) + 1
+            events.append(("dispatch", number, proceed.step if proceed is not None else None))
+            state, metrics = real_step(state, batch, None if proceed is None else proceed.value)
+            return state, dict(metrics, finite=SpiedFlag(number, metrics["finite"]))
+
+        return run
+
+    monkeypatch.setattr(trainer, "make_train_step", spying_make_train_step)
+    trainer.train(tiny_run(tmp_path, checkpoint_every=4), tmp_path / "run")
+    expected = [("dispatch", 1, None), ("dispatch", 2, 1), ("read", 1), ("dispatch", 3, 2), ("read", 2),
+                ("dispatch", 4, 3), ("read", 3), ("read", 4), ("dispatch", 5, None), ("dispatch", 6, 5), ("read", 5),
+                ("dispatch", 7, 6), ("read", 6), ("dispatch", 8, 7), ("read", 7), ("read", 8)]
+    assert events == expected
+
+
 def poison_at(step: int):
     """A TrainTask.make_data whose loader marks the batch of `step` (counted from the run's start) as poisoned."""
     from lm_core.trainer import TrainData, text_train_data
