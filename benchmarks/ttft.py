@@ -1,6 +1,6 @@
 """KV prediction's time to first token: measured TTFT reduction vs the FLOPs reduction it promises.
 
-    python -m benchmarks.ttft [--json] [--prompt_lens=256,1024] [--variants=lp0.25,c256x2] [--repeats=10]
+    python -m benchmarks.ttft [--json] [--prompt_lens=256,1024] [--variants=lp0.25,c256x2,c384x4] [--repeats=10]
 
 For a base model and each auxiliary spec, the three compiled first-token functions of
 `experiments.kv_prediction.evaluation.measure_ttft` (base only; aux only; KVP = aux on prompt[:-1] -> predicted
@@ -16,6 +16,9 @@ read is added, 1 / (1 + weight_read_s x flops_reduction / base_ttft_s) (`flops_a
 where it is below 0.9 (a small auxiliary, a short prompt, batch 1) the target is out of reach on this machine
 whatever the code does, since batch-1 matrix-vector products do not even reach the copy bandwidth
 (benchmarks/decode.py).
+
+The default auxiliaries: lp0.25 (the base's first 2 of 8 layers), c256x2 (11.9x fewer TTFT FLOPs at 512 tokens)
+and c384x4 (3.4x fewer: the paper's regime, a canonical model about a third of the base's prefill FLOPs).
 
 The base is a mid-sized model (8 layers, d=512, V=4096, f32), big enough that a 256-token prefill is compute:
 at the tiny reproduction's sizes (d=64-128) the KVP path's few milliseconds are dominated by per-call and per-op
@@ -51,7 +54,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--prompt_lens", type=positive_int_list, default=[256, 1024],
                         help="Comma-separated prompt lengths in tokens.")
-    parser.add_argument("--variants", default="lp0.25,c256x2", help="Comma-separated auxiliary specs.")
+    parser.add_argument("--variants", default="lp0.25,c256x2,c384x4",
+                        help="Comma-separated auxiliary specs.")
     parser.add_argument("--batch", type=positive_int, default=1)
     parser.add_argument("--repeats", type=positive_int, default=10)
     args = parser.parse_args()
