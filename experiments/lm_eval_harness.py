@@ -112,7 +112,7 @@ def reduce_rows(picked: np.ndarray, greedy: np.ndarray, mask: np.ndarray, count:
 def _full_forward_scores(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positions: Array,
                          segment_ids: Array, targets: Array) -> tuple[Array, Array]:
     model = nnx.merge(graphdef, params)
-    hidden = model.hidden_states(tokens, positions=positions, segment_ids=segment_ids, return_kv=False)[0]
+    hidden = model.hidden_states(tokens, positions=positions, segment_ids=segment_ids, return_kv=False).hidden
     return chunked_target_scores(model, hidden, targets)
 
 
@@ -146,7 +146,7 @@ def _kvp_scores(graphdef: nnx.GraphDef, params: nnx.State, prompt: tuple[Array, 
     first_logits, cache = kvp_prefill(graphdef, params, *prompt, cache_len)
     tokens, positions, segment_ids = continuation
     base = nnx.merge(graphdef, params).base
-    later = base.hidden_states(tokens, positions=positions, segment_ids=segment_ids, cache=cache)[0]
+    later = base.hidden_states(tokens, positions=positions, segment_ids=segment_ids, cache=cache).hidden
     first = target_scores(first_logits[:, None], targets[:, :1])
     rest = chunked_target_scores(base, later, targets[:, 1:])
     return tuple(jnp.concatenate([a, b], axis=1) for a, b in zip(first, rest, strict=True))

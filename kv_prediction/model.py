@@ -70,8 +70,7 @@ class KVPModel(nnx.Module):
     def predict_kv(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None
                    ) -> tuple[LayerKV, ...]:
         """Predicted base K,V for `tokens` [batch, seq] (the TTFT path: A's output layer is skipped)."""
-        _, _, aux_kv, _ = self.aux.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
-        return self.predictor(aux_kv)
+        return self.predictor(self.aux.hidden_states(tokens, positions=positions, segment_ids=segment_ids).kv)
 
     def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None
                  ) -> ModelOutput:
@@ -86,10 +85,10 @@ class KVPModel(nnx.Module):
     def forward_train(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None
                       ) -> KVPOutput:
         """Everything the 3-term loss needs from one batch; tokens, positions, segment_ids: [batch, seq]."""
-        aux_hidden, _, aux_kv, _ = self.aux.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
-        predicted = self.predictor(aux_kv)
+        aux = self.aux.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
+        predicted = self.predictor(aux.kv)
         base = self.frozen_base()
-        base_hidden, _, _, _ = base.hidden_states(tokens, positions=positions, segment_ids=segment_ids,
-                                                  injected_kv=predicted, return_kv=False)
-        _, _, true_kv, _ = base.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
-        return KVPOutput(base_hidden, aux_hidden, predicted, jax.lax.stop_gradient(true_kv))
+        base_hidden = base.hidden_states(tokens, positions=positions, segment_ids=segment_ids, injected_kv=predicted,
+                                         return_kv=False).hidden
+        true_kv = base.hidden_states(tokens, positions=positions, segment_ids=segment_ids).kv
+        return KVPOutput(base_hidden, aux.hidden, predicted, jax.lax.stop_gradient(true_kv))

@@ -42,11 +42,11 @@ def next_token_loss(model: Any, batch: Batch, rng: Array | None = None, *, z_los
     signature `(model, batch, rng)` that the train step calls, for losses that need randomness.
     """
     del rng
-    hidden, _, _, aux = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
-                                            segment_ids=batch.get("segment_ids"), return_kv=False)
-    loss, metrics = output_layer_loss(model, hidden, batch["targets"], batch["loss_mask"], z_loss_weight,
+    states = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
+                                 segment_ids=batch.get("segment_ids"), return_kv=False)
+    loss, metrics = output_layer_loss(model, states.hidden, batch["targets"], batch["loss_mask"], z_loss_weight,
                                       chunk_tokens)
-    return with_aux_losses(loss, metrics, aux)
+    return with_aux_losses(loss, metrics, states.aux)
 
 
 def with_aux_losses(loss: Array, metrics: dict[str, Array], aux: Any) -> tuple[Array, dict[str, Array]]:

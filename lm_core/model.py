@@ -53,6 +53,15 @@ class ModelOutput(NamedTuple):
     aux: tuple[Aux, ...]  # each layer's FFN aux outputs (empty dicts for dense FFNs)
 
 
+class HiddenStates(NamedTuple):
+    """What `Transformer.hidden_states` returns: everything but the output layer."""
+
+    hidden: Array  # [batch, seq, d_model], final-normed
+    cache: KVCache | None  # the updated cache when one was passed in
+    kv: tuple[LayerKV, ...]  # each layer's K,V before QK-norm/RoPE (empty when return_kv=False on a scanned model)
+    aux: tuple[Aux, ...]  # each layer's FFN aux outputs (empty dicts for dense FFNs)
+
+
 class Block(nnx.Module):
     """One transformer layer. "pre" norm: x + f(norm(x)); "swin" norm (Chameleon): x + norm(f(x))."""
 
@@ -109,13 +118,13 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
                  cache: KVCache | None = None, injected_kv: Sequence[LayerKV] | None = None,
                  return_kv: bool = False) -> ModelOutput:
-        hidden, cache, kv, aux = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids,
-                                                    cache=cache, injected_kv=injected_kv, return_kv=return_kv)
-        return ModelOutput(self.logits(hidden), cache, kv if return_kv else None, aux)
+        states = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+                                    injected_kv=injected_kv, return_kv=return_kv)
+        return ModelOutput(self.logits(states.hidden), states.cache, states.kv if return_kv else None, states.aux)
 
     def hidden_states(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
                       cache: KVCache | None = None, injected_kv: Sequence[LayerKV] | None = None,
-                      return_kv: bool = True) -> tuple[Array, KVCache | None, tuple[LayerKV, ...], tuple[Aux, ...]]:
+                      return_kv: bool = True) -> HiddenStates:
         """Final-normed hidden states [batch, seq, d_model], before the output layer.
 
         tokens: [batch, seq]. positions default to 0..seq-1 (offset by the cache index when decoding);
@@ -142,7 +151,7 @@ class Transformer(nnx.Module):
         x = constrain(self.embedding(tokens), HIDDEN_AXES)
         if config.scan_layers and cache is None:
             x, all_kv, all_aux = self._scanned_blocks(x, context, injected_kv, return_kv)
-            return self.final_norm(x), None, all_kv, all_aux
+            return HiddenStates(self.final_norm(x), None, all_kv, all_aux)
         new_layers, all_kv, all_aux = [], [], []
         for i in range(config.num_layers):
             block = self.block(i)
@@ -156,7 +165,7 @@ class Transformer(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = KVCache(tuple(new_layers), cache_segment_ids, cache.index + seq)
-        return self.final_norm(x), new_cache, tuple(all_kv), tuple(all_aux)
+        return HiddenStates(self.final_norm(x), new_cache, tuple(all_kv), tuple(all_aux))
 
     def _scanned_blocks(self, x: Array, context: TokenContext, injected_kv: Sequence[LayerKV] | None,
                         return_kv: bool) -> tuple[Array, tuple[LayerKV, ...], tuple[Aux, ...]]:
@@ -221,8 +230,8 @@ class Transformer(nnx.Module):
         to itself, so causal query blocks can skip later keys (`attention.causal_blocks`) instead of scoring
         every slot of the cache buffer. Tests: tests/test_model.py (prefill == cached forward).
         """
-        hidden, _, kv, _ = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
-        return hidden, self.cache_from_kv(kv, positions, segment_ids, cache_len)
+        states = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
+        return states.hidden, self.cache_from_kv(states.kv, positions, segment_ids, cache_len)
 
     def cache_from_kv(self, kv: Sequence[LayerKV], positions: Array, segment_ids: Array,
                       cache_len: int) -> KVCache:

@@ -218,8 +218,8 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 def aux_router_objective(model: nnx.Module, batch: Batch) -> tuple[Array, dict[str, Array]]:
     """Sum over layers and groups of the aux routers' mean BCE (expert-choice mode); metrics pooled over layers."""
-    _, _, _, aux = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
-                                       segment_ids=batch.get("segment_ids"), return_kv=False)
+    aux = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
+                              segment_ids=batch.get("segment_ids"), return_kv=False).aux
     losses = [value for layer in aux for name, value in layer.items() if name.endswith(LOSS_SUFFIX)]
     if not losses:
         raise UserError("the model reports no auxiliary-router loss; attach aux routers and use expert_choice mode")

@@ -29,11 +29,12 @@ def mixed_modal_loss(model: Any, batch: Batch, rng: Array | None = None, *, voca
     the output layer in chunks); the two per-modality means reuse the same logits.
     """
     del rng
-    hidden, _, _, aux = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
-                                            segment_ids=batch.get("segment_ids"), return_kv=False)
+    states = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
+                                 segment_ids=batch.get("segment_ids"), return_kv=False)
+    aux = states.aux
     mask = batch["loss_mask"].astype(jnp.float32)  # [batch, seq]
     is_image = vocab.is_image_token(batch["targets"]).astype(jnp.float32)  # [batch, seq]
-    loss, metrics = output_layer_loss(model, hidden, batch["targets"], mask, z_loss_weight, chunk_tokens,
+    loss, metrics = output_layer_loss(model, states.hidden, batch["targets"], mask, z_loss_weight, chunk_tokens,
                                       {"text": mask * (1 - is_image), "image": mask * is_image})
     loss, metrics = with_aux_losses(loss, metrics, aux)
     overflows = [value for layer in aux for name, value in layer.items() if name.endswith("_slot_overflow")]

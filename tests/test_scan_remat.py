@@ -246,10 +246,10 @@ def test_block_period_and_scanned_mod_moma_equals_unrolled():
     assert scan_lengths(scanned, batch["inputs"]) == [2]  # two steps of (MoD block, MoE block)
 
     def loss_fn(model, batch):  # next_token_loss, keeping the per-layer aux
-        hidden, _, _, aux = model.hidden_states(batch["inputs"], positions=batch["positions"],
-                                                segment_ids=batch["segment_ids"], return_kv=False)
-        loss, metrics = output_layer_loss(model, hidden, batch["targets"], batch["loss_mask"])
-        return with_aux_losses(loss, metrics, aux)[0], aux
+        states = model.hidden_states(batch["inputs"], positions=batch["positions"],
+                                     segment_ids=batch["segment_ids"], return_kv=False)
+        loss, metrics = output_layer_loss(model, states.hidden, batch["targets"], batch["loss_mask"])
+        return with_aux_losses(loss, metrics, states.aux)[0], states.aux
 
     results = []
     for model in (unrolled, scanned):  # jitted: op-by-op MoE routing is slower than one compile
