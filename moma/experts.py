@@ -52,7 +52,7 @@ from lm_core.sharding import constrain, traced_batch_shards
 from lm_core.train_step import LossFn
 from moma import aux_routers
 from moma.dispatch import ExpertWeights, dispatch, per_group
-from moma.variants import MoMaConfig, routing_groups
+from moma.variants import MoMaConfig, image_token_mask, routing_groups
 
 Array = jax.Array
 NOISE_STREAM = 0x6D6F6D61  # folded into the loss rng so router noise draws differ from other uses of that rng
@@ -67,12 +67,6 @@ class Routing(NamedTuple):
     budget: Array  # [groups] float32: tokens each expert should take, ceil(capacity_factor · n_eligible / experts)
     # [groups, tokens, experts] float32 logits of the auxiliary router, in expert-choice mode once one is attached
     aux_logits: Array | None = None
-
-
-def image_token_mask(tokens: Array, image_token_range: tuple[int, int]) -> Array:
-    """[batch, seq] bool: True where the id is an image code ([lo, hi)); text, BOI/EOI and padding are False."""
-    low, high = image_token_range
-    return (tokens >= low) & (tokens < high)
 
 
 def expert_slots(tokens: int, experts: int, capacity_factor: float, max_fraction: float = 1.0) -> int:

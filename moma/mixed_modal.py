@@ -41,6 +41,7 @@ from lm_core.data.packing import TokenizedDocument, tokenized_document
 from lm_core.data.stream import PackedStream
 from lm_core.errors import UserError
 from lm_core.tokenizer import TextTokenizer
+from moma.variants import image_token_mask
 
 # Captions tokenized per encode_batch call (as lm_core's loader does): threads for sentencepiece, quick first batch.
 _TOKENIZE_CHUNK = 256
@@ -99,9 +100,8 @@ class MixedVocab:
         return self.image_offset, self.image_offset + self.codebook_size
 
     def is_image_token(self, ids: Any) -> Any:
-        """Boolean mask of image-code ids; numpy or jax arrays alike (only comparisons)."""
-        lo, hi = self.image_token_range
-        return (ids >= lo) & (ids < hi)
+        """Boolean mask of image-code ids; numpy or jax arrays alike (`moma.variants.image_token_mask`)."""
+        return image_token_mask(ids, self.image_token_range)
 
     def image_ids(self, codes: np.ndarray) -> np.ndarray:
         """VQ codes [...] in [0, K) -> vocabulary ids [...]."""
@@ -119,19 +119,14 @@ class MixedVocab:
         return (ids - self.image_offset).astype(np.int32)
 
 
-def modality_mask(ids: Any, vocab: MixedVocab) -> Any:
-    """True where a token is an image code (BOI/EOI and everything else are text). [...] -> [...] bool."""
-    return vocab.is_image_token(ids)
-
-
 def per_modality_sums(token_losses: Any, targets: Any, loss_mask: Any, vocab: MixedVocab) -> dict[str, Any]:
     """Summed losses and target counts per modality (by the TARGET's modality), for per-modality mean losses.
 
     token_losses, targets, loss_mask: [batch, seq]; numpy or jax arrays. A trainer logs
     text_loss = text_loss_sum / text_tokens and image_loss = image_loss_sum / image_tokens.
     """
-    image = modality_mask(targets, vocab) * loss_mask
-    text = (1 - modality_mask(targets, vocab)) * loss_mask
+    image = vocab.is_image_token(targets) * loss_mask
+    text = (1 - vocab.is_image_token(targets)) * loss_mask
     return {"text_loss_sum": (token_losses * text).sum(), "image_loss_sum": (token_losses * image).sum(),
             "text_tokens": text.sum(), "image_tokens": image.sum()}
 
@@ -160,8 +155,8 @@ def modality_counts(targets: np.ndarray, loss_mask: np.ndarray, vocab: MixedVoca
 
     Host-side only, for inspecting batches: the loader does not add these to its batches, since the training and
     evaluation losses count each modality's targets themselves (`per_modality_sums`)."""
-    image = modality_mask(targets, vocab) & (loss_mask > 0)
-    text = ~modality_mask(targets, vocab) & (loss_mask > 0)
+    image = vocab.is_image_token(targets) & (loss_mask > 0)
+    text = ~vocab.is_image_token(targets) & (loss_mask > 0)
     return {"text_tokens": text.sum(-1).astype(np.int32), "image_tokens": image.sum(-1).astype(np.int32)}
 
 
@@ -305,4 +300,4 @@ def iter_mixed_eval_batches(pairs: CodedPairs, tokenizer: TextTokenizer, vocab: 
 
 
 __all__ = ["CodedPairs", "MixedModalLoader", "MixedVocab", "image_first", "iter_mixed_eval_batches",
-           "mixed_document", "modality_counts", "modality_mask", "per_modality_sums", "reserved_ids_for_images"]
+           "mixed_document", "modality_counts", "per_modality_sums", "reserved_ids_for_images"]

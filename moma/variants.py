@@ -17,6 +17,7 @@ import dataclasses
 import math
 import operator
 import re
+from typing import Any
 
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
@@ -178,3 +179,11 @@ def check_routing_capacity(config: MoMaConfig, rows: int, seq_len: int, batch_sh
                     f"({per_group_rows} rows) x capacity_factor {config.capacity_factor} x max fraction "
                     f"{max_fraction(name)} / {experts} experts; use fewer routing_groups, longer rows or fewer "
                     "experts")
+
+
+def image_token_mask(ids: Any, image_token_range: tuple[int, int]) -> Any:
+    """True where an id is an image code, in [lo, hi) (text, BOI/EOI and padding are False); numpy or jax arrays
+    alike (only comparisons). The one image-token predicate: the model's modality groups, the losses and the data
+    all use it (`moma.mixed_modal.MixedVocab.is_image_token` passes its own range)."""
+    low, high = image_token_range
+    return (ids >= low) & (ids < high)

@@ -25,7 +25,6 @@ from moma.mixed_modal import (
     iter_mixed_eval_batches,
     mixed_document,
     modality_counts,
-    modality_mask,
     per_modality_sums,
     reserved_ids_for_images,
 )
@@ -246,8 +245,8 @@ def test_mixed_documents_hand_checked():
     image_first_doc = mixed_document(caption, codes, VOCAB, image_first=True)
     np.testing.assert_array_equal(text_first, [108, 109, 264, 260, 261, 262, 263, 265])
     np.testing.assert_array_equal(image_first_doc, [264, 260, 261, 262, 263, 265, 108, 109])
-    np.testing.assert_array_equal(modality_mask(text_first, VOCAB), [0, 0, 0, 1, 1, 1, 1, 0])
-    np.testing.assert_array_equal(modality_mask(image_first_doc, VOCAB), [0, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(VOCAB.is_image_token(text_first), [0, 0, 0, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(VOCAB.is_image_token(image_first_doc), [0, 1, 1, 1, 1, 0, 0, 0])
     with pytest.raises(UserError, match="caption ids span"):
         mixed_document([261], codes, VOCAB, image_first=False)
 
@@ -328,7 +327,7 @@ def test_loader_batches_count_modalities_and_respect_the_packing_convention():
     for _ in range(3):
         batch = loader.next()
         assert batch.keys() == set(BATCH_KEYS) and batch["inputs"].shape == (4, 32)
-        image = modality_mask(batch["targets"], VOCAB) & (batch["loss_mask"] > 0)
+        image = VOCAB.is_image_token(batch["targets"]) & (batch["loss_mask"] > 0)
         counts = modality_counts(batch["targets"], batch["loss_mask"], VOCAB)
         np.testing.assert_array_equal(counts["image_tokens"], image.sum(-1))
         np.testing.assert_array_equal(counts["text_tokens"] + counts["image_tokens"], batch["loss_mask"].sum(-1))

@@ -13,12 +13,11 @@ from moma.experts import (
     ExpertGroup,
     ModalityAwareMoE,
     expert_choice_route,
-    image_token_mask,
     noisy_routing,
     with_router_noise,
 )
 from moma.flops import compute_matched_mod_layers, executed_expert_overhead, ffn_layer_flops
-from moma.variants import check_fits_mesh, check_fits_model, parse_variant
+from moma.variants import check_fits_mesh, check_fits_model, image_token_mask, parse_variant
 from tests.helpers import tiny_config
 
 IMAGE_RANGE = (96, 128)  # in the 128-token test vocabulary, ids 96..127 are "image codes"
