@@ -175,7 +175,7 @@ def open_data(args: argparse.Namespace, vocab_size: int, tokenizer_seed: int, sc
     if dataset is not None:
         return Data(source, data_dir, texts, dataset.load_tokenizer(), f"{dataset.tokenizer_kind} (--prepared's)",
                     str(dataset.tokenizer_dir))
-    # what lm_core.trainer.load_tokenizer trains for a sentencepiece run, from the same cache
+    # what lm_core.trainer.train_or_reuse_tokenizer trains for a sentencepiece run, from the same cache
     spec = tok.TokenizerSpec(vocab_size=vocab_size, seed=tokenizer_seed)
     tokenizer = tok.train_tokenizer((texts[i] for i in range(len(texts))), spec, cache_dir=tokenizer_cache_dir())
     path = scratch / tok.MODEL_FILENAME  # `prepare` takes a tokenizer by path

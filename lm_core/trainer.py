@@ -237,7 +237,8 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     parse_profile_steps(config.get("profile_steps", ""), config.steps)
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path, train_texts: Any, model_config: ModelConfig):
+def train_or_reuse_tokenizer(config: ml_collections.ConfigDict, workdir: Path, train_texts: Any,
+                             model_config: ModelConfig) -> Any:
     """The run's tokenizer: the copy in the workdir if there is one (resume), else trained (or taken from the cache).
 
     The caller saves a newly trained one into the workdir once the run's inputs have all been validated."""
@@ -290,7 +291,7 @@ def text_train_data(config: ml_collections.ConfigDict, workdir: Path, model_conf
 
     source = get_text_source(config.data.source, data_dir=config.data.data_dir or None)
     train_texts = source.split("train")
-    tokenizer = load_tokenizer(config, workdir, train_texts, model_config)
+    tokenizer = train_or_reuse_tokenizer(config, workdir, train_texts, model_config)
     loader = LMDataLoader(train_texts, tokenizer, seq_len=config.data.seq_len,
                           global_batch_size=config.data.global_batch_size, seed=config.seed,
                           process_index=jax.process_index(), process_count=jax.process_count(),

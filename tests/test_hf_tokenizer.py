@@ -323,7 +323,7 @@ def test_training_with_a_pretrained_tokenizer_keeps_its_files_and_ids(qwen_dir, 
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size) == (400, 400, 400, 402)
     assert tokenizer.encode(HARD) == source.encode(HARD)
     config.data.tokenizer_path = str(llama_model)  # a resume reads the workdir's copy, whatever the path says now
-    resumed = trainer.load_tokenizer(config, tmp_path / "run", [], trainer.model_config_from(config))
+    resumed = trainer.train_or_reuse_tokenizer(config, tmp_path / "run", [], trainer.model_config_from(config))
     assert resumed.files == source.files
     check_same_tokenizer(tmp_path / "run", tmp_path / "run")
     ByteTokenizer().save(tmp_path / "byte_run" / "tokenizer.model")
