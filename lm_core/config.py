@@ -15,7 +15,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 NORM_PLACEMENTS = ("pre", "swin")
 ROPE_SCALINGS = ("none", "llama3")
 # How attention runs (lm_core/attention.py): "auto" picks per backend (resolve_attention_impl there).
-ATTENTION_IMPLS = ("auto", "xla_blocked", "dot_product", "splash")
+ATTENTION_IMPLS = ("auto", "xla_blocked", "dot_product", "splash", "reference")
 # What a rematerialised block keeps for the backward pass (lm_core/model.py REMAT_POLICIES): "none" = no remat.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "ffn_only")
 # Fields that choose HOW the same function is computed, not WHICH function: a checkpoint written with one value

@@ -227,7 +227,7 @@ class Transformer(nnx.Module):
         """(final-normed hidden states [batch, seq, d_model], a cache of `cache_len` slots holding this prompt).
 
         The same as `hidden_states` on an empty cache, but attention runs cache-free: a fresh prompt only attends
-        to itself, so causal query blocks can skip later keys (`attention.causal_blocks`) instead of scoring
+        to itself, so causal query blocks can skip later keys (`attention_kernels.causal_blocks`) instead of scoring
         every slot of the cache buffer. Tests: tests/test_model.py (prefill == cached forward).
         """
         states = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids)

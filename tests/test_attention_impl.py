@@ -1,4 +1,5 @@
-"""`ModelConfig.attention_impl`: every implementation computes what the CPU-tuned xla_blocked path computes.
+"""`ModelConfig.attention_impl`: every implementation computes what the plain formula (`reference`,
+lm_core.attention.reference_attention) computes, logits and gradients.
 
 xla_blocked and dot_product run on CPU directly; splash runs on CPU in Pallas interpret mode (the same kernel as
 XLA ops) and is compiled, not run, for a TPU topology.
@@ -14,7 +15,8 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lm_core.attention import _attention_weights, _softmax_attention, resolve_attention_impl
+from lm_core.attention import resolve_attention_impl
+from lm_core.attention_kernels import _attention_weights, _softmax_attention
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 from lm_core.hlo_flops import opaque_kernel_calls
@@ -79,18 +81,18 @@ def logits_and_grads(impl: str):
 
 @pytest.fixture(scope="module")
 def reference():
-    return logits_and_grads("xla_blocked")
+    return logits_and_grads("reference")
 
 
-@pytest.mark.parametrize("impl", ["dot_product", "splash"])
-def test_impl_matches_xla_blocked_logits_and_grads(reference, impl):
+@pytest.mark.parametrize("impl", ["xla_blocked", "dot_product", "splash"])
+def test_impl_matches_the_reference_formula_logits_and_grads(reference, impl):
     expected_logits, expected_grads = reference
     logits, grads = logits_and_grads(impl)
     np.testing.assert_allclose(logits, expected_logits, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, expected_grads)
 
 
-def test_splash_under_a_mesh_matches_xla_blocked(reference):
+def test_splash_under_a_mesh_matches_the_reference(reference):
     # batch over data, heads over tensor: the kernel runs in a shard_map on each device's shard
     mesh = make_mesh(MeshConfig(2, 1, 2, 1), jax.devices()[:4])
     graphdef, state = nnx.split(model("splash"))
@@ -106,14 +108,14 @@ def test_splash_under_a_mesh_matches_xla_blocked(reference):
 
 @functools.cache
 def full_forward_logits() -> jax.Array:
-    """xla_blocked logits of the short packed batch the decode tests step through."""
-    graphdef, state = nnx.split(model("xla_blocked"))
+    """The reference formula's logits of the short packed batch the decode tests step through."""
+    graphdef, state = nnx.split(model("reference"))
     tokens, positions, segment_ids = packed_inputs(seq=12, split=5)
     return jax.jit(lambda state: nnx.merge(graphdef, state)(tokens, positions=positions,
                                                              segment_ids=segment_ids).logits)(state)
 
 
-@pytest.mark.parametrize("impl", ["dot_product", "splash"])
+@pytest.mark.parametrize("impl", ["reference", "xla_blocked", "dot_product", "splash"])
 def test_cached_decode_matches_full_forward(impl):
     # splash falls back to dot_product for cached calls (prefill into a cache and 1-token steps)
     tokens, positions, segment_ids = packed_inputs(seq=12, split=5)
@@ -207,7 +209,7 @@ def test_resolve_attention_impl(impl, platform, expected):
 
 
 def test_unknown_attention_impl_is_a_user_error():
-    with pytest.raises(UserError, match=r"attention_impl='nope'.*'xla_blocked', 'dot_product', 'splash'"):
+    with pytest.raises(UserError, match=r"attention_impl='nope'.*'xla_blocked', 'dot_product', 'splash', 'reference'"):
         ModelConfig(attention_impl="nope")
     with pytest.raises(ValueError, match="nope"):
         resolve_attention_impl("nope", "cpu")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm_core.attention import LayerKV, causal_blocks, grouped_query_attention
+from lm_core.attention import LayerKV
+from lm_core.attention_kernels import causal_blocks, grouped_query_attention
 from lm_core.config import ModelConfig
 from lm_core.kv_cache import init_cache
 from lm_core.layers import SwiGLU, apply_rope, rope_frequencies
