@@ -145,8 +145,6 @@ class TrainTask:
     # It runs before anything is written, so it may raise UserError for bad data; the loop restores the loader on
     # resume, so a fresh position set here (e.g. an upcycled run continuing its source's stream) only counts once.
     make_data: Callable[[ml_collections.ConfigDict, Path, ModelConfig], TrainData] | None = None
-    # The logged step's loss_fn metrics (floats) -> extra entries of that metrics.jsonl row (e.g. text_loss).
-    train_row_fn: Callable[[dict[str, float]], dict[str, float]] | None = None
     # The eval summary ({"eval_loss", "eval_<name>": sum / tokens, ...}) -> the entries to log instead, for
     # statistics whose denominator is not the token count (e.g. per-modality losses over that modality's tokens).
     eval_row_fn: Callable[[dict[str, float]], dict[str, float]] | None = None
@@ -570,7 +568,7 @@ def _logged_row(run: _Run, step: int, metrics: dict[str, Any], throughput: _Thro
     """The metrics.jsonl row of a logged step, with the evaluation when this step evaluates."""
     config = run.config
     tokens_per_s = throughput.take_tokens_per_s()
-    row = _train_row(step, metrics, run.task, tokens_per_s=tokens_per_s,
+    row = _train_row(step, metrics, tokens_per_s=tokens_per_s,
                      mfu=flops.mfu(tokens_per_s, run.flops_per_token, run.peak_flops_per_s),
                      learning_rate=float(run.learning_rate(step - 1)), tokens=throughput.tokens_seen,
                      chars=run.chars_seen)
@@ -643,16 +641,17 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: Path, tokenizer
             tokenizer.save(workdir / "tokenizer.model")
 
 
-def _train_row(step: int, metrics: dict[str, Any], task: TrainTask, *, tokens_per_s: float, mfu: float,
-               learning_rate: float, tokens: float, chars: float) -> dict[str, Any]:
-    """One metrics.jsonl row of a logged step (evaluation entries are added by the caller)."""
+def _train_row(step: int, metrics: dict[str, Any], *, tokens_per_s: float, mfu: float, learning_rate: float,
+               tokens: float, chars: float) -> dict[str, Any]:
+    """One metrics.jsonl row of a logged step (evaluation entries are added by the caller): the loop's entries,
+    then every other scalar the loss function returned (MoMa's text_loss and routing statistics, KVP's loss terms,
+    the step's summed nll); a loss metric named like one of the loop's entries (its `tokens`) is not repeated."""
     row = {"step": step, "loss": float(metrics["loss"]), "tokens_per_s": tokens_per_s, "mfu": mfu,
            "grad_norm": float(metrics["grad_norm"]), "z_loss": float(metrics["z_loss"]),
            "learning_rate": learning_rate, "tokens": int(tokens), "chars": chars}
-    if task.train_row_fn is not None:
-        row.update(task.train_row_fn({name: float(value) for name, value in metrics.items()
-                                      if np.ndim(value) == 0 and name != "finite"}))
-    return row
+    extra = {name: float(value) for name, value in metrics.items()
+             if np.ndim(value) == 0 and name not in row and name != "finite"}
+    return {**row, **extra}
 
 
 def _stop_diverged(step: int, metrics: dict[str, Any], checkpointer: Checkpointer, state: TrainState,

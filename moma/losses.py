@@ -87,9 +87,3 @@ def per_modality_eval_row(summary: dict[str, float]) -> dict[str, float]:
     return row
 
 
-def per_modality_train_row(metrics: dict[str, float]) -> dict[str, float]:
-    """The trainer's `train_row_fn`: the step's text_loss / image_loss, and aux_loss / slot_overflow (the largest
-    share of any expert's budget its static slots could not hold) and the routing statistics (`ROUTING_SUFFIXES`,
-    layer means) when the model has them."""
-    return {name: value for name, value in metrics.items()
-            if name in ("text_loss", "image_loss", "aux_loss", "slot_overflow") or name.endswith(ROUTING_SUFFIXES)}

@@ -163,3 +163,21 @@ def test_a_resume_on_another_corpus_of_the_same_size_is_refused_naming_both(tmp_
     assert (tmp_path / "run" / "config.json").read_text() == before  # nothing written
     config.data.source = f"files:{tmp_path / 'corpus'}/*.txt"  # the same corpus resumes
     assert train(config, tmp_path / "run").step == 4
+
+
+def test_every_scalar_a_loss_returns_is_logged_without_overriding_the_loops_entries(tmp_path):
+    from lm_core.loss import next_token_loss
+    from lm_core.metrics import read_metrics
+    from lm_core.trainer import TrainTask, train
+    from tests.helpers import tiny_run
+
+    def loss_with_a_statistic(model, batch, rng):
+        loss, metrics = next_token_loss(model, batch, rng)
+        return loss, dict(metrics, share_of_pad=jnp.mean(batch["loss_mask"] == 0), per_row=batch["loss_mask"][:, 0])
+
+    train(tiny_run(tmp_path, steps=2, checkpoint_every=2), tmp_path / "run", TrainTask(loss_fn=loss_with_a_statistic))
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert 0.0 <= row["share_of_pad"] <= 1.0 and "per_row" not in row and "finite" not in row
+        assert row["nll"] > 0 and row["tokens"] == row["step"] * 8 * 32  # tokens seen, not the batch's count

@@ -363,7 +363,7 @@ def moma_task(config, workdir: str | Path, check_data: bool = True, num_devices:
     from lm_core.trainer import TrainTask, model_config_from
     from moma.depths import build_moma_model
     from moma.experts import with_router_noise
-    from moma.losses import mixed_modal_loss, per_modality_eval_row, per_modality_eval_sums, per_modality_train_row
+    from moma.losses import mixed_modal_loss, per_modality_eval_row, per_modality_eval_sums
 
     for field, parent in (("dir", config.moma.image_tokenizer), ("upcycle_from", config.moma)):
         if parent[field]:
@@ -405,7 +405,6 @@ def moma_task(config, workdir: str | Path, check_data: bool = True, num_devices:
         extra_meta=extra_meta,
         make_data=lambda config, workdir, model_config: make_mixed_data(config, workdir, model_config,
                                                                         source or image_source(config)),
-        train_row_fn=per_modality_train_row,
         eval_row_fn=per_modality_eval_row,
     )
 
