@@ -212,7 +212,9 @@ def test_load_any_tokenizer_reads_what_a_workdir_holds(ours, qwen_dir, tmp_path)
     config = default_config()
     assert run_tokenizer(config, tmp_path / "sp").encode(HARD) == ours.encode(HARD)
     config.data.tokenizer = "byte"
-    assert isinstance(run_tokenizer(config, tmp_path / "sp"), ByteTokenizer)
+    byte = run_tokenizer(config, tmp_path / "byte")
+    assert isinstance(byte, ByteTokenizer) and byte.num_reserved_ids == 3  # the run's own, reserved ids kept
+    assert run_tokenizer(config, tmp_path / "new").vocab_size == 260  # a byte run that saved nothing yet
     config.data.tokenizer = "pretrained"
     assert run_tokenizer(config, tmp_path / "pre").files == pretrained.files
     with pytest.raises(UserError, match="has no tokenizer/ and data.tokenizer_path is empty"):
