@@ -85,5 +85,3 @@ def per_modality_eval_row(summary: dict[str, float]) -> dict[str, float]:
             row[f"eval_{name}_loss"] = loss_sum / tokens
             row[f"eval_{name}_share"] = tokens
     return row
-
-

@@ -125,8 +125,8 @@ def per_modality_sums(token_losses: Any, targets: Any, loss_mask: Any, vocab: Mi
     token_losses, targets, loss_mask: [batch, seq]; numpy or jax arrays. A trainer logs
     text_loss = text_loss_sum / text_tokens and image_loss = image_loss_sum / image_tokens.
     """
-    image = vocab.is_image_token(targets) * loss_mask
-    text = (1 - vocab.is_image_token(targets)) * loss_mask
+    is_image = vocab.is_image_token(targets)
+    image, text = is_image * loss_mask, (1 - is_image) * loss_mask
     return {"text_loss_sum": (token_losses * text).sum(), "image_loss_sum": (token_losses * image).sum(),
             "text_tokens": text.sum(), "image_tokens": image.sum()}
 
@@ -155,8 +155,8 @@ def modality_counts(targets: np.ndarray, loss_mask: np.ndarray, vocab: MixedVoca
 
     Host-side only, for inspecting batches: the loader does not add these to its batches, since the training and
     evaluation losses count each modality's targets themselves (`per_modality_sums`)."""
-    image = vocab.is_image_token(targets) & (loss_mask > 0)
-    text = ~vocab.is_image_token(targets) & (loss_mask > 0)
+    is_image, counted = vocab.is_image_token(targets), loss_mask > 0
+    image, text = is_image & counted, ~is_image & counted
     return {"text_tokens": text.sum(-1).astype(np.int32), "image_tokens": image.sum(-1).astype(np.int32)}
 
 

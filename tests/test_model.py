@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm_core.attention import LayerKV
+from lm_core.attention import LayerKV, reference_attention
 from lm_core.attention_kernels import causal_blocks, grouped_query_attention
 from lm_core.config import ModelConfig
 from lm_core.kv_cache import init_cache
@@ -72,7 +72,7 @@ def test_blocked_causal_attention_equals_one_block(seq, blocks):
 
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_attention_gradients_equal_autodiff_of_plain_softmax_attention(blocks):
-    # The hand-written backward (row sums as dO·O) against jax.grad of softmax attention written out: grouped
+    # The hand-written backward (row sums as dO·O) against jax.grad of the plain formula (reference_attention): grouped
     # heads, packed documents and, unblocked, a query with no visible key at all (no score gets a gradient; its
     # uniform weights still pass one to the values). Blocks assume every query sees a key, as causal masks do.
     seq = 96
@@ -83,13 +83,8 @@ def test_attention_gradients_equal_autodiff_of_plain_softmax_attention(blocks):
     if blocks == 1:
         mask = mask.at[1, 5].set(False)  # query 5 of row 1 sees nothing
 
-    def reference(q, k, v):
-        scores = jnp.einsum("bqhd,bthd->bhqt", q, jnp.repeat(k, 4, axis=2)) / 4.0
-        weights = jax.nn.softmax(jnp.where(mask[:, None], scores, -1e30), axis=-1)
-        return jnp.einsum("bhqt,bthd->bqhd", weights, jnp.repeat(v, 4, axis=2))
-
     ours = jax.grad(lambda *a: jnp.sum(grouped_query_attention(*a, mask, blocks) * w), (0, 1, 2))(q, k, v)
-    expected = jax.grad(lambda *a: jnp.sum(reference(*a) * w), (0, 1, 2))(q, k, v)
+    expected = jax.grad(lambda *a: jnp.sum(reference_attention(*a, mask) * w), (0, 1, 2))(q, k, v)
     for got, want in zip(ours, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.max(jnp.abs(want))))
 
