@@ -7,8 +7,10 @@
 Three rates, in tokens/s of this process (one host packing a global batch of --batch_size rows):
 - on the fly: an `LMDataLoader` on its first pass over the source's train split, so every batch pays for the
   tokenisation of its documents (a fresh single-pass loader per measurement: its cache never helps);
-- prepared: a `PreparedTokensLoader` over the same source and tokenizer, prepared once into a temporary directory
-  (or --prepared=DIR, written by experiments.prepare_data); the preparation is timed apart (`prepare_seconds`);
+- prepared: the grain pipeline training on `tokens:DIR` reads through (`GrainPackedLoader`, data.loader=grain) over
+  the same source and tokenizer, prepared once into a temporary directory (or --prepared=DIR, written by
+  experiments.prepare_data); the preparation is timed apart (`prepare_seconds`). `prepared_stream` is the same data
+  through `PreparedTokensLoader` (data.loader=stream), for comparison;
 - required: what a train step of --config's model consumes on ONE --device at --mfu: peak x mfu / training FLOPs
   per token (lm_core.flops) at the config's seq_len. A sweep config's model is its smallest group (fewest
   non-vocabulary parameters) at its smallest vocabulary: the fastest-stepping model, the hardest to feed.
@@ -232,6 +234,7 @@ def measure(make_loader: Callable[[int], Iterator[Batch]], warmup: int, batches:
 def loader_factories(data: Data, dataset: Any, seq_len: int, batch_size: int
                      ) -> dict[str, Callable[[int], Iterator[Batch]]]:
     from lm_core.data import LMDataLoader, PreparedTokensLoader
+    from lm_core.data.grain_pipeline import GrainPackedLoader
 
     def on_the_fly(seed: int) -> Iterator[Batch]:
         # repeat=False: one pass, so no document is served from the loader's cache of tokenised documents
@@ -239,11 +242,16 @@ def loader_factories(data: Data, dataset: Any, seq_len: int, batch_size: int
                             repeat=False)
 
     def prepared(seed: int) -> Iterator[Batch]:
+        # what training on tokens:DIR reads through (data.loader=grain): rows built ahead in grain's threads
+        return GrainPackedLoader(dataset.split("train"), data.tokenizer, seq_len=seq_len,
+                                 global_batch_size=batch_size, seed=seed)
+
+    def prepared_stream(seed: int) -> Iterator[Batch]:
         # repeats freely: it keeps only the documents of the next batches, so a second epoch costs what the first did
         return PreparedTokensLoader(dataset.split("train"), data.tokenizer, seq_len=seq_len,
                                     global_batch_size=batch_size, seed=seed)
 
-    return {"on_the_fly": on_the_fly, "prepared": prepared}
+    return {"on_the_fly": on_the_fly, "prepared": prepared, "prepared_stream": prepared_stream}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,8 +299,10 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     rows = [
         ("on the fly (LMDataLoader, first pass)", result["on_the_fly_tokens_per_s"],
          f"{result['on_the_fly_batches']} batches"),
-        ("prepared (PreparedTokensLoader)", result["prepared_tokens_per_s"],
+        ("prepared (grain: GrainPackedLoader)", result["prepared_tokens_per_s"],
          f"{result['prepared_batches']} batches; {prepared_how}"),
+        ("prepared (data.loader=stream)", result["prepared_stream_tokens_per_s"],
+         f"{result['prepared_stream_batches']} batches"),
         (f"required by {result['model']} per device", result["required_tokens_per_s"],
          f"seq {result['config_seq_len']}, {result['mfu']:.0%} MFU of {result['device']} "
          f"({result['peak_flops_per_s'] / 1e12:g} TFLOP/s), {result['training_flops_per_token']:,.0f} FLOPs/token"),

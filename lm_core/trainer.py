@@ -80,6 +80,11 @@ def default_config() -> ml_collections.ConfigDict:
         seq_len=128,
         global_batch_size=16,
         whole_documents=False,  # True: a document that fits in one row is never split over two (costs padding)
+        # How a tokens:DIR dataset is read (text sources always tokenize in the training process): grain, where
+        # each host builds only its own rows ahead of the step (lm_core.data.grain_pipeline), or stream, where
+        # every host packs the whole global batch when it is needed (needed for whole_documents).
+        loader="grain",
+        loader_workers=0,  # grain: worker processes that build the batches (0: threads of the training process)
     ))
     optimizer = OptimizerConfig()
     config.optimizer = ml_collections.ConfigDict(dataclasses.asdict(optimizer))

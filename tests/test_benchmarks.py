@@ -397,7 +397,7 @@ def test_data_benchmark_reports_json_and_the_required_rate_of_the_sweeps_smalles
     for against in ("on_the_fly", "required"):
         assert report[f"prepared_vs_{against}_verdict"].startswith("prepared / ")
     assert (report["seq_len"], report["batch_size"], report["tokenizer"], report["vocab_size"]) == (64, 4, "byte", 260)
-    assert report["on_the_fly_batches"] == report["prepared_batches"] == 2
+    assert report["on_the_fly_batches"] == report["prepared_batches"] == report["prepared_stream_batches"] == 2
     # vocab_sweep_small's smallest group, d256L4 (4 heads of 64, d_ff 704), at its smallest V=1024 and seq 512
     config = get_config()
     name, d_model, layers, heads, d_ff = config.sweep.groups[0]

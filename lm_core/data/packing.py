@@ -105,7 +105,7 @@ def pack_rows(document_at: Callable[[int], TokenizedDocument | None], start: Pac
             batch.segment_ids[row, span] = segment
             batch.positions[row, span] = np.arange(take, dtype=np.int32)
             batch.loss_mask[row, span] = 1.0
-            batch.chars[row] += _chars_of_pairs(doc, offset, offset + take)
+            batch.chars[row] += chars_of_pairs(doc, offset, offset + take)
             column += take
             offset += take
             if offset == doc.num_pairs:
@@ -129,6 +129,6 @@ def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, *, doc_ch
     return batch
 
 
-def _chars_of_pairs(doc: TokenizedDocument, start: int, stop: int) -> int:
+def chars_of_pairs(doc: TokenizedDocument, start: int, stop: int) -> int:
     """Characters owned by pairs [start, stop) of `doc` (integer shares that add up to doc.chars)."""
     return doc.chars * stop // doc.num_pairs - doc.chars * start // doc.num_pairs

@@ -257,6 +257,17 @@ class PreparedSplit:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def lengths(self) -> np.ndarray | None:
+        """[documents] token counts (without BOS/EOS), or None for a dataset prepared before they were written."""
+        name = self.dataset.manifest["splits"][self.name].get("lengths")
+        if name is None:
+            return None
+        lengths = np.load(self.dataset.directory / name)
+        if lengths.shape != (len(self),):
+            raise UserError(f"{self.dataset.directory / name} holds {lengths.shape} lengths for {len(self)} "
+                            "documents; valid: prepare the dataset again")
+        return lengths
+
     def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
         """(token ids [m] int32 without BOS/EOS, characters) of documents `indices`, in their order; one read call
         per shard touched."""
@@ -402,11 +413,11 @@ def training_data(dataset: PreparedDataset, config: Any, workdir: str | os.PathL
     if tokenizer.vocab_size > model_vocab_size:
         raise UserError(f"model.vocab_size={model_vocab_size} is smaller than the vocabulary of {dataset.name}'s "
                         f"tokenizer ({tokenizer.vocab_size}); use model.vocab_size >= {tokenizer.vocab_size}")
+    from lm_core.data.grain_pipeline import training_stream  # it builds on this module
+
     data = config.data
-    loader = PreparedTokensLoader(dataset.split("train"), tokenizer, seq_len=data.seq_len,
-                                  global_batch_size=data.global_batch_size, seed=config.seed,
-                                  process_index=process_index, process_count=process_count,
-                                  whole_documents=data.get("whole_documents", False))
+    loader = training_stream(dataset.split("train"), tokenizer, data, seed=config.seed,
+                             process_index=process_index, process_count=process_count)
     eval_batches = list(iter_prepared_eval_batches(dataset.split("validation"), tokenizer, data.seq_len,
                                                    data.global_batch_size, config.eval_batches))
     return tokenizer, loader, eval_batches
@@ -470,8 +481,22 @@ def prepare(source: str, tokenizer: str, out: str | os.PathLike, *, workers: int
         origin = "byte" if tokenizer == "byte" else os.fspath(Path(tokenizer).expanduser().absolute())
         manifest = _manifest(job, copied, origin, docs_per_shard, stats,
                              {name: _split_digest(texts, copied) for name, texts in splits.items()})
+        _write_lengths(staging, job.shards, stats)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _write_lengths(staging: Path, shards: Sequence[_Shard], counts: list[dict[str, Any]]) -> None:
+    """Each split's documents' token counts (without BOS/EOS) as DIR/<split>-lengths.npy: what the grain pipeline
+    plans its rows from without reading the documents (lm_core.data.grain_pipeline)."""
+    for name in SPLITS:
+        lengths = [n for shard, count in zip(shards, counts, strict=True) if shard.split == name
+                   for n in count["lengths"]]
+        np.save(staging / lengths_file(name), np.asarray(lengths, np.int64))
+
+
+def lengths_file(split: str) -> str:
+    return f"{split}-lengths.npy"
 
 
 def _plan_shards(num_documents: dict[str, int], docs_per_shard: int) -> list[_Shard]:
@@ -513,16 +538,18 @@ def _write_shards(job: _Job, source: TextSource, tokenizer: Any) -> list[dict[st
     for shard in job.shards:
         texts = source.split(shard.split)
         writer = ArrayRecordWriter(os.fspath(Path(job.out) / shard.file), _WRITER_OPTIONS)
-        tokens = chars = 0
+        lengths, chars = [], 0
         try:
             for start in range(shard.start, shard.stop, _ENCODE_CHUNK):
                 chunk = [texts[i] for i in range(start, min(start + _ENCODE_CHUNK, shard.stop))]
                 for text, ids in zip(chunk, tokenizer.encode_batch(chunk), strict=True):
                     writer.write(encode_record(ids, len(text), job.token_dtype))
-                    tokens, chars = tokens + len(ids), chars + len(text)
+                    lengths.append(len(ids))
+                    chars += len(text)
         finally:
             writer.close()
-        counts.append({"documents": shard.stop - shard.start, "tokens": tokens, "characters": chars})
+        counts.append({"documents": shard.stop - shard.start, "tokens": sum(lengths), "characters": chars,
+                       "lengths": lengths})
     return counts
 
 
@@ -541,6 +568,7 @@ def _manifest(job: _Job, tokenizer: Any, origin: str, docs_per_shard: int, count
             "tokens": sum(count["tokens"] for _, count in shards),  # without the BOS/EOS packing adds
             "characters": sum(count["characters"] for _, count in shards),
             "content_digest": digests[name],
+            "lengths": lengths_file(name),  # absent from datasets prepared before it: their lengths are read
             "shards": [{"file": shard.file, "documents": count["documents"]} for shard, count in shards],
         }
     return {

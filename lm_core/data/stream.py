@@ -4,8 +4,8 @@ The stream: epoch e visits a loader's items in `permutation(seed, e)` order (ide
 follow each other without a break, and rows are packed greedily from the stream's documents (packing.pack_rows).
 Stream document k comes from item `perm_{k // n}[k % n]`, so the whole position is ONE cursor (stream document,
 pair offset inside it): `state()` is a dict of plain ints and `restore` makes the next batches byte-identical to
-those of an uninterrupted loader. That is simpler than a grain pipeline with packing and gives the same guarantee;
-the state dict goes into the checkpoint as JSON.
+those of an uninterrupted loader; the state dict goes into the checkpoint as JSON. (A prepared dataset can be read
+through grain instead, with the same batches and the same state: lm_core.data.grain_pipeline.)
 
 Multi-host: every process packs the same global batch (same seed, same stream) and keeps its own
 `global_batch_size // process_count` rows, so the hosts agree on the data without talking to each other.
