@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lm_core.config import ModelConfig
@@ -137,7 +138,7 @@ def _restore_failures(where: Path) -> Iterator[None]:
 def latest_meta(directory: Path) -> tuple[int | None, dict[str, Any]]:
     """(latest step, its meta) of the checkpoint directory `directory`; (None, {}) when it holds none or is absent
     (it is never created here)."""
-    if not directory.is_dir():
+    if not _on_every_process(directory.is_dir()):
         return None, {}
     checkpointer = Checkpointer(directory)
     try:
@@ -145,6 +146,16 @@ def latest_meta(directory: Path) -> tuple[int | None, dict[str, Any]]:
         return step, checkpointer.read_meta(step) if step is not None else {}
     finally:
         checkpointer.close()
+
+
+def _on_every_process(seen_by_process_0: bool) -> bool:
+    """Process 0's answer, on every process. Opening a Checkpointer is a collective (Orbax syncs the processes), so
+    all must take the same branch: a directory another process is creating meanwhile must not split them."""
+    if jax.process_count() == 1:
+        return seen_by_process_0
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(seen_by_process_0)))
 
 
 def prove_writable(directory: Path) -> None:

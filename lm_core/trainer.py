@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -486,7 +487,7 @@ def _run_steps(run: _Run, log: MetricsLog, profiler: ProfileWindow) -> tuple[str
             profiler.before_step(step)
             position = run.loader.state()  # where this step's batch starts: saved with the state before it
             host_batch = run.loader.next()
-            chars = float(np.sum(host_batch.pop("chars")))
+            chars = _batch_chars(run.mesh, host_batch.pop("chars"))
             run.state, metrics = run.train_step(run.state, distributed.global_batch(run.mesh, host_batch),
                                                 pending.metrics["finite"] if pending else None)
             if pending:
@@ -514,7 +515,7 @@ class _Dispatched(NamedTuple):
     step: int
     metrics: dict[str, Any]
     position: dict[str, Any]  # where its batch starts in the data: a diverged stop saves it, to retry the batch
-    chars: float  # characters in its batch
+    chars: float | jax.Array  # characters in its (global) batch, a device scalar in a multi-process job
 
 
 @dataclasses.dataclass
@@ -526,6 +527,14 @@ class _StepLoop:
     throughput: _Throughput
     progress: Progress
     last_row: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _batch_chars(mesh: Mesh, host_chars: np.ndarray) -> float | jax.Array:
+    """Characters of the global batch: this process's rows' count, summed over processes on the device (dispatched,
+    read back with the step's metrics, so the host does not wait for the other hosts here)."""
+    if jax.process_count() == 1:
+        return float(np.sum(host_chars))
+    return jnp.sum(distributed.global_batch(mesh, {"chars": host_chars.astype(np.int32)})["chars"])
 
 
 def _evaluates(config: ml_collections.ConfigDict, step: int) -> bool:
@@ -541,7 +550,7 @@ def _read_back(run: _Run, done: _Dispatched, loop: _StepLoop) -> None:
         _stop_diverged(done.step, done.metrics, run.checkpointer, run.state, done.position,
                        {**run.meta, "chars_seen": run.chars_seen})
     run.checkpointer.raise_if_save_failed()
-    run.chars_seen += done.chars
+    run.chars_seen += float(done.chars)
     loop.throughput.count_step()
     if done.step % run.config.log_every == 0 or done.step == run.config.steps:
         loop.last_row = _logged_row(run, done.step, done.metrics, loop.throughput)

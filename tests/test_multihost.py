@@ -1,5 +1,6 @@
 """Two local processes (CPU collectives over gloo) train exactly like one process."""
 
+import csv
 import os
 import re
 import signal
@@ -154,3 +155,80 @@ def test_bad_process_variables_are_one_line_exit_2_for_every_entrypoint(count, i
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert done.returncode == 2 and len(errors) == 1 and fragment in errors[0], (module, done.stderr[-2000:])
     assert not (tmp_path / "w").exists()
+
+
+def run_entrypoint_job(module: str, args: list[str], count: int, logs: Path) -> list[str]:
+    """`python -m module args` as a `count`-process job (one CPU device each); the processes' outputs."""
+    port, procs = str(free_port()), []
+    for i in range(count):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+                   LM_CORE_COORDINATOR=f"localhost:{port}", LM_CORE_NUM_PROCESSES=str(count),
+                   LM_CORE_PROCESS_ID=str(i), LM_CORE_CACHE=str(logs / "cache"))
+        log = open(logs / f"{module}.{count}.{i}.log", "w")  # noqa: SIM115 - closed with the process below
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1]))
+    codes = [proc.wait(timeout=600) for proc in procs]
+    outputs = [(logs / f"{module}.{count}.{i}.log").read_text() for i in range(count)]
+    assert codes == [0] * count, outputs[0][-3000:] + outputs[-1][-3000:]
+    return outputs
+
+
+def text_corpus(folder: Path, documents: int) -> str:
+    from pydoc_data.topics import topics
+
+    folder.mkdir()
+    for name in sorted(topics)[:documents]:
+        (folder / f"{name}.txt").write_text(topics[name])
+    return f"files:{folder}/*.txt"
+
+
+SWEEP = """
+import ml_collections
+from lm_core.trainer import default_config
+
+def get_config():
+    config = default_config()
+    config.data.source = "{source}"
+    config.data.seq_len = 32
+    config.data.global_batch_size = 8
+    config.log_every = 5
+    config.sweep = ml_collections.ConfigDict(dict(
+        groups=(("a", 32, 1, 2, 64),), vocab_sizes=(384, 448), budgets=(2e9,), min_steps=5, warmup_fraction=0.1,
+        evals_per_run=1, eval_chars=10_000))
+    return config
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_as_two_processes_gives_the_one_process_results(tmp_path):
+    (tmp_path / "sweep.py").write_text(SWEEP.format(source=text_corpus(tmp_path / "corpus", 30)))
+    results = {}
+    for count in (1, 2):
+        workdir = tmp_path / f"sweep{count}"
+        run_entrypoint_job("experiments.vocab_scaling.sweep", [f"--config={tmp_path / 'sweep.py'}",
+                                                                f"--workdir={workdir}"], count, tmp_path)
+        results[count] = list(csv.DictReader((workdir / "results.csv").read_text().splitlines()))
+    assert len(results[1]) == len(results[2]) == 2
+    for one, two in zip(results[1], results[2], strict=True):
+        assert (one["V"], one["step"], one["C"], one["final"]) == (two["V"], two["step"], two["C"], two["final"])
+        assert float(two["L_u"]) == pytest.approx(float(one["L_u"]), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_kvp_pipeline_as_two_processes_gives_the_one_process_losses(tmp_path):
+    from lm_core.metrics import read_metrics
+
+    micro = ["--config.model.vocab_size=264", "--config.model.d_model=32", "--config.model.num_layers=4",
+             "--config.model.num_heads=2", "--config.model.num_kv_heads=2", "--config.model.d_ff=64",
+             "--config.data.tokenizer=byte", "--config.data.seq_len=32", "--config.data.global_batch_size=4",
+             "--config.steps=4", "--config.kvp.steps=3", "--config.log_every=1", "--config.kvp.variants=('lp0.50',)",
+             f"--config.data.source={text_corpus(tmp_path / 'corpus', 12)}"]
+    losses = {}
+    for count in (1, 2):
+        workdir = tmp_path / f"kvp{count}"
+        run_entrypoint_job("experiments.kv_prediction.train", [f"--workdir={workdir}", *micro], count, tmp_path)
+        losses[count] = {run: [row["loss"] for row in read_metrics(workdir / run / "metrics.jsonl") if "loss" in row]
+                         for run in ("base", "kvp_lp0.50", "aux_lp0.50")}
+    assert [len(losses[1][run]) for run in losses[1]] == [4, 3, 3]
+    for run, values in losses[1].items():
+        assert losses[2][run] == pytest.approx(values, rel=1e-5), run

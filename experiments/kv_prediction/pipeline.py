@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from kv_prediction import knowledge  # noqa: F401  (registers the knowledge:<source> and retrieval:<source> sources)
@@ -166,8 +167,18 @@ def initial_aux(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) 
 
 
 def copy_into(target: nnx.State, source: nnx.State) -> nnx.State:
-    """`source` values placed like `target` (keeps each leaf's sharding), for loading weights into a train state."""
-    return jax.tree.map(lambda t, s: jax.device_put(s, t.sharding), target, source)
+    """`source` values placed like `target` (keeps each leaf's sharding), for loading weights into a train state.
+
+    `source` sits on one process-local device (lm_core.trainer.load_trained_model); a device_put onto a mesh that
+    spans other processes would be a cross-host transfer, so each process places its own shards from host memory."""
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda t, s: jax.device_put(s, t.sharding), target, source)
+
+    def place(t: jax.Array, s: jax.Array) -> jax.Array:
+        host = np.asarray(s)
+        return jax.make_array_from_callback(t.shape, t.sharding, lambda index: host[index])
+
+    return jax.tree.map(place, target, source)
 
 
 # --- tasks ----------------------------------------------------------------------------------------------------

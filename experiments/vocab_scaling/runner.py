@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,7 +75,7 @@ def log_unigram(tokenizer: Any, train_texts: Sequence[str], cache: Path) -> np.n
     distribution = unigram_distribution(ids, tokenizer.vocab_size)
     values = np.log(distribution).astype(np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npy")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")  # every process of a multi-host sweep writes the same table
     np.save(tmp, values)
     tmp.replace(cache)
     return values
@@ -164,11 +165,17 @@ def train_run(base: ml_collections.ConfigDict, planned: PlannedRun, run_dir: Pat
         eval_chars = int(base.sweep.get("eval_chars", 0))  # 0: the whole validation split
         task = TrainTask(eval_sums_fn=unigram_eval_fn(log_p), make_data=same_text_data(eval_chars))
         train_to_end(run_config(base, planned), run_dir, task)  # a signal stops the sweep: no result.json
+        if not is_main_process():  # process 0 writes metrics.jsonl, the result and the report
+            return []
         rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
         tmp = result_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"run": planned.as_row(), "eval_rows": rows}, indent=1))
         tmp.replace(result_file)
     return json.loads(result_file.read_text())["eval_rows"]
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: Path) -> Path:
@@ -205,6 +212,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         run_points = isoflop_points(rows, planned.n_nv, planned.vocab_size, planned.group.d_model, f_curve)
         for i, point in enumerate(run_points):
             points.append({**planned.as_row(), **point, "N_v": planned.n_v, "final": int(i == len(run_points) - 1)})
+    if not is_main_process():
+        return workdir / "REPORT.md"  # written by process 0
     write_points(workdir / "results.csv", points)
     return write_report(workdir, config, plan, points, measured, f_curve)
 
