@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lm_core.data.packing import PackCursor, PackedBatch, chars_of_pairs, tokenized_document
+from lm_core.data.packing import PackCursor, PackedBatch, tokenized_document
 from lm_core.data.prepared import PreparedDataset, PreparedSplit, PreparedTokensLoader
 from lm_core.errors import UserError
 
@@ -121,13 +121,7 @@ class HostRows:
         for row, pieces in enumerate(rows):
             column = 0
             for segment, (document, offset, take) in enumerate(pieces, start=1):
-                doc, span = documents[document], slice(column, column + take)
-                batch.inputs[row, span] = doc.tokens[offset:offset + take]
-                batch.targets[row, span] = doc.tokens[offset + 1:offset + take + 1]
-                batch.segment_ids[row, span] = segment
-                batch.positions[row, span] = np.arange(take, dtype=np.int32)
-                batch.loss_mask[row, span] = 1.0
-                batch.chars[row] += chars_of_pairs(doc, offset, offset + take)
+                batch.place(row, column, segment, documents[document], offset, take)
                 column += take
         return batch.as_dict()
 

@@ -70,6 +70,16 @@ class PackedBatch:
     def rows(self, start: int, stop: int) -> PackedBatch:
         return PackedBatch(*(getattr(self, key)[start:stop] for key in BATCH_KEYS))
 
+    def place(self, row: int, column: int, segment: int, doc: TokenizedDocument, offset: int, take: int) -> None:
+        """Write pairs [offset, offset + take) of `doc` into `row` from `column`, as segment `segment`."""
+        span = slice(column, column + take)
+        self.inputs[row, span] = doc.tokens[offset:offset + take]
+        self.targets[row, span] = doc.tokens[offset + 1:offset + take + 1]
+        self.segment_ids[row, span] = segment
+        self.positions[row, span] = np.arange(take, dtype=np.int32)
+        self.loss_mask[row, span] = 1.0
+        self.chars[row] += _chars_of_pairs(doc, offset, offset + take)
+
     def as_dict(self) -> dict[str, np.ndarray]:
         return {key: getattr(self, key) for key in BATCH_KEYS}
 
@@ -99,13 +109,7 @@ def pack_rows(document_at: Callable[[int], TokenizedDocument | None], start: Pac
                 break  # starts the next row whole
             take = min(doc.num_pairs - offset, seq_len - column)
             segment += 1
-            span = slice(column, column + take)
-            batch.inputs[row, span] = doc.tokens[offset:offset + take]
-            batch.targets[row, span] = doc.tokens[offset + 1:offset + take + 1]
-            batch.segment_ids[row, span] = segment
-            batch.positions[row, span] = np.arange(take, dtype=np.int32)
-            batch.loss_mask[row, span] = 1.0
-            batch.chars[row] += chars_of_pairs(doc, offset, offset + take)
+            batch.place(row, column, segment, doc, offset, take)
             column += take
             offset += take
             if offset == doc.num_pairs:
@@ -129,6 +133,6 @@ def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, *, doc_ch
     return batch
 
 
-def chars_of_pairs(doc: TokenizedDocument, start: int, stop: int) -> int:
+def _chars_of_pairs(doc: TokenizedDocument, start: int, stop: int) -> int:
     """Characters owned by pairs [start, stop) of `doc` (integer shares that add up to doc.chars)."""
     return doc.chars * stop // doc.num_pairs - doc.chars * start // doc.num_pairs
