@@ -76,45 +76,36 @@ TRAIN_FLAGS = ["--config.data.tokenizer=byte", "--config.model.vocab_size=260", 
                "--config.log_every=1"]
 
 
-def start_train_lm(workdir: Path, steps: int, port: str, logs: Path, count: int = 2,
-                   flags: tuple[str, ...] = ()) -> list[subprocess.Popen]:
-    """experiments.train_lm as a `count`-process job (LM_CORE_* variables, one CPU device each)."""
+def start_train_lm(workdir: Path, steps: int, port: str, logs: Path) -> list[subprocess.Popen]:
+    """experiments.train_lm as a 2-process job (LM_CORE_* variables, one CPU device each)."""
     procs = []
-    for i in range(count):
+    for i in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-                   LM_CORE_COORDINATOR=f"localhost:{port}", LM_CORE_NUM_PROCESSES=str(count),
-                   LM_CORE_PROCESS_ID=str(i))
+                   LM_CORE_COORDINATOR=f"localhost:{port}", LM_CORE_NUM_PROCESSES="2", LM_CORE_PROCESS_ID=str(i))
         log = open(logs / f"process{i}.log", "w")  # noqa: SIM115 - closed with the process below
         procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", f"--workdir={workdir}",
-                                       f"--config.steps={steps}", *TRAIN_FLAGS, *flags], env=env, stdout=log,
+                                       f"--config.steps={steps}", *TRAIN_FLAGS], env=env, stdout=log,
                                       stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1]))
     return procs
-
-
-def train_lm_job(workdir: Path, steps: int, logs: Path, count: int, flags: tuple[str, ...]) -> None:
-    procs = start_train_lm(workdir, steps, str(free_port()), logs, count, flags)
-    codes = [proc.wait(timeout=240) for proc in procs]
-    assert codes == [0] * count, (logs / "process0.log").read_text()[-3000:]
 
 
 @pytest.mark.slow
 def test_a_grain_fed_run_resumes_exactly_from_2_processes_to_1_and_back_to_2(tmp_path):
     # Each process builds only its rows of a tokens:DIR dataset (lm_core.data.grain_pipeline); the saved position
     # is the global stream's, so a job on another process count continues on the same data.
-    from pydoc_data.topics import topics
-
     from lm_core.data.prepared import prepare
     from lm_core.metrics import read_metrics
 
-    (tmp_path / "corpus").mkdir()
-    for name in sorted(topics)[:30]:
-        (tmp_path / "corpus" / f"{name}.txt").write_text(topics[name])
-    prepare(f"files:{tmp_path}/corpus/*.txt", "byte", tmp_path / "tokens")
-    flags = (f"--config.data.source=tokens:{tmp_path / 'tokens'}", "--config.checkpoint_every=2",
+    prepare(text_corpus(tmp_path / "corpus", 30), "byte", tmp_path / "tokens")
+    flags = (*TRAIN_FLAGS, f"--config.data.source=tokens:{tmp_path / 'tokens'}", "--config.checkpoint_every=2",
              "--config.optimizer.total_steps=6")  # the same schedule whatever --config.steps says
-    train_lm_job(tmp_path / "straight", 6, tmp_path, 1, flags)
+    def train_lm(run: str, steps: int, count: int) -> None:
+        run_entrypoint_job("experiments.train_lm", [f"--workdir={tmp_path / run}", f"--config.steps={steps}",
+                                                    *flags], count, tmp_path)
+
+    train_lm("straight", 6, 1)
     for steps, count in [(2, 2), (4, 1), (6, 2)]:
-        train_lm_job(tmp_path / "moved", steps, tmp_path, count, flags)
+        train_lm("moved", steps, count)
     def losses(run: str) -> list[float]:
         return [row["loss"] for row in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in row]
 
