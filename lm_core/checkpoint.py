@@ -138,7 +138,7 @@ def _restore_failures(where: Path) -> Iterator[None]:
 def latest_meta(directory: Path) -> tuple[int | None, dict[str, Any]]:
     """(latest step, its meta) of the checkpoint directory `directory`; (None, {}) when it holds none or is absent
     (it is never created here)."""
-    if not _on_every_process(directory.is_dir()):
+    if not exists_on_process_0(directory):
         return None, {}
     checkpointer = Checkpointer(directory)
     try:
@@ -148,14 +148,16 @@ def latest_meta(directory: Path) -> tuple[int | None, dict[str, Any]]:
         checkpointer.close()
 
 
-def _on_every_process(seen_by_process_0: bool) -> bool:
-    """Process 0's answer, on every process. Opening a Checkpointer is a collective (Orbax syncs the processes), so
-    all must take the same branch: a directory another process is creating meanwhile must not split them."""
+def exists_on_process_0(directory: Path) -> bool:
+    """Whether process 0 sees `directory`, the same answer on every process. Opening a Checkpointer is a collective
+    (Orbax syncs the processes), so all must take the same branch: a checkpoint directory that process 0 is
+    creating meanwhile (lm_core.trainer's `_prepare_workdir`) must not split them."""
+    seen = directory.is_dir()
     if jax.process_count() == 1:
-        return seen_by_process_0
+        return seen
     from jax.experimental import multihost_utils
 
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(seen_by_process_0)))
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(seen)))
 
 
 def prove_writable(directory: Path) -> None:

@@ -65,3 +65,12 @@ def global_batch(mesh: Mesh, local_rows: dict[str, np.ndarray]) -> dict[str, jax
     """Global arrays from this process's rows (process i holds rows [i*n, (i+1)*n) of the global batch)."""
     return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
             for name, value in local_rows.items()}
+
+
+def wait_for_every_process(name: str) -> None:
+    """A barrier: returns once every process has reached it (immediately in a 1-process run). Used after process 0
+    alone has written a file the others read next."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

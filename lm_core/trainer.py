@@ -29,7 +29,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm_core import distributed, flops, sharding
-from lm_core.checkpoint import Checkpointer, abstract_like, check_same_model, latest_meta, prove_writable
+from lm_core.checkpoint import (Checkpointer, abstract_like, check_same_model, exists_on_process_0, latest_meta,
+                                prove_writable)
 from lm_core.config import ModelConfig, check_finite_numbers
 from lm_core.errors import RunStopped, TrainingDiverged, UserError
 from lm_core.layers import FFNFactory
@@ -611,7 +612,7 @@ def _open_checkpoints(config: ml_collections.ConfigDict, workdir: Path, task: Tr
                       ) -> tuple[Checkpointer | None, int | None, dict[str, Any]]:
     """(checkpointer, latest step, its meta) of a workdir that has checkpoints, refusing ones of another setup;
     (None, None, {}) for a fresh workdir, whose checkpoint directory is created only once the inputs are valid."""
-    if not (workdir / "checkpoints").is_dir():
+    if not exists_on_process_0(workdir / "checkpoints"):
         return None, None, {}
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                 save_every=config.checkpoint_every)

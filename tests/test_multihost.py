@@ -203,3 +203,23 @@ def test_a_sweep_as_two_processes_gives_the_one_process_results(tmp_path):
     for one, two in zip(results[1], results[2], strict=True):
         assert (one["V"], one["step"], one["C"], one["final"]) == (two["V"], two["step"], two["C"], two["final"])
         assert float(two["L_u"]) == pytest.approx(float(one["L_u"]), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_kvp_pipeline_as_two_processes_gives_the_one_process_losses(tmp_path):
+    from lm_core.metrics import read_metrics
+
+    micro = ["--config.model.vocab_size=264", "--config.model.d_model=32", "--config.model.num_layers=4",
+             "--config.model.num_heads=2", "--config.model.num_kv_heads=2", "--config.model.d_ff=64",
+             "--config.data.tokenizer=byte", "--config.data.seq_len=32", "--config.data.global_batch_size=4",
+             "--config.steps=4", "--config.kvp.steps=3", "--config.log_every=1", "--config.kvp.variants=('lp0.50',)",
+             f"--config.data.source={text_corpus(tmp_path / 'corpus', 12)}"]
+    losses = {}
+    for count in (1, 2):
+        workdir = tmp_path / f"kvp{count}"
+        run_entrypoint_job("experiments.kv_prediction.train", [f"--workdir={workdir}", *micro], count, tmp_path)
+        losses[count] = {run: [row["loss"] for row in read_metrics(workdir / run / "metrics.jsonl") if "loss" in row]
+                         for run in ("base", "kvp_lp0.50", "aux_lp0.50")}
+    assert [len(losses[1][run]) for run in losses[1]] == [4, 3, 3]
+    for run, values in losses[1].items():
+        assert losses[2][run] == pytest.approx(values, rel=1e-5), run

@@ -35,8 +35,9 @@ from kv_prediction.inference import predictor_flops_per_token
 from kv_prediction.loss import kvp_loss
 from kv_prediction.optim import make_kvp_optimizer
 from kv_prediction.variants import AuxSpec, build_kvp_model, resolve_spec
-from lm_core.checkpoint import Checkpointer, check_same_model
+from lm_core.checkpoint import check_same_model, latest_meta
 from lm_core.config import ModelConfig
+from lm_core.distributed import wait_for_every_process
 from lm_core.errors import UserError
 from lm_core.flops import flops_per_token
 from lm_core.model import Transformer
@@ -102,10 +103,13 @@ def stage_config(config: ml_collections.ConfigDict, steps: int, model: ModelConf
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
-    tmp.replace(workdir / CONFIG_FILE)
+    """Write the pipeline's config.json (process 0 alone: every process would write the same file)."""
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = workdir / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+        tmp.replace(workdir / CONFIG_FILE)
+    wait_for_every_process("kvp config saved")
 
 
 def load_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -246,20 +250,14 @@ def built_on(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> 
 
 
 def is_finished(directory: Path, stage: ml_collections.ConfigDict, task: TrainTask) -> bool:
-    """True when `directory` holds the final checkpoint of this very run (same model and task metadata)."""
-    if not (directory / "checkpoints").is_dir():
+    """True when `directory` holds the final checkpoint of this very run (same model and task metadata). Every
+    process gets process 0's answer (`latest_meta`): the processes must train the same runs."""
+    step, meta = latest_meta(directory / "checkpoints")
+    if step is None:
         return False
-    checkpointer = Checkpointer(directory / "checkpoints")
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            return False
-        meta = checkpointer.read_meta(step)
-        check_same_model(meta, model_config_from(stage), directory)
-        check_same_meta(meta, task.extra_meta, directory)
-        return step >= stage.steps
-    finally:
-        checkpointer.close()
+    check_same_model(meta, model_config_from(stage), directory)
+    check_same_meta(meta, task.extra_meta, directory)
+    return step >= stage.steps
 
 
 def with_pretrained_base(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -288,15 +286,17 @@ def with_pretrained_base(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 
 def link_pretrained_base(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """DIR/base -> the kvp.base workdir, so every later step finds the base where it always is."""
+    """DIR/base -> the kvp.base workdir, so every later step finds the base where it always is. Process 0 makes
+    it and the others wait, so another process sees it absent or right, never wrong."""
     link, target = base_dir(workdir), Path(config.kvp.base)
-    if link.is_symlink() and link.resolve() == target.resolve():
-        return
-    if link.exists() or link.is_symlink():
-        raise UserError(f"{link} exists and is not a link to kvp.base={target}; valid: a new --workdir, or the "
-                        "kvp.base this workdir was made with")
-    workdir.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target, target_is_directory=True)
+    if not (link.is_symlink() and link.resolve() == target.resolve()):
+        if link.exists() or link.is_symlink():
+            raise UserError(f"{link} exists and is not a link to kvp.base={target}; valid: a new --workdir, or "
+                            "the kvp.base this workdir was made with")
+        if jax.process_index() == 0:
+            workdir.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target, target_is_directory=True)
+    wait_for_every_process("kvp base linked")
 
 
 def plan(config: ml_collections.ConfigDict, workdir: Path) -> list[tuple[str, Path, ml_collections.ConfigDict,
