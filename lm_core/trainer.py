@@ -29,8 +29,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm_core import distributed, flops, sharding
-from lm_core.checkpoint import (Checkpointer, abstract_like, check_same_model, exists_on_process_0, latest_meta,
-                                prove_writable)
+from lm_core.checkpoint import (
+    Checkpointer,
+    abstract_like,
+    check_same_model,
+    exists_on_process_0,
+    latest_meta,
+    prove_writable,
+)
 from lm_core.config import ModelConfig, check_finite_numbers
 from lm_core.errors import RunStopped, TrainingDiverged, UserError
 from lm_core.layers import FFNFactory

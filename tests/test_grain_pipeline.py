@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lm_core.data.grain_pipeline import GrainPackedLoader, PairIndex, pair_counts, training_stream
+from lm_core.data.grain_pipeline import GrainPackedLoader, PairIndex, pack_pieces, pair_counts, training_stream
 from lm_core.data.packing import PackCursor
 from lm_core.data.prepared import PreparedDataset, PreparedTokensLoader, open_prepared
 from lm_core.errors import UserError
@@ -95,3 +95,17 @@ def test_worker_processes_give_the_same_batches(bpe, dataset):  # noqa: F811
     loader = GrainPackedLoader(split, tokenizer, workers=2, **options)
     for _ in range(6):
         assert same(loader.next(), reference.next())
+
+
+def test_pieces_pack_into_rows_by_hand():
+    # Document 0: BOS 5 6 EOS (3 pairs, 4 characters); document 1: BOS 7 EOS (2 pairs, 3 characters). Pairs 1-2 of
+    # document 0, both of document 1, then pairs 0-1 of document 0 again, in 2 rows of 3: document 1 is cut by the
+    # row end and continues as row 1's first segment.
+    documents = [(np.array([5, 6]), 4), (np.array([7]), 3), (np.array([5, 6]), 4)]
+    batch = pack_pieces([(0, 1, 2), (1, 0, 2), (0, 0, 2)], documents, 2, 3, bos_id=1, eos_id=2)
+    assert batch["inputs"].tolist() == [[5, 6, 1], [7, 1, 5]]
+    assert batch["targets"].tolist() == [[6, 2, 7], [2, 5, 6]]
+    assert batch["segment_ids"].tolist() == [[1, 1, 2], [1, 2, 2]]
+    assert batch["positions"].tolist() == [[0, 1, 0], [0, 0, 1]]
+    # shares of 4 chars over 3 pairs: 1, 1, 2; of 3 chars over 2 pairs: 1, 2
+    assert batch["chars"].tolist() == [1 + 2 + 1, 2 + 1 + 1] and batch["loss_mask"].min() == 1.0

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lm_core.data.packing import PackCursor, PackedBatch, tokenized_document
+from lm_core.data.packing import PackCursor
 from lm_core.data.prepared import PreparedDataset, PreparedSplit, PreparedTokensLoader
 from lm_core.errors import UserError
 
@@ -111,24 +111,46 @@ class HostRows:
         self.__dict__.update(state, _local=threading.local())
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        row_starts = [self._start + (step * self._global_rows + self._first_row + row) * self._seq_len
-                      for row in range(self._rows)]
-        rows = [self._index.pieces(start, self._seq_len) for start in row_starts]
-        wanted = sorted({document for pieces in rows for document, _, _ in pieces})
-        documents = {index: tokenized_document(ids, chars, bos_id=self._bos_id, eos_id=self._eos_id)
-                     for index, (ids, chars) in zip(wanted, self._split().read(wanted), strict=True)}
-        batch = PackedBatch.zeros(self._rows, self._seq_len)
-        for row, pieces in enumerate(rows):
-            column = 0
-            for segment, (document, offset, take) in enumerate(pieces, start=1):
-                batch.place(row, column, segment, documents[document], offset, take)
-                column += take
-        return batch.as_dict()
+        # This host's rows are consecutive in the stream, so they are one range of pairs, packed in one go.
+        first = self._start + (step * self._global_rows + self._first_row) * self._seq_len
+        pieces = self._index.pieces(first, self._rows * self._seq_len)
+        documents = self._split().read([document for document, _, _ in pieces])
+        return pack_pieces(pieces, documents, self._rows, self._seq_len, bos_id=self._bos_id, eos_id=self._eos_id)
 
     def _split(self) -> PreparedSplit:
         if not hasattr(self._local, "split"):
             self._local.split = self._dataset.split(self._split_name)
         return self._local.split
+
+
+def pack_pieces(pieces: list[Piece], documents: list[tuple[np.ndarray, int]], rows: int, seq_len: int, *,
+                bos_id: int, eos_id: int) -> dict[str, np.ndarray]:
+    """`rows` full rows from consecutive `pieces` (which cover exactly rows x seq_len pairs) of `documents` (their
+    ids and characters), as `PackedBatch.place` fills them piece by piece, computed per segment instead of per
+    pair: a piece cut by a row end continues in the next row as its first segment, positions restart at each
+    segment, and a segment's characters are its pairs' integer shares (`packing._chars_of_pairs`)."""
+    offsets = np.array([offset for _, offset, _ in pieces], np.int64)  # [pieces]
+    takes = np.array([take for _, _, take in pieces], np.int64)  # [pieces]
+    piece_starts = np.concatenate([[0], np.cumsum(takes)[:-1]])  # [pieces] first pair of each piece in the range
+    tokens = [np.concatenate(([bos_id], ids, [eos_id]))[offset:offset + take + 1]  # the piece's pairs' tokens
+              for (ids, _), offset, take in zip(documents, offsets, takes, strict=True)]
+    # Segments: the pieces cut at row ends. Every row starts one; each lies in one piece.
+    starts = np.union1d(piece_starts, np.arange(0, rows * seq_len, seq_len))  # [segments]
+    lengths = np.diff(np.append(starts, rows * seq_len))  # [segments]
+    piece = np.searchsorted(piece_starts, starts, side="right") - 1  # [segments]
+    row = starts // seq_len  # [segments]
+    first_of_row = np.searchsorted(starts, np.arange(rows) * seq_len)  # [rows] its first segment
+    chars = np.array([chars for _, chars in documents], np.int64)[piece]  # [segments] of the segment's document
+    num_pairs = np.array([len(ids) + 1 for ids, _ in documents], np.int64)[piece]
+    begin = starts - piece_starts[piece] + offsets[piece]  # [segments] first pair inside its document
+    shares = chars * (begin + lengths) // num_pairs - chars * begin // num_pairs  # [segments]
+    shape = (rows, seq_len)
+    return {"inputs": np.concatenate([part[:-1] for part in tokens]).astype(np.int32).reshape(shape),
+            "targets": np.concatenate([part[1:] for part in tokens]).astype(np.int32).reshape(shape),
+            "segment_ids": np.repeat(np.arange(len(starts)) - first_of_row[row] + 1, lengths).astype(np.int32)
+            .reshape(shape),
+            "positions": (np.arange(rows * seq_len) - np.repeat(starts, lengths)).astype(np.int32).reshape(shape),
+            "loss_mask": np.ones(shape, np.float32), "chars": np.add.reduceat(shares, first_of_row)}
 
 
 class GrainPackedLoader(PreparedTokensLoader):
