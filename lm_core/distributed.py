@@ -8,6 +8,7 @@ them all. Each process loads only its own rows of the global batch; `global_batc
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -74,3 +75,20 @@ def wait_for_every_process(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def place_like(target: Any, source: Any) -> Any:
+    """`source`'s values (a pytree of arrays) placed as `target`'s leaves are: each keeps its target's sharding. For
+    loading weights into a train state.
+
+    `source` sits on one process-local device (lm_core.trainer.load_trained_model, or host arrays); a device_put
+    onto a mesh that spans other processes would be a cross-host transfer, so each process places its own shards
+    from host memory."""
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda t, s: jax.device_put(s, t.sharding), target, source)
+
+    def place(t: jax.Array, s: Any) -> jax.Array:
+        host = np.asarray(s)
+        return jax.make_array_from_callback(t.shape, t.sharding, lambda index: host[index])
+
+    return jax.tree.map(place, target, source)

@@ -13,6 +13,8 @@ import numpy as np
 
 from lm_core.config import ModelConfig
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def tiny_config(**changes) -> ModelConfig:
     """8 query heads over 4 KV heads (GQA), every size divisible by the test meshes' axes."""
@@ -97,3 +99,19 @@ def run_cli(command: list[str], env: dict[str, str], stop_when: Callable[[list[s
     finally:
         watchdog.cancel()
     return subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")
+
+
+def moma_micro_flags(vq_dir: Path, variant: str, steps: int, *extra: str) -> list[str]:
+    """A seconds-sized run: one layer, byte captions, 8x8 images -> 4x4 codes of a 16-code VQ trained for 3 steps.
+    optimizer.total_steps is fixed so that a run trained on compiles to the same step (a cache hit)."""
+    return [f"--config={REPO}/experiments/configs/moma_tiny.py:demo", f"--config.moma.variant={variant}",
+            "--config.model.vocab_size=288", "--config.model.d_model=32", "--config.model.num_layers=1",
+            "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.d_ff=64",
+            "--config.model.max_seq_len=64", "--config.data.tokenizer=byte", "--config.data.seq_len=48",
+            "--config.data.global_batch_size=8", f"--config.steps={steps}", "--config.log_every=1",
+            "--config.eval_every=0", "--config.checkpoint_every=2", "--config.optimizer.warmup_steps=1",
+            "--config.optimizer.total_steps=4", "--config.moma.image_source=builtin:64",
+            f"--config.moma.image_tokenizer.dir={vq_dir}", "--config.moma.image_tokenizer.image_size=8",
+            "--config.moma.image_tokenizer.downsample=2", "--config.moma.image_tokenizer.widths=(8,)",
+            "--config.moma.image_tokenizer.codebook_size=16", "--config.moma.image_tokenizer.code_dim=8",
+            "--config.moma.image_tokenizer.steps=3", "--config.moma.image_tokenizer.batch_size=8", *extra]

@@ -15,6 +15,7 @@ from lm_core.checkpoint import latest_meta
 from lm_core.errors import UserError
 from lm_core.metrics import read_metrics
 from lm_core.trainer import check_same_meta, run_state
+from tests.helpers import moma_micro_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,19 +28,7 @@ def shared(tmp_path_factory) -> Path:
 
 
 def micro(shared: Path, variant: str, steps: int, *extra: str) -> list[str]:
-    """A seconds-sized run: one layer, byte captions, 8x8 images -> 4x4 codes of a 16-code VQ trained for 3 steps.
-    optimizer.total_steps is fixed so that a run trained on compiles to the same step (a cache hit)."""
-    return [f"--config={REPO}/experiments/configs/moma_tiny.py:demo", f"--config.moma.variant={variant}",
-            "--config.model.vocab_size=288", "--config.model.d_model=32", "--config.model.num_layers=1",
-            "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.d_ff=64",
-            "--config.model.max_seq_len=64", "--config.data.tokenizer=byte", "--config.data.seq_len=48",
-            "--config.data.global_batch_size=8", f"--config.steps={steps}", "--config.log_every=1",
-            "--config.eval_every=0", "--config.checkpoint_every=2", "--config.optimizer.warmup_steps=1",
-            "--config.optimizer.total_steps=4", "--config.moma.image_source=builtin:64",
-            f"--config.moma.image_tokenizer.dir={shared / 'vq'}", "--config.moma.image_tokenizer.image_size=8",
-            "--config.moma.image_tokenizer.downsample=2", "--config.moma.image_tokenizer.widths=(8,)",
-            "--config.moma.image_tokenizer.codebook_size=16", "--config.moma.image_tokenizer.code_dim=8",
-            "--config.moma.image_tokenizer.steps=3", "--config.moma.image_tokenizer.batch_size=8", *extra]
+    return moma_micro_flags(shared / "vq", variant, steps, *extra)
 
 
 def entrypoint(shared: Path, module: str, *args: str) -> subprocess.CompletedProcess:

@@ -223,3 +223,24 @@ def test_a_kvp_pipeline_as_two_processes_gives_the_one_process_losses(tmp_path):
     assert [len(losses[1][run]) for run in losses[1]] == [4, 3, 3]
     for run, values in losses[1].items():
         assert losses[2][run] == pytest.approx(values, rel=1e-5), run
+
+
+@pytest.mark.slow
+def test_an_upcycled_moma_run_as_two_processes_gives_the_one_process_losses(tmp_path):
+    # The upcycled weights come from a model loaded on one process-local device: each process places its shards.
+    # Two routing groups in both jobs (by default there is one per batch shard: 1 in 1 process, 2 in 2).
+    from lm_core.metrics import read_metrics
+    from tests.helpers import moma_micro_flags
+
+    seed, vq = tmp_path / "moe_1t1i", tmp_path / "vq"
+    run_entrypoint_job("experiments.moma.train", [f"--workdir={seed}", *moma_micro_flags(vq, "moe_1t1i", 2)], 1,
+                       tmp_path)
+    losses = {}
+    for count in (1, 2):
+        workdir = tmp_path / f"up{count}"
+        upcycle = [f"--config.moma.upcycle_from={seed}", "--config.moma.routing_groups=2"]
+        run_entrypoint_job("experiments.moma.train",
+                           [f"--workdir={workdir}", *moma_micro_flags(vq, "moe_2t2i", 3, *upcycle)], count, tmp_path)
+        losses[count] = [row["loss"] for row in read_metrics(workdir / "metrics.jsonl") if "loss" in row]
+    assert len(losses[1]) == 3
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)

@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from kv_prediction import knowledge  # noqa: F401  (registers the knowledge:<source> and retrieval:<source> sources)
@@ -37,7 +36,7 @@ from kv_prediction.optim import make_kvp_optimizer
 from kv_prediction.variants import AuxSpec, build_kvp_model, resolve_spec
 from lm_core.checkpoint import check_same_model, latest_meta
 from lm_core.config import ModelConfig
-from lm_core.distributed import wait_for_every_process
+from lm_core.distributed import place_like, wait_for_every_process
 from lm_core.errors import UserError
 from lm_core.flops import flops_per_token
 from lm_core.model import Transformer
@@ -170,21 +169,6 @@ def initial_aux(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) 
     return model
 
 
-def copy_into(target: nnx.State, source: nnx.State) -> nnx.State:
-    """`source` values placed like `target` (keeps each leaf's sharding), for loading weights into a train state.
-
-    `source` sits on one process-local device (lm_core.trainer.load_trained_model); a device_put onto a mesh that
-    spans other processes would be a cross-host transfer, so each process places its own shards from host memory."""
-    if jax.process_count() == 1:
-        return jax.tree.map(lambda t, s: jax.device_put(s, t.sharding), target, source)
-
-    def place(t: jax.Array, s: jax.Array) -> jax.Array:
-        host = np.asarray(s)
-        return jax.make_array_from_callback(t.shape, t.sharding, lambda index: host[index])
-
-    return jax.tree.map(place, target, source)
-
-
 # --- tasks ----------------------------------------------------------------------------------------------------
 
 
@@ -210,8 +194,8 @@ def kvp_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> 
     def initialize(state: TrainState) -> TrainState:
         params = state.params
         mesh = jax.tree.leaves(params["base"])[0].sharding.mesh  # the training mesh: no copy through one device
-        params["base"] = copy_into(params["base"], nnx.state(load_base(workdir, mesh), nnx.Param))
-        params["aux"] = copy_into(params["aux"], nnx.state(initial_aux(config, workdir, aux), nnx.Param))
+        params["base"] = place_like(params["base"], nnx.state(load_base(workdir, mesh), nnx.Param))
+        params["aux"] = place_like(params["aux"], nnx.state(initial_aux(config, workdir, aux), nnx.Param))
         return state._replace(params=params)
 
     loss = functools.partial(kvp_loss, lambda_base=kvp.lambda_base, lambda_aux=kvp.lambda_aux,
@@ -228,7 +212,7 @@ def kvp_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> 
 
 def aux_only_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> TrainTask:
     def initialize(state: TrainState) -> TrainState:
-        return state._replace(params=copy_into(state.params, nnx.state(initial_aux(config, workdir, aux),
+        return state._replace(params=place_like(state.params, nnx.state(initial_aux(config, workdir, aux),
                                                                        nnx.Param)))
 
     return TrainTask(initialize=initialize, extra_meta={"aux_only_variant": aux.name,

@@ -385,6 +385,7 @@ def moma_task(config, workdir: str | Path, check_data: bool = True, num_devices:
                                 chunk_tokens=config.loss_chunk_tokens)
 
     def initialize_upcycled(state):  # TrainState -> TrainState: the 1t1i weights, every expert a copy
+        from lm_core.distributed import place_like
         from moma.upcycle import upcycle_params
 
         seed = seed_record(config.moma.upcycle_from)  # the seed's latest checkpoint, the one load_moma reads
@@ -393,8 +394,8 @@ def moma_task(config, workdir: str | Path, check_data: bool = True, num_devices:
         if jax.process_index() == 0:  # on the fresh state only (a resumed run keeps its record)
             Path(workdir).mkdir(parents=True, exist_ok=True)
             (Path(workdir) / UPCYCLE_SEED_FILE).write_text(json.dumps(seed, indent=2) + "\n")
-        return state._replace(params=jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), params,
-                                                  state.params))
+        # each process places its own shards (a device_put across processes would be a cross-host transfer)
+        return state._replace(params=place_like(state.params, params))
 
     return TrainTask(
         loss_fn=with_router_noise(loss_fn) if moma.router_noise else loss_fn,
