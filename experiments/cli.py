@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -60,12 +61,26 @@ def _last_reason(error: BaseException) -> str:
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = flags.FLAGS(argv)
+        _refuse_url_paths()
         _load_config_flags()
         return remaining
     except (flags.Error, KeyError, ValueError, TypeError, AttributeError, OSError, SyntaxError) as error:
         # absl would print the whole usage and exit 1; a user wants the one line that names the bad flag.
         fail(one_line(error))
         raise  # unreachable: fail() exits
+
+
+URL_PATH_FLAGS = ("workdir", "out")  # the paths entrypoints write to
+
+
+def _refuse_url_paths() -> None:
+    """A gs://-style URL given as --workdir or --out is refused in one line: every file a run writes goes through
+    pathlib, which would turn gs://bucket/run into a local directory named gs:/bucket/run."""
+    for name in URL_PATH_FLAGS:
+        value = flags.FLAGS[name].value if name in flags.FLAGS else None
+        if isinstance(value, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+            raise ValueError(f"--{name}={value}: URL paths are not supported (runs read and write local paths); "
+                             "valid: a local path, or the bucket mounted as a directory (e.g. with gcsfuse)")
 
 
 def _load_config_flags() -> None:

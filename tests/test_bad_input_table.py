@@ -19,6 +19,11 @@ MOMA_DEMO = [f"--config={MOMA_CONFIG}:demo", "--config.moma.image_tokenizer.dir=
 
 # (name, module, arguments with {tmp} for the test's directory, a fragment the error line must contain)
 CASES = [
+    ("URL workdir", "experiments.train_lm", ["--workdir=gs://bucket/run"],
+     "--workdir=gs://bucket/run: URL paths are not supported"),
+    ("URL prepared-data output", "experiments.prepare_data", ["--source=builtin", "--tokenizer=byte",
+                                                              "--out=s3://bucket/tokens"],
+     "--out=s3://bucket/tokens: URL paths are not supported"),
     ("unknown override", "experiments.train_lm", ["--workdir={tmp}/w", "--config.nonexistent=1"],
      "--config.nonexistent: no such field"),
     ("missing config file", "experiments.train_lm", ["--workdir={tmp}/w", "--config={tmp}/missing.py"],
