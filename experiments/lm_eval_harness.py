@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from lm_eval.api.registry import register_model
 
 from experiments.cli import run
 from kv_prediction.inference import kvp_prefill, padded_prompts
+from lm_core.atomic_files import write_json_atomically
 from lm_core.errors import UserError
 from lm_core.generation import SamplingConfig, decode, left_pad, prefill
 
@@ -585,14 +585,6 @@ def table_lines(rows: Sequence[tuple[str, str, float, Any, int]]) -> list[str]:
     return lines
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write then rename: a reader never sees half a file, an interrupted run leaves the previous one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def default_output(workdir: Path, kvp: str | None) -> Path:
     return workdir / (f"{RESULTS_FILE}_kvp_{kvp}.json" if kvp else f"{RESULTS_FILE}.json")
 
@@ -626,7 +618,7 @@ def main(argv: list[str]) -> None:
     print(f"# {lm.loaded.description}, checkpoint step {lm.loaded.step}")
     print("\n".join(table_lines(metric_rows(results))))
     output = Path(args.output) if args.output else default_output(workdir, args.kvp)
-    write_json_atomic(output, {"workdir": str(workdir), "kvp": args.kvp, "checkpoint_step": lm.loaded.step,
+    write_json_atomically(output, {"workdir": str(workdir), "kvp": args.kvp, "checkpoint_step": lm.loaded.step,
                                "model": lm.loaded.description, "limit": args.limit, "max_length": lm.max_length,
                                "results": results["results"], "n_samples": results.get("n-samples", {}),
                                "versions": results.get("versions", {})})

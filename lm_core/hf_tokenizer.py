@@ -29,6 +29,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from lm_core import tokenizer as tok
+from lm_core.atomic_files import write_bytes_atomically
 from lm_core.errors import UserError
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -372,7 +373,7 @@ def export_hf_tokenizer(tokenizer: Any, out_dir: Path, *, model_max_length: int)
     special_map.update({key: config[key] for key in _ROLE_KEYS if config.get(key)})
     files[SPECIAL_TOKENS_MAP] = _json_bytes(special_map)
     for name, data in files.items():
-        tok._atomic_write(out_dir / name, data)
+        write_bytes_atomically(out_dir / name, data)
 
 
 _ROLE_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")

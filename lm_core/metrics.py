@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lm_core.atomic_files import write_jsonl_atomically
 from lm_core.wandb_writer import WandbOptions, WandbWriter
 
 
@@ -75,9 +76,7 @@ def truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [row for row in read_metrics(path) if row.get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    tmp.replace(path)
+    write_jsonl_atomically(path, kept)
 
 
 class Progress:

@@ -21,7 +21,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from lm_core.atomic_files import write_bytes_atomically
 from lm_core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class Tokenizer:
         return self._sp.id_to_piece(int(token_id))
 
     def save(self, path: str | Path) -> None:
-        _atomic_write(Path(path), self._proto)
+        write_bytes_atomically(Path(path), self._proto)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -202,7 +202,7 @@ class ByteTokenizer:
         return json.dumps({"kind": "byte", "num_reserved_ids": self.num_reserved_ids}).encode()
 
     def save(self, path: str | Path) -> None:
-        _atomic_write(Path(path), self.model_bytes)
+        write_bytes_atomically(Path(path), self.model_bytes)
 
     @classmethod
     def load(cls, path: str | Path) -> ByteTokenizer:
@@ -254,12 +254,12 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec, cache_dir: str | 
     start = time.perf_counter()
     proto = _append_reserved_pieces(_train_sentencepiece(corpus.sentences, spec), spec.num_reserved_ids)
     tokenizer = Tokenizer(proto)
-    _atomic_write(model_path, proto)
+    write_bytes_atomically(model_path, proto)
     info = {"spec": dataclasses.asdict(spec), "corpus_sha256": corpus.fingerprint, "corpus_chars": corpus.chars,
             "corpus_sentences": corpus.num_sentences, "train_seconds": round(time.perf_counter() - start, 3)}
     if sampled:
         info["training_sentences"] = len(corpus.sentences)
-    _atomic_write(model_path.with_name("spec.json"), json.dumps(info, indent=2).encode())
+    write_bytes_atomically(model_path.with_name("spec.json"), json.dumps(info, indent=2).encode())
     log.info("trained tokenizer %s in %.1fs", model_path, info["train_seconds"])
     return tokenizer
 
@@ -391,19 +391,6 @@ def _count_trailing_unused(sp: spm.SentencePieceProcessor) -> int:
     while count < sp.get_piece_size() and sp.is_unused(sp.get_piece_size() - 1 - count):
         count += 1
     return count
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _one_line(error: BaseException) -> str:

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm_core import distributed, flops, sharding
+from lm_core.atomic_files import write_json_atomically
 from lm_core.checkpoint import (
     Checkpointer,
     abstract_like,
@@ -652,7 +653,7 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: Path, tokenizer
     # (an unwritable directory would otherwise surface inside Orbax after the whole run, see lm_core.checkpoint).
     prove_writable(workdir / "checkpoints")
     if jax.process_index() == 0:
-        _write_json_atomically(workdir / "config.json", config.to_dict())
+        write_json_atomically(workdir / "config.json", config.to_dict(), sort_keys=True)
         from lm_core.hf_tokenizer import PRETRAINED_DIRNAME, PretrainedTokenizer
 
         if isinstance(tokenizer, PretrainedTokenizer):
@@ -733,12 +734,6 @@ def check_same_meta(saved: dict[str, Any], expected: dict[str, Any], workdir: Pa
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-def _write_json_atomically(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
 
 
 def read_config_json(workdir: str | Path, *, trained_by: str = "experiments.train_lm") -> ml_collections.ConfigDict:

@@ -15,6 +15,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from lm_core.atomic_files import write_text_atomically
 from lm_core.errors import UserError
 
 MODES = ("offline", "online", "disabled")
@@ -73,9 +74,7 @@ def stable_run_id(workdir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     run_id = secrets.token_hex(4)  # W&B ids allow [a-z0-9_-]; 8 hex digits as W&B's own are 8 base-36 digits
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(run_id + "\n")
-    tmp.replace(path)
+    write_text_atomically(path, run_id + "\n")
     return run_id
 
 

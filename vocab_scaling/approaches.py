@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import numpy as np
 import scipy.optimize
 from numpy.typing import ArrayLike
 
+from lm_core import atomic_files
 from lm_core.errors import UserError
 from vocab_scaling.fitting import (
     FLOPS_UNIT,
@@ -131,21 +130,11 @@ PAPER_COEFFICIENTS = Coefficients(
 
 def write_json_atomically(path: str | Path, values: dict[str, Any]) -> Path:
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a result file."""
-    path = Path(path)
-    temporary = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(handle, "w") as file:
-            json.dump(values, file, indent=2)
-            file.write("\n")
-        os.replace(temporary, path)
+        return atomic_files.write_json_atomically(path, values)
     except OSError as error:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)  # never leave the temporary file behind
         raise UserError(f"cannot write {path} ({error.strerror or error}); valid: a path in a writable "
                         "directory") from None
-    return path
 
 
 def _solve_positive_root(equation: Callable[[float], float], start: float, scale: Callable[[float], float],

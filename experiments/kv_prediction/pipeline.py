@@ -34,6 +34,7 @@ from kv_prediction.inference import predictor_flops_per_token
 from kv_prediction.loss import kvp_loss
 from kv_prediction.optim import make_kvp_optimizer
 from kv_prediction.variants import AuxSpec, build_kvp_model, resolve_spec
+from lm_core.atomic_files import write_json_atomically
 from lm_core.checkpoint import check_same_model, latest_meta
 from lm_core.config import ModelConfig
 from lm_core.distributed import place_like, wait_for_every_process
@@ -104,10 +105,7 @@ def stage_config(config: ml_collections.ConfigDict, steps: int, model: ModelConf
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Write the pipeline's config.json (process 0 alone: every process would write the same file)."""
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
-        tmp.replace(workdir / CONFIG_FILE)
+        write_json_atomically(workdir / CONFIG_FILE, config.to_dict(), sort_keys=True)
     wait_for_every_process("kvp config saved")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from experiments.kv_prediction.models import check_base_matches, load_family
 from experiments.kv_prediction.pipeline import base_dir, resolve_variants
 from experiments.plots import plt  # headless matplotlib, configured there
 from kv_prediction.inference import prefill_flops
+from lm_core.atomic_files import write_json_atomically
 from lm_core.trainer import load_trained_model
 
 RESULTS_FILE = "evaluation.json"
@@ -199,9 +199,7 @@ def write_report(workdir: Path, config: ml_collections.ConfigDict, rows: list[di
     workdir = workdir.absolute()
     claims = claim_lines(rows, data.chance, config)
     results = {"models": models_list(rows), "rows": rows, "chance": data.chance, "claims": claims}
-    tmp = workdir / (RESULTS_FILE + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(workdir / RESULTS_FILE)
+    write_json_atomically(workdir / RESULTS_FILE, results)
     pareto_plot(workdir / "pareto_flops.png", rows, "ttft_flops", f"TTFT FLOPs ({kvp.ttft_prompt_len}-token prompt)")
     pareto_plot(workdir / "pareto_ttft.png", rows, "ttft_s",
                 f"measured TTFT on this machine (ms, {kvp.ttft_prompt_len}-token prompt)", 1e3)

@@ -11,7 +11,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lm_core.atomic_files import save_npy_atomically, write_json_atomically
 from lm_core.errors import UserError
 from lm_core.metrics import format_seconds, read_metrics
 from vocab_scaling.sweep import ModelGroup, PlannedRun, isoflop_points, plan_sweep
@@ -74,10 +74,7 @@ def log_unigram(tokenizer: Any, train_texts: Sequence[str], cache: Path) -> np.n
            for i in range(len(train_texts))]
     distribution = unigram_distribution(ids, tokenizer.vocab_size)
     values = np.log(distribution).astype(np.float32)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")  # every process of a multi-host sweep writes the same table
-    np.save(tmp, values)
-    tmp.replace(cache)
+    save_npy_atomically(cache, values)  # every process of a multi-host sweep writes the same table
     return values
 
 
@@ -168,9 +165,7 @@ def train_run(base: ml_collections.ConfigDict, planned: PlannedRun, run_dir: Pat
         if not is_main_process():  # process 0 writes metrics.jsonl, the result and the report
             return []
         rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
-        tmp = result_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"run": planned.as_row(), "eval_rows": rows}, indent=1))
-        tmp.replace(result_file)
+        write_json_atomically(result_file, {"run": planned.as_row(), "eval_rows": rows}, indent=1)
     return json.loads(result_file.read_text())["eval_rows"]
 
 
