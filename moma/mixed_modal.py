@@ -42,6 +42,8 @@ from lm_core.data.stream import PackedStream
 from lm_core.errors import UserError
 from lm_core.tokenizer import TextTokenizer
 from moma.variants import image_token_mask
+from moma.vq.codec import encode_images
+from moma.vq.model import VQTokenizer
 
 # Captions tokenized per encode_batch call (as lm_core's loader does): threads for sentencepiece, quick first batch.
 _TOKENIZE_CHUNK = 256
@@ -208,6 +210,19 @@ class CodedPairs:
                 raise
             raise UserError(f"coded pairs '{path}' are missing or corrupt ({' '.join(str(e).split())[:160]}); "
                             "valid: a file written by CodedPairs.save") from e
+
+
+def encode_pairs(model: VQTokenizer, items: Sequence[Any], batch_size: int = 64) -> CodedPairs:
+    """Quantise an image-caption split (ImageCaption-like items) once with a VQ tokenizer, for this module's
+    loader."""
+    codes, captions = [], []
+    for start in range(0, len(items), batch_size):
+        chunk = [items[i] for i in range(start, min(start + batch_size, len(items)))]
+        codes.append(encode_images(model, np.stack([item.image for item in chunk]), batch_size))
+        captions += [item.caption for item in chunk]
+    grid = model.config.grid_size
+    stacked = np.concatenate(codes) if codes else np.zeros((0, grid, grid), np.int32)
+    return CodedPairs(captions, stacked, model.config.codebook_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------

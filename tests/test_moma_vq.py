@@ -18,7 +18,14 @@ from lm_core.errors import UserError
 from lm_core.tokenizer import ByteTokenizer
 from moma import vq
 from moma.images import RenderedGlyphs, image_batches
-from moma.mixed_modal import MixedModalLoader, MixedVocab, mixed_document, modality_counts, reserved_ids_for_images
+from moma.mixed_modal import (
+    MixedModalLoader,
+    MixedVocab,
+    encode_pairs,
+    mixed_document,
+    modality_counts,
+    reserved_ids_for_images,
+)
 
 # One stride-2 level keeps compilation short on CPU; test_deeper_configs_have_the_right_shapes covers f = 4, 8.
 CONFIG = vq.VQConfig(image_size=16, downsample=2, codebook_size=32, code_dim=8, widths=(16,))
@@ -166,7 +173,7 @@ def test_save_and_load_round_trip(trained, tmp_path):
 def test_encoded_pairs_feed_the_mixed_modal_loader(trained):
     model, _ = trained
     items = RenderedGlyphs(5, 2, 16)
-    pairs = vq.encode_pairs(model, items)
+    pairs = encode_pairs(model, items)
     assert pairs.codes.shape == (5, 8, 8) and list(pairs.captions) == [items[i].caption for i in range(5)]
     tokenizer = ByteTokenizer(num_reserved_ids=reserved_ids_for_images(CONFIG.codebook_size))
     vocab = MixedVocab.for_tokenizer(tokenizer, CONFIG.codebook_size)

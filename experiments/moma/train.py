@@ -273,13 +273,13 @@ def ensure_image_tokenizer(config, source):  # -> moma.vq.VQTokenizer
 def coded_pairs(config, split: str, source, vq_model=None):  # -> moma.mixed_modal.CodedPairs
     """`split` of the image source quantised by the run's VQ tokenizer, cached in the tokenizer's dir."""
     from moma import vq
-    from moma.mixed_modal import CodedPairs
+    from moma.mixed_modal import CodedPairs, encode_pairs
 
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", config.moma.image_source).strip("_")
     path = image_tokenizer_dir(config) / "pairs" / f"{name}-{split}.npz"
     if path.exists():
         return CodedPairs.load(path)
-    pairs = vq.encode_pairs(vq_model or vq.load_vq(image_tokenizer_dir(config)), source.split(split))
+    pairs = encode_pairs(vq_model or vq.load_vq(image_tokenizer_dir(config)), source.split(split))
     pairs.save(path)
     return pairs
 
