@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lm_core.atomic_files import write_bytes_atomically
 from lm_core.data.packing import TokenizedDocument, tokenized_document
 from lm_core.data.stream import PackedStream
 from lm_core.errors import UserError
@@ -191,14 +192,11 @@ class CodedPairs:
         return int(np.prod(self.codes.shape[1:]))
 
     def save(self, path: str | os.PathLike) -> None:
-        """One .npz (codes, captions as JSON) written under a temporary name, then renamed."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, codes=self.codes, captions=np.asarray(json.dumps(list(self.captions))),
-                     codebook_size=np.asarray(self.codebook_size))
-        os.replace(tmp, path)
+        """One .npz (codes, captions as JSON), written atomically."""
+        buffer = io.BytesIO()
+        np.savez(buffer, codes=self.codes, captions=np.asarray(json.dumps(list(self.captions))),
+                 codebook_size=np.asarray(self.codebook_size))
+        write_bytes_atomically(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CodedPairs:

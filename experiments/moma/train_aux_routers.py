@@ -38,6 +38,7 @@ from typing import Any
 from absl import flags
 
 from experiments.cli import run as run_main
+from lm_core.atomic_files import write_json_atomically, write_jsonl_atomically
 
 OUTPUT_DIR = "aux_routers"
 
@@ -194,12 +195,13 @@ def run(config: AuxRouterConfig | None, workdir: str | Path) -> dict[str, float]
     else:
         history = train_with_progress(model, training_stream(run_config, workdir), config)
         save_aux_routers(model, output / "checkpoints", config.steps, meta)
-        write_lines(output / "metrics.jsonl", history)
+        write_jsonl_atomically(output / "metrics.jsonl", history)
     batches = eval_batches(workdir, config.eval_batches)
     results = evaluate_routing(model, batches, moma.image_token_range, causal_capacity=config.causal_capacity)
     results["causal_minus_noncausal_loss"] = results["causal_loss"] - results["noncausal_loss"]
     results["train_steps"] = float(config.steps)
-    write_json(output / "results.json", {"variant": moma.variant, **dataclasses.asdict(config), **results})
+    write_json_atomically(output / "results.json", {"variant": moma.variant, **dataclasses.asdict(config), **results},
+                          sort_keys=True)
     return results
 
 
@@ -217,20 +219,6 @@ def train_with_progress(model, stream: Iterator[dict[str, Any]], config: AuxRout
                   f"{metrics['aux_router_accuracy']:.3f} | recall {metrics['aux_router_recall']:.3f} | "
                   f"eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
     return history
-
-
-def write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
-
-
-def write_json(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
-    tmp.replace(path)
 
 
 def summary(results: dict[str, float]) -> str:

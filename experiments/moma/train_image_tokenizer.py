@@ -25,6 +25,7 @@ from pathlib import Path
 from absl import flags
 
 from experiments.cli import run
+from lm_core.atomic_files import write_jsonl_atomically
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the tokenizer, plots and report go.", required=True)
 _SOURCE = flags.DEFINE_string("source", "builtin", "builtin[:<count>] | images:<folder> | tfds:<name>[/<config>]")
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> None:
         (workdir / "config.json").write_text(json.dumps(_flag_values(), indent=2) + "\n")
         model, history = _train(config, source)
         vq.save_vq(model, vq_dir)
-        _write_jsonl(workdir / "metrics.jsonl", history)
+        write_jsonl_atomically(workdir / "metrics.jsonl", history)
     validation = source.split("validation")
     images = vq.stack_images(validation, _EVAL_IMAGES.value)
     result = vq.evaluate(model, images)
@@ -155,12 +156,6 @@ def _command_flags() -> list[str]:
     values = _flag_values()
     return [f"--workdir={_WORKDIR.value}"] + [
         f"--{k}={','.join(v) if isinstance(v, list) else v}" for k, v in values.items() if v is not None]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
