@@ -17,3 +17,9 @@ class RunStopped(Exception):
 class TrainingDiverged(FloatingPointError):
     """A train step's objective, gradient norm or updated parameters were not finite: the step was not applied and
     the last finite state is the newest checkpoint. Entrypoints print the one-line message and exit with code 1."""
+
+
+def brief(error: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line (whitespace collapsed), at most `limit` characters: for quoting a
+    library's error inside a UserError's one line."""
+    return " ".join(str(error).split())[:limit] or type(error).__name__

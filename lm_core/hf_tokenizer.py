@@ -30,7 +30,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from lm_core import tokenizer as tok
 from lm_core.atomic_files import write_bytes_atomically
-from lm_core.errors import UserError
+from lm_core.errors import UserError, brief
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = tok.MODEL_FILENAME  # "tokenizer.model"
@@ -160,7 +160,7 @@ class PretrainedTokenizer:
         except UserError:
             raise
         except Exception as e:  # tokenizers raises plain Exception, sentencepiece RuntimeError
-            raise UserError(f"'{self.source}' has a {name} that does not load ({tok._one_line(e)}); "
+            raise UserError(f"'{self.source}' has a {name} that does not load ({brief(e)}); "
                             f"{_VALID_PATH}") from e
 
     @property
@@ -308,7 +308,7 @@ def _read_json_config(files: dict[str, bytes], name: str, source: Path) -> dict[
     try:
         value = json.loads(files[name])
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"'{source}' has a {name} that is not JSON ({tok._one_line(e)}); valid: the JSON object "
+        raise UserError(f"'{source}' has a {name} that is not JSON ({brief(e)}); valid: the JSON object "
                         "Hugging Face writes") from e
     if not isinstance(value, dict):
         raise UserError(f"'{source}' has a {name} that is not a JSON object; valid: the object Hugging Face writes")
@@ -319,7 +319,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise UserError(f"tokenizer file '{path}' is not readable ({tok._one_line(e)}); {_VALID_PATH}") from e
+        raise UserError(f"tokenizer file '{path}' is not readable ({brief(e)}); {_VALID_PATH}") from e
 
 
 def _write_directory_atomically(directory: Path, files: dict[str, bytes]) -> None:
@@ -486,7 +486,7 @@ def _parse_proto(proto: bytes) -> model_pb2.ModelProto:
     try:
         return model_pb2.ModelProto.FromString(proto)
     except Exception as e:  # protobuf's DecodeError
-        raise UserError(f"not a sentencepiece model ({tok._one_line(e)}); valid: a tokenizer.model") from e
+        raise UserError(f"not a sentencepiece model ({brief(e)}); valid: a tokenizer.model") from e
 
 
 def _bpe_merges(pieces: list[Any]) -> list[tuple[str, str]]:

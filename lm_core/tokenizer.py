@@ -31,7 +31,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from lm_core.atomic_files import write_bytes_atomically
-from lm_core.errors import UserError
+from lm_core.errors import UserError, brief
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Tokenizer:
         try:
             return cls(path.read_bytes())
         except (RuntimeError, OSError) as e:
-            raise UserError(f"tokenizer model '{path}' is not a readable sentencepiece model ({_one_line(e)}); "
+            raise UserError(f"tokenizer model '{path}' is not a readable sentencepiece model ({brief(e)}); "
                             f"valid: a {MODEL_FILENAME} written by train_tokenizer or Tokenizer.save") from e
 
     def __repr__(self) -> str:
@@ -212,7 +212,7 @@ class ByteTokenizer:
                 raise ValueError(f"kind={config.get('kind')!r}")
             return cls(int(config["num_reserved_ids"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"byte tokenizer file '{path}' is missing or corrupt ({_one_line(e)}); "
+            raise UserError(f"byte tokenizer file '{path}' is missing or corrupt ({brief(e)}); "
                             "valid: a file written by ByteTokenizer.save") from e
 
     def __repr__(self) -> str:
@@ -391,7 +391,3 @@ def _count_trailing_unused(sp: spm.SentencePieceProcessor) -> int:
     while count < sp.get_piece_size() and sp.is_unused(sp.get_piece_size() - 1 - count):
         count += 1
     return count
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:200]

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from lm_core.data.sources import VALIDATION_PER_MILLE, TextSource, hash_split, register_text_source
-from lm_core.errors import UserError
+from lm_core.errors import UserError, brief
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ class FolderImages(_IndexedView):
             with Image.open(self.folder / key) as image:
                 array = fit_image(image, self.image_size)
         except _UNREADABLE as e:
-            raise UserError(f"image '{self.folder / key}' became unreadable ({_one_line(e)}); valid: an image "
+            raise UserError(f"image '{self.folder / key}' became unreadable ({brief(e)}); valid: an image "
                             "Pillow can open (restart to rescan the folder)") from e
         return ImageCaption(array, self.captions[key], str(self.folder / key))
 
@@ -453,7 +453,7 @@ def _tfds_source(name: str, image_size: int, data_dir: str | os.PathLike | None)
         raise UserError(f"unknown TFDS dataset '{name}'{hint}; valid: a name from tfds.list_builders() with an "
                         "Image feature and a caption") from e
     except ValueError as e:
-        raise UserError(f"cannot open TFDS dataset '{name}' ({_one_line(e)}); valid: tfds:<name>[/<config>] "
+        raise UserError(f"cannot open TFDS dataset '{name}' ({brief(e)}); valid: tfds:<name>[/<config>] "
                         "with a config the dataset defines") from e
     except ModuleNotFoundError as e:  # some builders import TensorFlow or their own packages just to be made
         reason = " ".join(str(e).split()).rsplit(": ", 1)[-1][:120]  # TFDS prefixes its builder arguments
@@ -465,7 +465,7 @@ def _tfds_source(name: str, image_size: int, data_dir: str | os.PathLike | None)
         builder = builtin_tfds.prepared_builder(make_builder)
     except Exception as e:  # noqa: BLE001 - downloads fail in many ways; all mean "prepare it yourself"
         raise UserError(f"could not prepare TFDS dataset '{name}' in '{builder.data_dir_root}' "
-                        f"({type(e).__name__}: {_one_line(e)[:160]}); valid: a prepared dataset, e.g. "
+                        f"({type(e).__name__}: {brief(e)[:160]}); valid: a prepared dataset, e.g. "
                         f"`tfds build {name} --file_format=array_record --data_dir=DIR` then data_dir=DIR") from e
     records = builtin_tfds.data_sources(builder)
     splits = {split: RecordImages(source, indices, image_key, caption_of, image_size, name)
@@ -562,8 +562,6 @@ def _captions_text_source(argument: str, *, data_dir: str | os.PathLike | None) 
     return TextSource(f"image_captions:{argument}", {split: Captions(items) for split, items in source.splits.items()})
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:200]
 
 
 register_text_source("image_captions", _captions_text_source, form="image_captions:<image source spec>",

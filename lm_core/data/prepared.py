@@ -46,7 +46,7 @@ from lm_core.data.loader import content_digest
 from lm_core.data.packing import TokenizedDocument, tokenized_document
 from lm_core.data.sources import TextSource, get_text_source
 from lm_core.data.stream import PackedStream, check_positive
-from lm_core.errors import UserError
+from lm_core.errors import UserError, brief
 from lm_core.staging import staged_directory
 
 PREFIX = "tokens"
@@ -191,7 +191,7 @@ def open_prepared(spec: str | os.PathLike) -> PreparedDataset:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not readable JSON ({tok._one_line(e)}); {_VALID_DIR}") from e
+        raise UserError(f"{path} is not readable JSON ({brief(e)}); {_VALID_DIR}") from e
     problem = _manifest_problem(manifest, directory)
     if problem:
         raise UserError(f"{path} is not a usable prepared dataset manifest ({problem}); valid: prepare the dataset "
@@ -235,7 +235,7 @@ def _split_problem(split: Any, directory: Path) -> str:
             return f"shard document counts {counts} do not add up to {split['documents']}"
         int(split["content_digest"])
     except (KeyError, TypeError, ValueError) as e:
-        return f"{type(e).__name__}: {tok._one_line(e)}"
+        return f"{type(e).__name__}: {brief(e)}"
     missing = [file for file in files if not (directory / file).is_file()]
     return f"missing shard files {missing[:3]}" if missing else ""
 
