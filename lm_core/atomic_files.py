@@ -2,8 +2,8 @@
 
 Each writer puts the content into a temporary file of its own beside the target (a unique name, so processes of a
 multi-host job writing the same file never share one), then renames it over the target. A reader sees the old
-file or the new one, never half of one; a run killed mid-write leaves the previous file and no temporary behind
-(it is removed on any failure).
+file or the new one, never half of one. A failed write leaves the previous file and removes its temporary; a
+process killed mid-write (kill -9) can leave only a hidden `.<name>.*.tmp` beside it, never a half-written target.
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from lm_core.config import ModelConfig
+from lm_core.distributed import answer_of_process_0
 from lm_core.errors import UserError
 
 
@@ -152,12 +152,7 @@ def exists_on_process_0(directory: Path) -> bool:
     """Whether process 0 sees `directory`, the same answer on every process. Opening a Checkpointer is a collective
     (Orbax syncs the processes), so all must take the same branch: a checkpoint directory that process 0 is
     creating meanwhile (lm_core.trainer's `_prepare_workdir`) must not split them."""
-    seen = directory.is_dir()
-    if jax.process_count() == 1:
-        return seen
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(seen)))
+    return answer_of_process_0(directory.is_dir())
 
 
 def prove_writable(directory: Path) -> None:

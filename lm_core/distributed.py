@@ -92,3 +92,14 @@ def place_like(target: Any, source: Any) -> Any:
         return jax.make_array_from_callback(t.shape, t.sharding, lambda index: host[index])
 
     return jax.tree.map(place, target, source)
+
+
+def answer_of_process_0(answer: bool) -> bool:
+    """Process 0's `answer` on every process (each passes its own; a 1-process run gets it back). For decisions
+    that lead into collectives, which every process must take alike even when their file systems differ for a
+    moment (a directory process 0 is creating)."""
+    if jax.process_count() == 1:
+        return answer
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(answer)))

@@ -129,3 +129,19 @@ def test_every_stage_checkpoints_at_the_configured_cadence_or_at_its_end():
     assert stage_config(config, 20_000).checkpoint_every == 1000
     assert stage_config(config, 300).checkpoint_every == 300  # shorter than the cadence: saved at its end
     assert stage_config(config, 20_000).eval_every == 20_000
+
+
+def test_the_base_link_is_made_once_kept_when_right_and_refused_when_something_else_is_there(tmp_path):
+    import ml_collections
+
+    from experiments.kv_prediction.pipeline import base_dir, link_pretrained_base
+    from lm_core.errors import UserError
+
+    (tmp_path / "pretrained").mkdir()
+    config = ml_collections.ConfigDict({"kvp": {"base": str(tmp_path / "pretrained")}})
+    for _ in range(2):  # made, then found right
+        link_pretrained_base(config, tmp_path / "run")
+        assert base_dir(tmp_path / "run").resolve() == tmp_path / "pretrained"
+    (tmp_path / "other" / "base").mkdir(parents=True)
+    with pytest.raises(UserError, match="is not a link to kvp.base="):
+        link_pretrained_base(config, tmp_path / "other")

@@ -37,7 +37,7 @@ from kv_prediction.variants import AuxSpec, build_kvp_model, resolve_spec
 from lm_core.atomic_files import write_json_atomically
 from lm_core.checkpoint import check_same_model, latest_meta
 from lm_core.config import ModelConfig
-from lm_core.distributed import place_like, wait_for_every_process
+from lm_core.distributed import answer_of_process_0, place_like, wait_for_every_process
 from lm_core.errors import UserError
 from lm_core.flops import flops_per_token
 from lm_core.model import Transformer
@@ -268,17 +268,18 @@ def with_pretrained_base(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 
 def link_pretrained_base(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """DIR/base -> the kvp.base workdir, so every later step finds the base where it always is. Process 0 makes
-    it and the others wait, so another process sees it absent or right, never wrong."""
+    """DIR/base -> the kvp.base workdir, so every later step finds the base where it always is. Process 0 checks
+    and makes it; the others take its answer (so they read the link only once it is there)."""
     link, target = base_dir(workdir), Path(config.kvp.base)
-    if not (link.is_symlink() and link.resolve() == target.resolve()):
-        if link.exists() or link.is_symlink():
-            raise UserError(f"{link} exists and is not a link to kvp.base={target}; valid: a new --workdir, or "
-                            "the kvp.base this workdir was made with")
-        if jax.process_index() == 0:
+    linked = True
+    if jax.process_index() == 0 and not (link.is_symlink() and link.resolve() == target.resolve()):
+        linked = not (link.exists() or link.is_symlink())
+        if linked:
             workdir.mkdir(parents=True, exist_ok=True)
             link.symlink_to(target, target_is_directory=True)
-    wait_for_every_process("kvp base linked")
+    if not answer_of_process_0(linked):  # every process refuses, or every one goes on: none waits alone
+        raise UserError(f"{link} exists and is not a link to kvp.base={target}; valid: a new --workdir, or the "
+                        "kvp.base this workdir was made with")
 
 
 def plan(config: ml_collections.ConfigDict, workdir: Path) -> list[tuple[str, Path, ml_collections.ConfigDict,
