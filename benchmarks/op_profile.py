@@ -123,9 +123,15 @@ def busy_microseconds(events: list[dict]) -> float:
     return busy
 
 
-def summary_lines(profile: OpProfile, top: int = 15) -> list[str]:
+def matmul_and_other_seconds(profile: OpProfile) -> tuple[float, float]:
+    """Seconds per call spent in matmul ops and in all other ops, summed over every op of the trace."""
     matmul_s = sum(op.seconds_per_call for op in profile.ops if op.is_matmul)
     other_s = sum(op.seconds_per_call for op in profile.ops if not op.is_matmul)
+    return matmul_s, other_s
+
+
+def summary_lines(profile: OpProfile, top: int = 15) -> list[str]:
+    matmul_s, other_s = matmul_and_other_seconds(profile)
     lines = [f"profile ({profile.trace_file}), per traced call of {1e3 * profile.wall_seconds_per_call:.1f} ms: "
              f"matmul ops {1e3 * matmul_s:.1f} ms, other ops {1e3 * other_s:.1f} ms (concurrent ops overlap); "
              f"some op running for {1e3 * profile.busy_seconds_per_call:.1f} ms"]

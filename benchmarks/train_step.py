@@ -110,9 +110,12 @@ def main() -> None:
     profile_lines: list[str] = []
     if args.profile:
         profile = op_profile.profile_ops(bench.run, calls=3, trace_dir=args.profile, hlo_text=bench.hlo_text())
+        matmul_s, other_s = op_profile.matmul_and_other_seconds(profile)
+        matmuls = [op for op in profile.ops if op.is_matmul]
         result["profile"] = {"trace_file": str(profile.trace_file), "busy_s": profile.busy_seconds_per_call,
-                             "wall_s": profile.wall_seconds_per_call,
-                             "top_ops": [dataclasses.asdict(op) for op in profile.ops[:15]]}
+                             "wall_s": profile.wall_seconds_per_call, "matmul_s": matmul_s, "other_s": other_s,
+                             "top_ops": [dataclasses.asdict(op) for op in profile.ops[:15]],
+                             "top_matmul": dataclasses.asdict(matmuls[0]) if matmuls else None}
         profile_lines = op_profile.summary_lines(profile)
     emit(result, args.json, [
         f"bench model: 4 layers, d=256, d_ff={config.d_ff}, V=4096, seq {args.seq}, batch {args.batch}, {args.dtype}",

@@ -45,10 +45,13 @@ def test_train_step_benchmark_reports_json(tmp_path):
     profile = report["profile"]
     assert Path(profile["trace_file"]).is_file() and profile["busy_s"] > 0
     top = profile["top_ops"]
-    assert top and any(op["is_matmul"] for op in top)
     seconds = [op["seconds_per_call"] for op in top]
-    assert seconds == sorted(seconds, reverse=True)  # most time first
-    assert any("dot_general" in op["description"] for op in top)  # named after the JAX operation
+    assert top and seconds == sorted(seconds, reverse=True)  # most time first
+    # which ops make the top 15 of one short traced run varies with load; that the step has matmuls does not
+    assert profile["matmul_s"] > 0 and profile["other_s"] > 0
+    top_matmul = profile["top_matmul"]
+    assert top_matmul["is_matmul"] and top_matmul["seconds_per_call"] <= seconds[0]
+    assert "dot" in top_matmul["description"]  # named after the HLO dot or its JAX dot_general
 
 
 def test_op_profile_ranks_ops_and_measures_busy_time_by_hand():
