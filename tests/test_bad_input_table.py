@@ -86,6 +86,8 @@ CASES = [
      "holds 0 dense MoMa runs [] among ['moe_2t2i']"),
     ("savings over a corrupt config.json", "experiments.moma.savings", ["--workdir={tmp}"],
      "corrupt/config.json is not readable JSON"),
+    ("savings off unknown curves", "experiments.moma.savings", ["--workdir={tmp}", "--eta_curves=smoothed"],
+     "--eta_curves=smoothed: value should be one of <train|eval>"),
     ("image tokenizer with a bad source prefix", "experiments.moma.train_image_tokenizer",
      ["--workdir={tmp}/w", "--source=picture:x"], "unknown image source 'picture:x'"),
     ("image tokenizer with a negative seed", "experiments.moma.train_image_tokenizer",

@@ -51,3 +51,33 @@ def test_mod_must_lose_more_than_every_moe_variant_at_causal_inference():
 def test_the_demo_says_it_is_too_small_in_one_line():
     line = too_small_line(40, 64)
     assert "\n" not in line and "too small to show the paper's FLOPs savings" in line and "40 steps" in line
+
+
+def test_the_tiny_reproduction_trains_a_second_dense_seed_for_the_noise_bar(tmp_path):
+    from experiments.moma.reproduce import scale_configs
+
+    configs = scale_configs("tiny", tmp_path / "image_tokenizer")
+    assert list(configs) == ["dense", "moe_1t1i", "moe_4t4i", "moe_8x", "mod_moe_4t4i", "dense_seed1"]
+    seed_run, dense = configs["dense_seed1"], configs["dense"]
+    assert (seed_run.moma.variant, seed_run.seed, dense.seed) == ("dense", 1, 0)
+    assert seed_run.model == dense.model and seed_run.moma.image_source == dense.moma.image_source
+    # one tokenizer for every run; the demo has no seed run (too small to read a noise bar off)
+    assert {config.moma.image_tokenizer.dir for config in configs.values()} == {str(tmp_path / "image_tokenizer")}
+    assert list(scale_configs("demo", tmp_path)) == ["dense", "moe_4t4i"]
+
+
+def test_the_report_shows_each_groups_routed_share_at_the_start_and_the_end(tmp_path):
+    import json
+
+    from experiments.moma.reproduce import routed_fraction_table
+
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    (tmp_path / "moe_4t4i").mkdir()
+    image = [0.7, 0.8, 0.9, 0.6, 1.0]  # the last two average 0.8
+    (tmp_path / "moe_4t4i" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i + 1, "image_routed_fraction": v, "text_routed_fraction": 0.5}) + "\n"
+        for i, v in enumerate(image)) + json.dumps({"step": 6, "eval_loss": 2.0}) + "\n")
+    lines = routed_fraction_table(tmp_path, ["dense", "moe_4t4i"], window=2)
+    assert lines[2:] == ["| moe_4t4i | image | 0.700 | 0.800 |", "| moe_4t4i | text | 0.500 | 0.500 |"]
+    assert routed_fraction_table(tmp_path, ["dense"]) == ["No run routes its tokens by expert choice."]

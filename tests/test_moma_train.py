@@ -165,14 +165,18 @@ SYNTHETIC_TOKENS = [1000, 2000, 4000]
 DENSE_CURVES = ([4.0, 3.0, 2.5], [3.0, 2.0, 1.5], [5.0, 4.0, 3.5])  # overall, text, image at SYNTHETIC_TOKENS
 
 
-def write_synthetic_run(run_dir: Path, variant: str, curves: tuple[list[float], ...], upcycle_from: str = "") -> None:
-    """A run directory as experiments.moma.train leaves it (config.json, metrics.jsonl), without training."""
+def write_synthetic_run(run_dir: Path, variant: str, curves: tuple[list[float], ...], upcycle_from: str = "",
+                        eval_offset: float = 0.0) -> None:
+    """A run directory as experiments.moma.train leaves it (config.json, metrics.jsonl), without training: the
+    training and the evaluation losses follow `curves`, the evaluation's plus `eval_offset`."""
     config = moma_tiny.get_config(variant)
     config.moma.upcycle_from = upcycle_from
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict()))
     (run_dir / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": i + 1, "tokens": t, "loss": o, "text_loss": x, "image_loss": m}) + "\n"
+        json.dumps({"step": i + 1, "tokens": t, "loss": o, "text_loss": x, "image_loss": m,
+                    "eval_loss": o + eval_offset, "eval_text_loss": x + eval_offset,
+                    "eval_image_loss": m + eval_offset}) + "\n"
         for i, (t, o, x, m) in enumerate(zip(SYNTHETIC_TOKENS, *curves, strict=True))))
 
 
@@ -191,6 +195,31 @@ def test_savings_table_from_synthetic_metrics(tmp_path):
     assert rows["moe_4t4i"]["eta_image"] == pytest.approx(2.0 * ratio)
     table = markdown_table(list(rows.values()))
     assert "| moe_4t4i |" in table and "η image" in table and "tokens/s" not in table
+
+
+def test_eta_is_read_off_the_evaluation_curves_unless_the_training_curves_are_asked_for(tmp_path):
+    from experiments.moma.savings import savings_rows, seed_noise, training_flops_per_token
+
+    write_synthetic_run(tmp_path / "dense", "dense", DENSE_CURVES)
+    # the same training curves as in the table test (dense's final 2.5 reached at the middle point), but every
+    # evaluation 0.1 higher (3.6, 2.6, 2.1): it reaches dense's final evaluation 2.5 a fifth of the way (in loss)
+    # from 2.6 at 2,000 tokens to 2.1 at 4,000, log-interpolated: at 2,000 x 2^0.2 tokens
+    curves = ([3.5, 2.5, 2.0], [3.0, 2.0, 1.5], [4.5, 3.5, 3.0])
+    write_synthetic_run(tmp_path / "moe_4t4i", "moe_4t4i", curves, eval_offset=0.1)
+    ratio = training_flops_per_token(tmp_path / "dense") / training_flops_per_token(tmp_path / "moe_4t4i")
+    by_eval = savings_rows(tmp_path, smooth=1)[1]
+    assert by_eval["eta"] == pytest.approx(4000 / (2000 * 2 ** 0.2) * ratio)
+    by_training = savings_rows(tmp_path, smooth=1, eta_curves="train")[1]
+    assert by_training["eta"] == pytest.approx(2.0 * ratio)
+    # the final losses in the row stay the training curve's either way; the last evaluation is reported as it is
+    assert by_eval["final_loss"] == by_training["final_loss"] == 2.0 and by_eval["eval_loss"] == pytest.approx(2.1)
+    # a second dense seed whose evaluations sit 0.5 above the first's (4.5, 3.5, 3.0) never reaches the first's
+    # final 2.5; the first reaches the second's final 3.0 at 2,000 of 4,000 tokens: η 2, a bar of 1.0, read off
+    # the evaluation curves too
+    write_synthetic_run(tmp_path / "dense_seed1", "dense", DENSE_CURVES, eval_offset=0.5)
+    rows = savings_rows(tmp_path, smooth=1)
+    assert seed_noise(rows)["eta"] == pytest.approx(1.0)
+    assert seed_noise(rows, eta_curves="train")["eta"] == pytest.approx(0.0)  # identical training curves
 
 
 def test_upcycled_run_pays_for_its_seed_by_hand(tmp_path):

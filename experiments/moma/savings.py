@@ -1,12 +1,17 @@
 """FLOPs savings η and throughput of each MoMa variant against the dense baseline, from a directory of runs.
 
-    python -m experiments.moma.savings --workdir=DIR [--json] [--throughput_steps=5] [--smooth=5]
+    python -m experiments.moma.savings --workdir=DIR [--json] [--throughput_steps=5] [--eta_curves=eval|train]
+        [--smooth=5]
 
 DIR holds one run per variant (subdirectories written by experiments.moma.train, one of them `dense`); more dense
 runs (other seeds, e.g. `dense_seed1`) get rows of their own, whose η against `dense` is the seed-to-seed noise bar.
-η = C_dense_final / C_variant(L_dense_final) (moma.savings), overall and per modality, read off the TRAINING loss
-curves in metrics.jsonl (`loss`, `text_loss`, `image_loss`; the paper's curves) after a trailing mean over
-`--smooth` logged points, with C = tokens seen x the variant's analytic training FLOPs per token
+η = C_dense_final / C_variant(L_dense_final) (moma.savings), overall and per modality, read by default off the
+EVALUATION loss curves in metrics.jsonl (`eval_loss`, `eval_text_loss`, `eval_image_loss`: the same held-out
+batches at every evaluation), or with `--eta_curves=train` off the training loss curves (`loss`, `text_loss`,
+`image_loss`, the paper's curves) after a trailing mean over `--smooth` logged points. A logged training loss is
+one batch's, so at CPU scale its batch-to-batch noise is as large as the differences η measures, and "the first
+point at or below dense's final loss" then lands early by chance (a 4t4i run that ended 0.02 above dense read as
+η 1.8 off its training curve). C = tokens seen x the variant's analytic training FLOPs per token
 (moma.flops.moma_flops_per_token). An upcycled run's C starts at its seed's training compute (stage 1, recorded in
 its upcycle_seed.json: experiments.moma.train.upcycled_seed_flops), so its η pays for the 1t1i run it started
 from, as the paper's adjusted figures do. η > 1: the variant reaches dense's final loss with less compute; "-" (null
@@ -33,6 +38,9 @@ from absl import flags
 from experiments.cli import run
 
 MODALITY_KEYS = {"overall": "loss", "text": "text_loss", "image": "image_loss"}  # modality -> its metrics.jsonl key
+# the curves η can be read from: modality -> metrics.jsonl key (training losses, or the periodic evaluation's)
+CURVE_KEYS = {"train": MODALITY_KEYS,
+              "eval": {"overall": "eval_loss", "text": "eval_text_loss", "image": "eval_image_loss"}}
 ETA_KEYS = {"overall": "eta", "text": "eta_text", "image": "eta_image"}  # modality -> its row key
 BASELINE = "dense"
 
@@ -42,7 +50,9 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Directory holding one MoMa run per variant.", required=True)
     flags.DEFINE_bool("json", False, "Print the results as JSON instead of the markdown table.")
     flags.DEFINE_integer("throughput_steps", 5, "Timed train steps per variant and round (0 = skip).")
-    flags.DEFINE_integer("smooth", 5, "Trailing mean over this many logged points before reading η.")
+    flags.DEFINE_integer("smooth", 5, "Trailing mean over this many logged points of the training curves.")
+    flags.DEFINE_enum("eta_curves", "eval", list(CURVE_KEYS), "Read η off the evaluation loss curves (eval: the same "
+                      "held-out batches every time) or the smoothed training loss curves (train: one batch a point).")
 
 
 def main(argv: list[str]) -> None:
@@ -54,13 +64,15 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--throughput_steps={options.throughput_steps} is invalid; valid: an integer >= 0 (0 = skip)")
     if options.smooth < 1:
         raise UserError(f"--smooth={options.smooth} is invalid; valid: an integer >= 1 (1 = no smoothing)")
-    rows = write_savings(Path(options.workdir), smooth=options.smooth, throughput_steps=options.throughput_steps)
+    rows = write_savings(Path(options.workdir), smooth=options.smooth, throughput_steps=options.throughput_steps,
+                         eta_curves=options.eta_curves)
     print(json.dumps(rows, indent=2) if options.json else markdown_table(rows))
 
 
-def write_savings(directory: Path, *, smooth: int = 5, throughput_steps: int = 5) -> list[dict[str, Any]]:
+def write_savings(directory: Path, *, smooth: int = 5, throughput_steps: int = 5, eta_curves: str = "eval"
+                  ) -> list[dict[str, Any]]:
     """η (and throughput unless throughput_steps is 0) of every run in `directory`: DIR/savings.json, DIR/SAVINGS.md."""
-    rows = savings_rows(directory, smooth=smooth)
+    rows = savings_rows(directory, smooth=smooth, eta_curves=eta_curves)
     if throughput_steps:
         add_throughput(rows, measure_throughput(find_runs(directory), throughput_steps))
     (directory / "savings.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -98,10 +110,14 @@ def find_runs(directory: Path) -> dict[str, Path]:
     return {baseline: runs.pop(baseline), **runs}
 
 
-def seed_noise(rows: list[dict[str, Any]], smooth: int = 5) -> dict[str, float] | None:
-    """The η noise bar of `savings_rows(...)`'s runs (`noise_from_seeds`); None without a second dense run."""
-    seeds = [loss_curves(Path(row["path"]), smooth) for row in rows[1:] if row["variant"] == BASELINE]
-    return noise_from_seeds(loss_curves(Path(rows[0]["path"]), smooth), seeds) if seeds else None
+def seed_noise(rows: list[dict[str, Any]], smooth: int = 5, eta_curves: str = "eval") -> dict[str, float] | None:
+    """The η noise bar of `savings_rows(...)`'s runs (`noise_from_seeds`) on the curves η is read from; None
+    without a second dense run."""
+    def curves(row: dict[str, Any]) -> Curves:
+        return eta_curves_of(Path(row["path"]), smooth, eta_curves)
+
+    seeds = [curves(row) for row in rows[1:] if row["variant"] == BASELINE]
+    return noise_from_seeds(curves(rows[0]), seeds) if seeds else None
 
 
 Curves = dict[str, tuple[list[float], list[float]]]  # modality -> (training FLOPs, smoothed loss), as loss_curves
@@ -138,21 +154,27 @@ def trailing_mean(values: list[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def loss_curves(run_dir: Path, smooth: int = 1) -> dict[str, tuple[list[float], list[float]]]:
-    """modality -> (training FLOPs, smoothed training loss) at every logged step that has that loss; the FLOPs
-    include what an upcycled run inherited from its seed."""
+def eta_curves_of(run_dir: Path, smooth: int, eta_curves: str) -> Curves:
+    """The curves η is read from: the evaluation losses as logged, or the training losses smoothed."""
+    return loss_curves(run_dir, smooth if eta_curves == "train" else 1, eta_curves)
+
+
+def loss_curves(run_dir: Path, smooth: int = 1, curves: str = "train") -> Curves:
+    """modality -> (training FLOPs, loss smoothed over `smooth` points) at every logged step that has that loss
+    (`curves`: the training losses or the evaluation losses, CURVE_KEYS); the FLOPs include what an upcycled run
+    inherited from its seed."""
     from experiments.moma.train import upcycled_seed_flops
     from lm_core.metrics import read_metrics
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     per_token, inherited = training_flops_per_token(run_dir), upcycled_seed_flops(run_dir)
-    curves = {}
-    for modality, key in MODALITY_KEYS.items():
+    result = {}
+    for modality, key in CURVE_KEYS[curves].items():
         points = [(inherited + row["tokens"] * per_token, row[key]) for row in rows
                   if key in row and row.get("tokens")]
         if points:
-            curves[modality] = ([c for c, _ in points], trailing_mean([loss for _, loss in points], smooth))
-    return curves
+            result[modality] = ([c for c, _ in points], trailing_mean([loss for _, loss in points], smooth))
+    return result
 
 
 def final_eval(run_dir: Path) -> dict[str, float | None]:
@@ -164,14 +186,15 @@ def final_eval(run_dir: Path) -> dict[str, float | None]:
     return {f"eval_{key}": last.get(f"eval_{key}") for key in MODALITY_KEYS.values()}
 
 
-def savings_rows(directory: Path, smooth: int = 5) -> list[dict[str, Any]]:
-    """One row per run (the keys of the module docstring, throughput None): η overall/text/image vs dense, final
-    smoothed training and last evaluation losses."""
+def savings_rows(directory: Path, smooth: int = 5, eta_curves: str = "eval") -> list[dict[str, Any]]:
+    """One row per run (the keys of the module docstring, throughput None): η overall/text/image vs dense read off
+    the `eta_curves` curves, final smoothed training and last evaluation losses."""
     from experiments.moma.train import upcycled_seed_flops
     from moma.savings import flops_savings
 
     runs = find_runs(directory)
-    curves = {name: loss_curves(path, smooth) for name, path in runs.items()}
+    training = {name: loss_curves(path, smooth) for name, path in runs.items()}
+    curves = {name: eta_curves_of(path, smooth, eta_curves) for name, path in runs.items()}
     baseline = next(iter(runs))
     rows = []
     for name, path in runs.items():
@@ -179,8 +202,9 @@ def savings_rows(directory: Path, smooth: int = 5) -> list[dict[str, Any]]:
                                "flops_per_token": training_flops_per_token(path),
                                "seed_training_flops": upcycled_seed_flops(path)}
         for modality, key in MODALITY_KEYS.items():
+            final = training[name].get(modality)
+            row[f"final_{key}"] = None if final is None else final[1][-1]
             curve, dense = curves[name].get(modality), curves[baseline].get(modality)
-            row[f"final_{key}"] = None if curve is None else curve[1][-1]
             if curve is None or dense is None:
                 row[ETA_KEYS[modality]] = None
             else:  # the baseline is 1 by definition; off its own noisy curve it could reach its final loss earlier
