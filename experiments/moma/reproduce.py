@@ -45,8 +45,7 @@ def scale_configs(scale: str, image_tokenizer_dir: Path) -> dict[str, Any]:
             config.data.global_batch_size, config.steps = 32, 2000
             config.eval_every = config.checkpoint_every = 250
             config.moma.image_source = "builtin"
-            if variant.startswith("mod_"):
-                config.model.num_layers = 4
+            if variant.startswith("mod_"):  # matched to the 4 layers just set, as moma_tiny matches its own
                 config.model.num_layers = moma_tiny.compute_matched_depth(config)
         config.moma.image_tokenizer.dir = str(image_tokenizer_dir)
         configs[run_name] = config
