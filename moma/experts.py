@@ -212,7 +212,8 @@ class ModalityAwareMoE(nnx.Module):
             eligible = modality_masks[name].reshape(groups, -1)
             y, routing = self.groups[name](grouped, eligible)
             out = out + y
-            aux.update(routing_statistics(name, routing, eligible))
+            modalities = {part: modality_masks[part].reshape(groups, -1) for part in ("text", "image")}
+            aux.update(routing_statistics(name, routing, eligible, modalities if name == "mixed" else None))
             if routing.aux_logits is not None:
                 targets = aux_routers.group_selection_targets(routing.token_index, routing.valid, eligible.shape[1])
                 experts = targets.shape[-1]
@@ -221,22 +222,30 @@ class ModalityAwareMoE(nnx.Module):
         return out.reshape(batch, seq, d), aux
 
 
-def routing_statistics(name: str, routing: Routing, eligible: Array) -> Aux:
+def routing_statistics(name: str, routing: Routing, eligible: Array, modalities: dict[str, Array] | None = None
+                       ) -> Aux:
     """Per-group statistics over the group's eligible tokens of every routing group (none is a loss: expert choice
     needs no balancing). eligible: [groups, tokens].
 
     routed_fraction: share of tokens with >= 1 expert; experts_per_token: mean experts per token (capacity_factor
     when nothing overflows); expert_load [experts]: share of the group's tokens each expert took; slot_overflow:
     share of the experts' budgets their static slots could not hold (0 unless max_*_fraction is too small).
+    `modalities` (a mixed group's text and image masks, [groups, tokens]) adds `<name>_<modality>_routed_fraction`:
+    whether the shared experts pick one modality's tokens over the other's.
     """
     counts = experts_per_token(routing, eligible.shape[1])
     n = jnp.maximum(jnp.sum(eligible, dtype=jnp.float32), 1.0)
     slots = routing.token_index.shape[-1]
     overflow = jnp.sum(jnp.maximum(routing.budget - slots, 0.0)) / jnp.maximum(jnp.sum(routing.budget), 1.0)
-    return {f"{name}_routed_fraction": jnp.sum((counts > 0) & eligible) / n,
-            f"{name}_experts_per_token": jnp.sum(counts) / n,
-            f"{name}_expert_load": jnp.sum(routing.valid, axis=(0, 2)) / n,
-            f"{name}_slot_overflow": overflow}
+    statistics = {f"{name}_routed_fraction": jnp.sum((counts > 0) & eligible) / n,
+                  f"{name}_experts_per_token": jnp.sum(counts) / n,
+                  f"{name}_expert_load": jnp.sum(routing.valid, axis=(0, 2)) / n,
+                  f"{name}_slot_overflow": overflow}
+    for modality, mask in (modalities or {}).items():
+        tokens = mask & eligible
+        statistics[f"{name}_{modality}_routed_fraction"] = (
+            jnp.sum((counts > 0) & tokens) / jnp.maximum(jnp.sum(tokens, dtype=jnp.float32), 1.0))
+    return statistics
 
 
 def moma_ffn_factory(moma: MoMaConfig) -> FFNFactory:

@@ -134,7 +134,8 @@ def test_one_expert_per_modality_is_a_gated_modality_specific_ffn():
 
 
 def test_mixed_group_routes_both_modalities_but_not_padding():
-    moe = ModalityAwareMoE(tiny_config(), parse_variant("moe_8x", capacity_factor=2.0), rngs=nnx.Rngs(0))
+    moe = ModalityAwareMoE(tiny_config(), parse_variant("moe_8x", image_token_range=IMAGE_RANGE, capacity_factor=2.0),
+                           rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(5), (2, 6, 64))
     context = context_for(TOKENS, SEGMENTS)
     _, routing = moe.groups["mixed"](x.reshape(1, 12, 64), moe.eligible(context)["mixed"].reshape(1, 12))
@@ -143,6 +144,13 @@ def test_mixed_group_routes_both_modalities_but_not_padding():
     assert {1, 3} & set(routed) and {0, 2} & set(routed)  # image and text tokens share the experts
     _, aux = moe(x, context)
     assert float(aux["mixed_experts_per_token"]) == pytest.approx(8 * 3 / 10)  # budget ceil(2 * 10 / 8) = 3
+    # the routed share per modality, counted by hand from the slots: which of the real tokens any expert took
+    image = np.asarray(image_token_mask(TOKENS, IMAGE_RANGE)).reshape(-1)
+    real = np.asarray(SEGMENTS).reshape(-1) != 0
+    chosen = np.isin(np.arange(12), routed)
+    for modality, mask in (("image", real & image), ("text", real & ~image)):
+        assert float(aux[f"mixed_{modality}_routed_fraction"]) == pytest.approx(chosen[mask].mean())
+    assert "text_image_routed_fraction" not in aux  # only a mixed group splits its share by modality
 
 
 def test_router_noise_only_inside_noisy_routing():
