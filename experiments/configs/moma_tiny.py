@@ -22,8 +22,8 @@ dense 1.440 (0.627 / 1.704), dense seed 1 1.452 (0.629 / 1.719), moe_1t1i 1.439 
 1.19x; overall 1t1i 1.00x and no other variant reaches dense's final loss; no variant reaches dense's image loss.
 Expert choice at capacity 1 leaves a token without an FFN in a layer when no expert picks it: at the end 19% of
 image and 9% of text tokens for 4t4i, 36% of all tokens for 8x (0.67 -> 0.64 routed from start to end: its 8
-experts keep picking overlapping tokens). Train step vs dense on this CPU: 1t1i -17%, 4t4i -19%, 8x -13%, MoD 4t4i -35% (the paper's
-GPU system: -6%, -17%, -9%, -31%). What was tried is in the README's MoMa section.
+experts keep picking overlapping tokens). Train step vs dense on this CPU: 1t1i -17%, 4t4i -19%, 8x -13%, MoD
+4t4i -35% (the paper's GPU system: -6%, -17%, -9%, -31%). What was tried is in the README's MoMa section.
 Training recipe (`paper_recipe`, shared with moma_paper.py), as in the paper (Chameleon's stabilisers): Swin
 post-norm, x + norm(f(x)) (`model.norm_placement="swin"`), z-loss 1e-5 (`z_loss`), linear learning-rate decay to 1% of
 the peak (`optimizer.decay="linear"`, `optimizer.final_lr_fraction=0.01`). Llama-style pre-norm, x + f(norm(x)),
