@@ -212,8 +212,9 @@ class ModalityAwareMoE(nnx.Module):
             eligible = modality_masks[name].reshape(groups, -1)
             y, routing = self.groups[name](grouped, eligible)
             out = out + y
-            modalities = {part: modality_masks[part].reshape(groups, -1) for part in ("text", "image")}
-            aux.update(routing_statistics(name, routing, eligible, modalities if name == "mixed" else None))
+            modalities = ({part: modality_masks[part].reshape(groups, -1) for part in ("text", "image")}
+                          if name == "mixed" else None)
+            aux.update(routing_statistics(name, routing, eligible, modalities))
             if routing.aux_logits is not None:
                 targets = aux_routers.group_selection_targets(routing.token_index, routing.valid, eligible.shape[1])
                 experts = targets.shape[-1]

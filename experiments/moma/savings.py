@@ -194,7 +194,8 @@ def savings_rows(directory: Path, smooth: int = 5, eta_curves: str = "eval") -> 
 
     runs = find_runs(directory)
     training = {name: loss_curves(path, smooth) for name, path in runs.items()}
-    curves = {name: eta_curves_of(path, smooth, eta_curves) for name, path in runs.items()}
+    curves = training if eta_curves == "train" else {
+        name: eta_curves_of(path, smooth, eta_curves) for name, path in runs.items()}
     baseline = next(iter(runs))
     rows = []
     for name, path in runs.items():
