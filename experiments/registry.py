@@ -20,9 +20,9 @@ REPRODUCTION_MODULES = [
     "experiments.moma.reproduce",
 ]
 
-# Paper modules that register extra text sources with lm_core.data when imported (lm_core cannot import them):
-# retrieval:<source> and knowledge:<source> (kv_prediction's recall and closed-book documents mixed into a corpus)
-# and image_captions:<image spec>.
+# Modules that register extra data sources with lm_core.data when imported (lm_core cannot import the papers):
+# retrieval:<source> and knowledge:<source> (kv_prediction's recall and closed-book documents mixed into a corpus),
+# and MoMa's builtin / images: image sources, whose captions `image_captions:<image spec>` reads as text.
 TEXT_SOURCE_MODULES = [
     "kv_prediction.retrieval",
     "kv_prediction.knowledge",

@@ -197,4 +197,4 @@ def mixed_source(argument: str, *, data_dir: str | os.PathLike | None) -> TextSo
     return TextSource(f"{PREFIX}:{argument}", splits)
 
 
-register_text_source(PREFIX, mixed_source, form="knowledge:[<k=v,...>:]<text source>", overwrite=True)
+register_text_source(PREFIX, mixed_source, form="knowledge:[<k=v,...>:]<text source>")

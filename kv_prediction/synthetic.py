@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
+from lm_core.data.views import IndexedView
 from lm_core.errors import UserError
 
 SPLIT_SEEDS = {"train": 0, "validation": 1}
@@ -98,31 +99,16 @@ class OneLineTexts(Sequence[str]):
 DocumentFn = Callable[[int, OneLineTexts], str]
 
 
-class MixedTexts(Sequence[str]):
+class MixedTexts(IndexedView[str]):
     """The corpus documents, then `count` generated documents made on access (the loader shuffles)."""
 
     def __init__(self, corpus: Sequence[str], document: DocumentFn, count: int):
+        super().__init__(range(len(corpus) + count))
         self.corpus = corpus
         self._filler = OneLineTexts(corpus)
         self._document = document
-        self._count = count
 
-    def __len__(self) -> int:
-        return len(self.corpus) + self._count
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[str]: ...
-
-    def __getitem__(self, index: int | slice) -> str | list[str]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _item(self, index: int) -> str:
         if index < len(self.corpus):
             return self.corpus[index]
         return self._document(index - len(self.corpus), self._filler)

@@ -13,10 +13,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from lm_core.data import get_text_source
+from lm_core.data.image_sources import fit_image, image_batches
 from lm_core.data.packing import BATCH_KEYS
 from lm_core.errors import UserError
 from lm_core.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
-from moma.images import RenderedGlyphs, fit_image, get_image_source, glyph_spec, image_batches
+from moma.images import RenderedGlyphs, get_image_source, glyph_spec
 from moma.mixed_modal import (
     CodedPairs,
     MixedModalLoader,

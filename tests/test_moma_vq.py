@@ -14,10 +14,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from lm_core.data.image_sources import image_batches
 from lm_core.errors import UserError
 from lm_core.tokenizer import ByteTokenizer
 from moma import vq
-from moma.images import RenderedGlyphs, image_batches
+from moma.images import RenderedGlyphs
 from moma.mixed_modal import (
     MixedModalLoader,
     MixedVocab,

@@ -9,8 +9,8 @@ def train_tokenizer(config, source, *, steps: int, batch_size: int, lr: float, s
     """A fresh VQ tokenizer (config: moma.vq.VQConfig) trained on `source`'s train split, with progress lines.
 
     -> (VQTokenizer, per-step history). Flag-free so the MoMa training entrypoint trains the same tokenizer."""
+    from lm_core.data.image_sources import image_batches
     from lm_core.metrics import format_seconds
-    from moma.images import image_batches
     from moma.vq import train_vq
 
     start = time.monotonic()

@@ -288,8 +288,8 @@ def text_tokenizer(config, workdir: Path, source):  # -> lm_core.tokenizer.Token
     """The caption tokenizer with the image codes + BOI/EOI as reserved ids: the run's saved copy, the upcycling
     source's, or trained on the training captions (cached)."""
     from lm_core import tokenizer as tok
+    from lm_core.data.image_sources import Captions
     from lm_core.trainer import tokenizer_cache_dir
-    from moma.images import Captions
     from moma.mixed_modal import reserved_ids_for_images
 
     reserved = reserved_ids_for_images(config.moma.image_tokenizer.codebook_size)

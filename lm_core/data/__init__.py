@@ -2,6 +2,10 @@
 (`PackedStream`, which a loader of other documents, e.g. moma's image-caption pairs, subclasses), and pre-tokenised
 datasets (`prepared`: `tokens:DIR`, written once by experiments.prepare_data, read by `PreparedTokensLoader`).
 
+Image–caption sources (`image_sources`: `get_image_source`, the `image_captions:` text source) share the same
+pieces: one `SourceRegistry` per kind (`registry`), random-access views and the epoch order (`views`), TFDS records
+(`tfds_records`) and train/validation splits (`splits`).
+
 Light to import: TensorFlow Datasets is imported only when a TFDS-backed source (builtin, tfds:) is opened.
 
     source = get_text_source("builtin")             # or "files:corpus/*.txt", "tfds:lm1b"

@@ -25,6 +25,7 @@ import numpy as np
 
 from lm_core.data.packing import PackCursor
 from lm_core.data.prepared import PreparedDataset, PreparedSplit, PreparedTokensLoader
+from lm_core.data.views import epoch_order
 from lm_core.errors import UserError
 
 _LENGTH_CHUNK = 4096  # documents read per call while measuring a split's lengths
@@ -59,10 +60,7 @@ class PairIndex:
     def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """([documents] document indices in visiting order, [documents + 1] pairs before each of them)."""
         if epoch not in self._epochs:
-            if self._shuffle:  # PackedStream._permutation's order
-                order = np.random.default_rng([self._seed, epoch]).permutation(self.num_documents)
-            else:
-                order = np.arange(self.num_documents)
+            order = epoch_order(self._seed, epoch, self.num_documents, self._shuffle)  # as PackedStream's
             for old in sorted(self._epochs)[:-1]:  # a row spans at most a few epochs: keep two
                 del self._epochs[old]
             self._epochs[epoch] = order, np.concatenate([[0], np.cumsum(self.counts[order])])

@@ -1,6 +1,6 @@
 """The resumable document stream every packed-batch loader is built on (LMDataLoader, moma's MixedModalLoader).
 
-The stream: epoch e visits a loader's items in `permutation(seed, e)` order (identity without shuffle); epochs
+The stream: epoch e visits a loader's items in `views.epoch_order(seed, e)` order (identity without shuffle); epochs
 follow each other without a break, and rows are packed greedily from the stream's documents (packing.pack_rows).
 Stream document k comes from item `perm_{k // n}[k % n]`, so the whole position is ONE cursor (stream document,
 pair offset inside it): `state()` is a dict of plain ints and `restore` makes the next batches byte-identical to
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lm_core.data.packing import PackCursor, TokenizedDocument, pack_rows
+from lm_core.data.views import epoch_order
 from lm_core.errors import UserError
 
 # Stream identity fields that some saved positions lack: content_digest those of older versions; tokenizer_fingerprint
@@ -118,10 +119,7 @@ class PackedStream:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._permutations:
-            if self._shuffle:
-                order = np.random.default_rng([self._seed, epoch]).permutation(self.num_items)
-            else:
-                order = np.arange(self.num_items)
+            order = epoch_order(self._seed, epoch, self.num_items, self._shuffle)
             # A batch spans at most two epochs unless epochs are tiny; keep the latest two.
             for old in sorted(self._permutations)[:-1]:
                 del self._permutations[old]
