@@ -38,6 +38,7 @@ from lm_eval.api.registry import register_model
 from experiments.cli import run
 from kv_prediction.inference import kvp_prefill, padded_prompts
 from lm_core.atomic_files import write_json_atomically
+from lm_core.checkpoint import has_checkpoints
 from lm_core.errors import UserError
 from lm_core.generation import SamplingConfig, decode, left_pad, prefill
 
@@ -279,7 +280,7 @@ def check_plain_workdir(workdir: Path) -> None:
                             f"model or workdir={workdir / 'base'} for its base alone")
         raise UserError(f"{workdir} has no config.json; valid: a workdir written by python -m experiments.train_lm "
                         "(or a KV-prediction workdir with kvp=<spec>)")
-    if not (workdir / "checkpoints").is_dir():
+    if not has_checkpoints(workdir):
         raise UserError(f"{workdir} has no checkpoints/; train it first (python -m experiments.train_lm)")
     if workdir.name.startswith("kvp_") and (workdir.parent / CONFIG_FILE).is_file():  # holds a KVPModel
         raise UserError(f"{workdir} is a KVP run; evaluate it as workdir={workdir.parent} with kvp={workdir.name[4:]}")
@@ -290,30 +291,30 @@ def trained_kvp_specs(workdir: Path) -> list[str]:
     from experiments.kv_prediction.pipeline import kvp_dir, load_config, resolve_variants
 
     return [aux.name for aux in resolve_variants(load_config(workdir))
-            if (kvp_dir(workdir, aux) / "checkpoints").is_dir()]
+            if has_checkpoints(kvp_dir(workdir, aux))]
 
 
 def load_kvp(workdir: Path, spec: str) -> tuple[nnx.Module, Any, int, str]:
     """The trained KVP model of one auxiliary, loaded as experiments.kv_prediction.models.load_family does."""
-    from experiments.kv_prediction.pipeline import CONFIG_FILE, kvp_dir, kvp_task, load_config, resolve_variants
-    from lm_core.trainer import load_trained_model
+    from experiments.kv_prediction.pipeline import CONFIG_FILE, kvp_builder, kvp_dir, load_config, resolve_variants
+    from lm_core.trained_runs import load_trained_model
 
     if not (workdir / CONFIG_FILE).is_file():
         raise UserError(f"{workdir} has no {CONFIG_FILE}: kvp={spec} needs a workdir written by python -m "
                         "experiments.kv_prediction.train")
     config = load_config(workdir)
-    trained = [aux for aux in resolve_variants(config) if (kvp_dir(workdir, aux) / "checkpoints").is_dir()]
+    trained = [aux for aux in resolve_variants(config) if has_checkpoints(kvp_dir(workdir, aux))]
     matches = [aux for aux in trained if spec in (aux.spec, aux.name)]
     if not matches:
         valid = ", ".join(aux.name for aux in trained) or "none trained yet"
         raise UserError(f"kvp={spec!r} is not a trained KVP model of {workdir}; valid: {valid}")
     aux = matches[0]
-    model, tokenizer, step = load_trained_model(kvp_dir(workdir, aux), kvp_task(config, workdir, aux))
+    model, tokenizer, step = load_trained_model(kvp_dir(workdir, aux), kvp_builder(aux))
     return model, tokenizer, step, f"KVP {aux.name} of {workdir}"
 
 
 def load_workdir(workdir: str | Path, kvp: str | None = None) -> Loaded:
-    from lm_core.trainer import load_trained_model
+    from lm_core.trained_runs import load_trained_model
 
     workdir = Path(workdir)
     if kvp:

@@ -135,6 +135,25 @@ def _restore_failures(where: Path) -> Iterator[None]:
                         "different model; move it away to use an older one") from error
 
 
+CHECKPOINTS = "checkpoints"  # a run's checkpoint directory, inside its workdir
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    """Whether the run in `run_dir` has started saving (its checkpoint directory exists; it may still be empty)."""
+    return (Path(run_dir) / CHECKPOINTS).is_dir()
+
+
+def latest_checkpoint(run_dir: str | Path, *, hint: str) -> tuple[int, dict[str, Any]]:
+    """(step, meta) of the latest checkpoint of the run in `run_dir`, or a UserError ending in `hint` (what to run
+    to train it) when it has none. Only reads: a reader never creates a checkpoint directory in another's run."""
+    directory = Path(run_dir) / CHECKPOINTS
+    step, meta = latest_meta(directory)
+    if step is None:
+        state = "holds no checkpoint yet" if directory.is_dir() else "is missing"
+        raise UserError(f"{run_dir} is not trained yet ({directory} {state}); {hint}")
+    return step, meta
+
+
 def latest_meta(directory: Path) -> tuple[int | None, dict[str, Any]]:
     """(latest step, its meta) of the checkpoint directory `directory`; (None, {}) when it holds none or is absent
     (it is never created here)."""

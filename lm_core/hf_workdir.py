@@ -45,7 +45,7 @@ def export_workdir(workdir: Path, out: Path, *, dtype: str | None = None, max_sh
     """Write the latest checkpoint of the lm_core run in `workdir` as a HF model directory `out`; returns the
     files written. dtype: "float32" | "bfloat16" (default: the model's param_dtype)."""
     from lm_core.hf_tokenizer import export_hf_tokenizer
-    from lm_core.trainer import load_trained_model
+    from lm_core.trained_runs import load_trained_model
 
     refuse_unexportable_workdir(workdir)
     check_new_directory(out, "--out")
@@ -78,12 +78,12 @@ def write_hf_model(model: nnx.Module, directory: Path, *, dtype: str, special_id
 
 def refuse_unexportable_workdir(workdir: Path) -> None:
     """UserError for a directory that is not one plain lm_core LM run (a KVP pipeline, MoMa, a KVP run)."""
-    from lm_core.checkpoint import latest_meta
+    from lm_core.checkpoint import has_checkpoints, latest_meta
 
     if (workdir / "kvp_config.json").is_file():
         raise UserError(f"{workdir} is a KV-prediction pipeline directory (several models); export one of its "
                         f"plain LM runs, e.g. --workdir={workdir / 'base'}")
-    if not (workdir / "checkpoints").is_dir():
+    if not has_checkpoints(workdir):
         raise UserError(f"{workdir} holds no checkpoints; valid: the workdir of a finished lm_core training run or "
                         "import")
     _, meta = latest_meta(workdir / "checkpoints")
@@ -168,7 +168,7 @@ def check_tensors(tensors: CheckpointTensors, config: ModelConfig, mappings: lis
 
 def imported_run_config(config: ModelConfig, *, seq_len: int) -> Any:
     """train_lm's config for continuing to train the imported model: the model as imported, its own tokenizer."""
-    from lm_core.trainer import default_config
+    from lm_core.run_config import default_config
 
     run_config = default_config()
     run_config.model.update(config.to_dict())
@@ -184,8 +184,9 @@ def _write_checkpoint_zero(staging: Path, run_config: Any, tensors: CheckpointTe
     from lm_core import sharding
     from lm_core.checkpoint import Checkpointer
     from lm_core.model import Transformer
+    from lm_core.optim import make_optimizer
+    from lm_core.run_config import model_config_from, optimizer_config_from
     from lm_core.train_step import TrainState, train_state_layout
-    from lm_core.trainer import make_optimizer, model_config_from, optimizer_config_from
 
     config = model_config_from(run_config)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1))

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import ml_collections
 
-from experiments.kv_prediction.pipeline import aux_only_dir, aux_only_task, base_dir, kvp_dir, kvp_task
+from experiments.kv_prediction.pipeline import aux_only_dir, base_dir, kvp_builder, kvp_dir
 from kv_prediction.model import KVPModel
 from kv_prediction.variants import AuxSpec, build_kvp_model
-from lm_core.checkpoint import Checkpointer, check_same_model
-from lm_core.errors import UserError
+from lm_core.checkpoint import check_same_model, has_checkpoints, latest_checkpoint
 from lm_core.model import Transformer
-from lm_core.trainer import load_trained_model, model_config_from
+from lm_core.run_config import model_config_from
+from lm_core.trained_runs import load_trained_model
 
 
 @dataclasses.dataclass
@@ -26,31 +26,19 @@ class Family:
 
 def check_base_matches(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """The base run in `workdir` must be the model `config` describes."""
-    directory = base_dir(workdir)
-    if not (directory / "checkpoints").is_dir():
-        raise UserError(f"{workdir} has no trained base ({directory / 'checkpoints'} is missing); run python -m "
-                        "experiments.kv_prediction.train first")
-    checkpointer = Checkpointer(directory / "checkpoints")
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise UserError(f"{directory / 'checkpoints'} holds no checkpoint yet; run the train entrypoint")
-        check_same_model(checkpointer.read_meta(step), model_config_from(config), directory)
-    finally:
-        checkpointer.close()
+    _, meta = latest_checkpoint(base_dir(workdir), hint="run python -m experiments.kv_prediction.train first")
+    check_same_model(meta, model_config_from(config), base_dir(workdir))
 
 
 def load_family(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec, base: Transformer | None = None
                 ) -> Family:
     """(base, aux-only baseline, KVP model) of one auxiliary, all trained."""
     for directory in (kvp_dir(workdir, aux), aux_only_dir(workdir, aux)):
-        if not (directory / "checkpoints").is_dir():
-            raise UserError(f"{directory} is not trained yet; rerun python -m experiments.kv_prediction.train "
-                            f"--workdir={workdir}")
+        latest_checkpoint(directory, hint=f"rerun python -m experiments.kv_prediction.train --workdir={workdir}")
     if base is None:
         base, _, _ = load_trained_model(base_dir(workdir))
-    aux_only, _, _ = load_trained_model(aux_only_dir(workdir, aux), aux_only_task(config, workdir, aux))
-    kvp, _, _ = load_trained_model(kvp_dir(workdir, aux), kvp_task(config, workdir, aux))
+    aux_only, _, _ = load_trained_model(aux_only_dir(workdir, aux))
+    kvp, _, _ = load_trained_model(kvp_dir(workdir, aux), kvp_builder(aux))
     return Family(aux, base, aux_only, kvp)
 
 
@@ -63,7 +51,7 @@ def random_family(config: ml_collections.ConfigDict, aux: AuxSpec) -> Family:
 def trained_family(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> Family | None:
     """The trained family of `aux` when `workdir` has all three runs, else None."""
     directories = (base_dir(workdir), kvp_dir(workdir, aux), aux_only_dir(workdir, aux))
-    if not all((directory / "checkpoints").is_dir() for directory in directories):
+    if not all(has_checkpoints(directory) for directory in directories):
         return None
     check_base_matches(config, workdir)
     return load_family(config, workdir, aux)
