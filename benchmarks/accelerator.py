@@ -17,7 +17,7 @@ through lm_core's real code paths, with random weights and random token ids:
    weights (4 GB), the saved activations (~11 GB at batch 8 with dots_with_no_batch_dims_saveable) and one
    layer's recomputed attention (<= 5 GB): ~35-40 GB, within an 80 GB H100 (141 GB H200).
 2. moma_4t4i_vs_dense: MoMa's moe_4t4i against its dense variant at the same width (8 layers, d_model 1024,
-   seq 2048, remat full), model, loss and FLOPs from experiments.moma.train's moma_task (build_moma_model,
+   seq 2048, remat full), model, loss and FLOPs from experiments.moma.task's moma_task (build_moma_model,
    mixed_modal_loss; config experiments/configs/moma_tiny.py with these sizes, a codebook of 8192; no data files:
    random ids, 75% image codes in every row, moma_tiny's measured mix and the slot bounds set for it).
 3. kvp_ttft_2048: time to first token of a 2048-token prompt, batch 1: the 1B base alone vs KV prediction with
@@ -192,18 +192,18 @@ def moma_run_config(model_config: ModelConfig, variant: str, seq: int, codebook_
 def measure_moma_variant(model_config: ModelConfig, variant: str, per_device_batch: int, seq: int,
                          codebook_size: int, loss_chunk_tokens: int, peak: float, warmup: int = 2,
                          steps: int = 5) -> dict[str, Any]:
-    """Train-step tokens/s of one MoMa variant: the model, loss and FLOPs of experiments.moma.train's moma_task
+    """Train-step tokens/s of one MoMa variant: the model, loss and FLOPs of experiments.moma.task's moma_task
     (without its data: the vocabulary layout comes from the config, the batch is random ids)."""
-    from experiments.moma.train import mixed_vocab_for, moma_config_from, moma_task
-    from lm_core.trainer import model_config_from
+    from experiments.moma.task import mixed_vocab_for, moma_config_from, moma_task
+    from lm_core.run_config import model_config_from
 
     config = moma_run_config(model_config, variant, seq, codebook_size, loss_chunk_tokens)
-    task = moma_task(config, workdir="", check_data=False)
+    parts = moma_task(config, workdir="", check_data=False).step(config)
     moma, vocab, model = moma_config_from(config), mixed_vocab_for(config), model_config_from(config)
     batch = token_batch(per_device_batch * jax.device_count(), seq, model.vocab_size, vocab.image_token_range,
                         config.moma.image_fraction)
-    result = time_train_step(lambda: task.create_model(model, 0), task.loss_fn, batch, warmup, steps)
-    flops_per_token = task.training_flops_per_token
+    result = time_train_step(parts.create_model, parts.loss_fn, batch, warmup, steps)
+    flops_per_token = parts.training_flops_per_token
     return {**result, "mfu": flops.mfu(result["tokens_per_s"], flops_per_token, peak),
             "flops_per_token": flops_per_token, "image_fraction": config.moma.image_fraction,
             "max_text_fraction": moma.max_text_fraction, "max_image_fraction": moma.max_image_fraction}

@@ -115,7 +115,7 @@ def parse_args(parser: ArgumentParser, argv: Sequence[str] | None = None) -> arg
 def benchmark_model(config: Any) -> tuple[str, ModelConfig]:
     """(name, model) whose train step the data must feed: a sweep's smallest group at its smallest vocabulary,
     since that model steps fastest; any other config's own model."""
-    from lm_core.trainer import model_config_from
+    from lm_core.run_config import model_config_from
 
     if "sweep" not in config:
         model = model_config_from(config)
@@ -165,7 +165,7 @@ def open_data(args: argparse.Namespace, vocab_size: int, tokenizer_seed: int, sc
     from lm_core import tokenizer as tok
     from lm_core.data import get_text_source
     from lm_core.data.prepared import load_source_tokenizer
-    from lm_core.trainer import tokenizer_cache_dir
+    from lm_core.run_data import tokenizer_cache_dir
 
     register_text_sources()  # the papers' prefixes, as for training
     source = source_name(args, dataset)
@@ -177,7 +177,7 @@ def open_data(args: argparse.Namespace, vocab_size: int, tokenizer_seed: int, sc
     if dataset is not None:
         return Data(source, data_dir, texts, dataset.load_tokenizer(), f"{dataset.tokenizer_kind} (--prepared's)",
                     str(dataset.tokenizer_dir))
-    # what lm_core.trainer.train_or_reuse_tokenizer trains for a sentencepiece run, from the same cache
+    # what lm_core.run_data.train_or_reuse_tokenizer trains for a sentencepiece run, from the same cache
     spec = tok.TokenizerSpec(vocab_size=vocab_size, seed=tokenizer_seed)
     tokenizer = tok.train_tokenizer((texts[i] for i in range(len(texts))), spec, cache_dir=tokenizer_cache_dir())
     path = scratch / tok.MODEL_FILENAME  # `prepare` takes a tokenizer by path

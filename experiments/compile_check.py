@@ -3,7 +3,7 @@
     python -m experiments.compile_check --config=experiments/configs/kvp_paper.py --topology=v5p:2x4x4 \
         [--config.<field>=...] [--stage=<substring>] [--json]
 
-Builds the train step exactly as the trainer would (lm_core.trainer.step_parts: the config's model, optimizer and
+Builds the train step exactly as the trainer would (the task's `step`, lm_core.task: the config's model, optimizer and
 objective) on abstract inputs: no parameter is created, so a 1.5B model compiles on a laptop. One config can hold
 several runs, each compiled and reported as a stage:
 - a plain LM config (experiments.train_lm): one stage;
@@ -50,7 +50,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 class Stage:
     name: str
     config: Any  # the lm_core training config (ml_collections.ConfigDict) of this run
-    task: Any  # its lm_core.trainer.TrainTask
+    task: Any  # its lm_core.task.TrainTask
     # (config, mesh, batch) -> (lowered step, analytic FLOPs of one step) for a step that is not the trainer's
     # (MoMa's aux-router stage); None: lm_core.trainer's train step for `task`
     lower: Callable[[Any, Any, dict[str, Any]], tuple[Any, float]] | None = None
@@ -59,7 +59,7 @@ class Stage:
 def stages_for(config: Any, num_devices: int | None = None) -> list[Stage]:
     """Every run a config describes, as (name, training config, task), for a mesh over `num_devices` devices
     (default: this process's)."""
-    from lm_core.trainer import TrainTask
+    from lm_core.task import TrainTask
 
     if "kvp" in config:
         return _kvp_stages(config)
@@ -82,7 +82,7 @@ def _kvp_stages(config: Any) -> list[Stage]:
 
 def _sweep_stages(config: Any) -> list[Stage]:
     from experiments.vocab_scaling.runner import group_run_config, parse_groups
-    from lm_core.trainer import TrainTask
+    from lm_core.task import TrainTask
 
     largest = max(int(v) for v in config.sweep.vocab_sizes)
     return [Stage(f"{group.name} V={largest}", group_run_config(config, group, largest), TrainTask())
@@ -94,7 +94,7 @@ def _moma_stages(config: Any, num_devices: int | None) -> list[Stage]:
     (experiments.moma.train_aux_routers: main model frozen, BCE on the expert-choice selections)."""
     import tempfile
 
-    from experiments.moma.train import moma_config_from, moma_task
+    from experiments.moma.task import moma_config_from, moma_task
     from moma.aux_routers import variant_routes
 
     config = copy.deepcopy(config)
@@ -111,10 +111,10 @@ def _lower_aux_router_step(config: Any, mesh: Any, batch: dict[str, Any]) -> tup
     import jax
     from flax import nnx
 
-    from experiments.moma.train import moma_config_from
+    from experiments.moma.task import moma_config_from
+    from lm_core.run_config import model_config_from
     from lm_core.sharding import batch_sharding, replicated
     from lm_core.train_step import abstract_with_shardings, optimizer_state_layout, param_shardings
-    from lm_core.trainer import model_config_from
     from moma import aux_routers
     from moma.depths import build_moma_model
     from moma.flops import moma_flops_per_token
@@ -151,8 +151,8 @@ def compile_stage(stage: Stage, target: Any) -> dict[str, Any]:
     from lm_core import aot, sharding
     from lm_core.attention import resolve_attention_impl
     from lm_core.data.packing import PackedBatch
+    from lm_core.run_config import validate_run_config
     from lm_core.train_step import check_batch_fits
-    from lm_core.trainer import validate_run_config
 
     config = copy.deepcopy(stage.config)
     config.unlock()
@@ -182,10 +182,9 @@ def compile_stage(stage: Stage, target: Any) -> dict[str, Any]:
 def _lower_train_step(task: Any) -> Callable[[Any, Any, dict[str, Any]], tuple[Any, float]]:
     """The trainer's train step for `task`, built as `lm_core.trainer.train` builds it, on abstract inputs."""
     from lm_core.train_step import make_train_step, train_state_layout
-    from lm_core.trainer import step_parts
 
     def lower(config: Any, mesh: Any, batch: dict[str, Any]) -> tuple[Any, float]:
-        parts = step_parts(config, task)
+        parts = task.step(config)
         graphdef, state, shardings = train_state_layout(parts.create_model, parts.optimizer, mesh)
         step = make_train_step(graphdef, parts.loss_fn, parts.optimizer, mesh, shardings,
                                grad_accum_steps=config.grad_accum_steps)

@@ -25,7 +25,8 @@ def load_config(scale: str):
 
 def run(scale: str, workdir: Path) -> Section:
     from lm_core.generation import SamplingConfig, generate_text
-    from lm_core.trainer import load_trained_model, train
+    from lm_core.trained_runs import load_trained_model
+    from lm_core.trainer import train
 
     config = load_config(scale)
     result = train(config, workdir / "run")

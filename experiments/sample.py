@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from lm_core.generation import SamplingConfig, generate_text
-    from lm_core.trainer import load_trained_model
+    from lm_core.trained_runs import load_trained_model
 
     model, tokenizer, step = load_trained_model(_WORKDIR.value)
     config = SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,

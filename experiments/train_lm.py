@@ -69,7 +69,8 @@ def task_for(config: Any) -> tuple[Any, Any]:
         return config, None
     import jax
 
-    from lm_core.trainer import TrainData, TrainTask
+    from lm_core.run_data import TrainData
+    from lm_core.task import TrainTask
 
     dataset = prepared.open_prepared(config.data.source)
 

@@ -1,7 +1,8 @@
 """KV Prediction for improved time to first token (Horton et al. 2024, arXiv 2410.08391).
 
 A small auxiliary model A reads the prompt; a linear KV predictor P maps A's per-layer K,V to the cache of a
-large FROZEN base model B, which then generates. Modules, one idea each:
+large FROZEN base model B, which then generates. The paper in our words, each part next to its code:
+docs/kv_prediction.md. Modules, one idea each:
 
 - `auxiliary`: the aux model (canonical or layer-pruned from the base) and the (base, aux) sanity checks;
 - `layer_map`: which aux layer predicts which base layer;

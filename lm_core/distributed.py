@@ -81,7 +81,7 @@ def place_like(target: Any, source: Any) -> Any:
     """`source`'s values (a pytree of arrays) placed as `target`'s leaves are: each keeps its target's sharding. For
     loading weights into a train state.
 
-    `source` sits on one process-local device (lm_core.trainer.load_trained_model, or host arrays); a device_put
+    `source` sits on one process-local device (lm_core.trained_runs.load_trained_model, or host arrays); a device_put
     onto a mesh that spans other processes would be a cross-host transfer, so each process places its own shards
     from host memory."""
     if jax.process_count() == 1:

@@ -1,22 +1,21 @@
 """The training loop every experiment shares: config -> data -> sharded state -> steps, eval, logs, checkpoints.
 
-Paper packages customise it through a `TrainTask` (their loss, FFN factory, extra evaluation) instead of
-copying the loop. Rerunning `train` with the same workdir resumes from the latest checkpoint: model, optimizer,
-step, RNG and data position, so an interrupted run ends bit-identical to an uninterrupted one (on CPU). One run
-trains in a workdir at a time (lm_core.workdir_lock), and only finite states are kept: a step whose objective,
-gradient norm or parameters are not finite is not applied, the state before it is saved and the run stops.
+Paper packages customise it through a `TrainTask` (lm_core.task: their train step's parts, data, evaluation)
+instead of copying the loop; the run config is lm_core.run_config's, the data lm_core.run_data's, and finished
+runs are read by lm_core.trained_runs. Rerunning `train` with the same workdir resumes from the latest
+checkpoint: model, optimizer, step, RNG and data position, so an interrupted run ends bit-identical to an
+uninterrupted one (on CPU). One run trains in a workdir at a time (lm_core.workdir_lock), and only finite states
+are kept: a step whose objective, gradient norm or parameters are not finite is not applied, the state before it
+is saved and the run stops.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
-import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
@@ -24,144 +23,32 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from lm_core import distributed, flops, sharding
 from lm_core.atomic_files import write_json_atomically
 from lm_core.checkpoint import (
+    CHECKPOINTS,
     Checkpointer,
     abstract_like,
     check_same_model,
     exists_on_process_0,
-    latest_meta,
     prove_writable,
 )
-from lm_core.config import ModelConfig, check_finite_numbers
+from lm_core.config import ModelConfig
 from lm_core.errors import RunStopped, TrainingDiverged, UserError
-from lm_core.layers import FFNFactory
-from lm_core.loss import cross_entropy, next_token_loss
-from lm_core.metrics import MetricsLog, Progress, read_metrics
-from lm_core.model import Transformer
-from lm_core.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from lm_core.loss import cross_entropy
+from lm_core.metrics import MetricsLog, Progress
+from lm_core.optim import learning_rate_schedule
 from lm_core.profiling import ProfileWindow, parse_profile_steps
-from lm_core.train_step import (
-    LossFn,
-    TrainState,
-    abstract_with_shardings,
-    check_batch_fits,
-    init_train_state,
-    make_train_step,
-    param_shardings,
-)
-from lm_core.wandb_writer import check_log_config, wandb_options
+from lm_core.run_config import model_config_from, optimizer_config_from, validate_run_config
+from lm_core.run_data import HostBatch
+from lm_core.task import Batch, Evaluation, StepParts, TrainTask
+from lm_core.train_step import TrainState, check_batch_fits, init_train_state, make_train_step
+from lm_core.trained_runs import check_same_meta
+from lm_core.wandb_writer import wandb_options
 from lm_core.workdir_lock import WorkdirLock
-
-Array = jax.Array
-Batch = dict[str, Array]
-# (logits [batch, seq, vocab], batch) -> {name: summed statistic}; the trainer divides each sum by the token count.
-EvalSumsFn = Callable[[Array, Batch], dict[str, Array]]
-HostBatch = dict[str, np.ndarray]
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Every field a training entrypoint understands; config files start from this and override."""
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.steps = 200
-    config.grad_accum_steps = 1
-    config.z_loss = 1e-4
-    config.loss_chunk_tokens = 0  # > 0: output layer + loss in chunks of this many tokens per device (saves memory)
-    # Derived fields stay 0 ("from the other fields") so a config that changes d_model or num_heads gets a
-    # matching head_dim, d_ff and num_kv_heads instead of the defaults' resolved values.
-    config.model = ml_collections.ConfigDict(dict(ModelConfig(vocab_size=1024).to_dict(), head_dim=0, d_ff=0,
-                                                  num_kv_heads=0))
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
-    config.data = ml_collections.ConfigDict(dict(
-        source="builtin",  # builtin | files:<glob> | tfds:<name>[/<config>]
-        data_dir="",  # where TFDS datasets are prepared/read ("" = ~/.cache/lm_core/tfds)
-        # sentencepiece (BPE trained at model.vocab_size) | byte | pretrained (tokenizer_path, its own special ids;
-        # copied to workdir/tokenizer/, see lm_core.hf_tokenizer.PretrainedTokenizer)
-        tokenizer="sentencepiece",
-        tokenizer_path="",  # pretrained only: a directory with tokenizer.json and/or tokenizer.model, or one file
-        tokenizer_seed=0,
-        seq_len=128,
-        global_batch_size=16,
-        whole_documents=False,  # True: a document that fits in one row is never split over two (costs padding)
-        # How a tokens:DIR dataset is read (text sources always tokenize in the training process): grain, where
-        # each host builds only its own rows ahead of the step (lm_core.data.grain_pipeline), or stream, where
-        # every host packs the whole global batch when it is needed (needed for whole_documents).
-        loader="grain",
-        loader_workers=0,  # grain: worker processes that build the batches (0: threads of the training process)
-    ))
-    optimizer = OptimizerConfig()
-    config.optimizer = ml_collections.ConfigDict(dataclasses.asdict(optimizer))
-    config.optimizer.total_steps = 0  # 0 = the run's `steps`
-    config.log_every = 10
-    config.eval_every = 100
-    config.eval_batches = 4
-    config.checkpoint_every = 100
-    config.keep_checkpoints = 3
-    # Weights & Biases next to metrics.jsonl and TensorBoard (lm_core.wandb_writer; needs `pip install wandb`).
-    # With wandb=True process 0 logs every metrics.jsonl row, at its step, into one W&B run (files in workdir/wandb/)
-    # whose id is kept in workdir/wandb_run_id, so a resumed run continues the same W&B run.
-    config.log = ml_collections.ConfigDict(dict(
-        wandb=False,
-        wandb_project="lm_core",
-        # offline: no network, no login (upload later with `wandb sync DIR/wandb/offline-run-*`); online: needs
-        # `wandb login` or WANDB_API_KEY; disabled: W&B's no-op run. This field decides, not WANDB_MODE.
-        wandb_mode="offline",
-        wandb_run_name="",  # "" = the workdir's name
-    ))
-    # A jax.profiler trace of steps FIRST to LAST, both inclusive, into workdir/profile/ (lm_core.profiling), e.g.
-    # "100:103"; "" = off. A string rather than two ints: one flag (--config.profile_steps=100:103) that reads as
-    # the window, with "" for off instead of a sentinel number. A window ending after `steps` is refused (not
-    # clipped), a run resumed past the window traces nothing, and only process 0 traces.
-    config.profile_steps = ""
-    return config
-
-
-@dataclasses.dataclass
-class TrainData:
-    """What the loop reads: a run's tokenizer, its training stream and its evaluation batches.
-
-    The default (`text_train_data`) packs a text source; a paper with other data (MoMa's image-caption documents)
-    returns its own through `TrainTask.make_data`. Batches are host rows with the keys the loss reads plus a
-    per-row "chars" count, which the loop pops (bits per character) before the batch reaches the model.
-    """
-
-    # .vocab_size; saved as workdir/tokenizer.model (a pretrained one as workdir/tokenizer/) when it has .save and
-    # none is there yet
-    tokenizer: Any
-    loader: Any  # .next() -> HostBatch, .state() -> JSON-able dict, .restore(state): the exact-resume contract
-    eval_batches: list[HostBatch]
-
-
-@dataclasses.dataclass
-class TrainTask:
-    """What a paper package changes about training; the defaults train a plain language model."""
-
-    loss_fn: LossFn | None = None  # (model, batch, rng) -> (loss, metrics); default: next-token CE + z-loss
-    ffn_factory: FFNFactory | None = None
-    # Extra summed evaluation statistics (logits, batch) -> {name: sum}, reported per token as eval_<name>.
-    eval_sums_fn: EvalSumsFn | None = None
-    # Builds the trained module from (model config, seed); default: Transformer(config, ffn_factory=...).
-    # It must create its nnx.Rngs inside (it runs under jit so parameters are born sharded).
-    create_model: Callable[[ModelConfig, int], nnx.Module] | None = None
-    # Applied to a fresh (not resumed) state, e.g. to load pretrained weights into part of the model.
-    initialize: Callable[[TrainState], TrainState] | None = None
-    make_optimizer: Callable[[OptimizerConfig], optax.GradientTransformation] | None = None
-    training_flops_per_token: float | None = None  # for MFU when the module is not one plain Transformer
-    # Saved with every checkpoint and compared on resume (a mismatch is refused, naming the key).
-    extra_meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # (config, workdir, model config) -> TrainData; default: the text source config.data.source (text_train_data).
-    # It runs before anything is written, so it may raise UserError for bad data; the loop restores the loader on
-    # resume, so a fresh position set here (e.g. an upcycled run continuing its source's stream) only counts once.
-    make_data: Callable[[ml_collections.ConfigDict, Path, ModelConfig], TrainData] | None = None
-    # The eval summary ({"eval_loss", "eval_<name>": sum / tokens, ...}) -> the entries to log instead, for
-    # statistics whose denominator is not the token count (e.g. per-modality losses over that modality's tokens).
-    eval_row_fn: Callable[[dict[str, float]], dict[str, float]] | None = None
 
 
 @dataclasses.dataclass
@@ -210,122 +97,14 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
-def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
-    return ModelConfig.from_dict(config.model.to_dict())
-
-
-def optimizer_config_from(config: ml_collections.ConfigDict) -> OptimizerConfig:
-    values = config.optimizer.to_dict()
-    values["total_steps"] = values.get("total_steps") or config.steps
-    try:
-        return OptimizerConfig(**values)
-    except TypeError as error:
-        raise UserError(f"bad optimizer config: {error}") from error
-
-
-def validate_run_config(config: ml_collections.ConfigDict) -> None:
-    check_finite_numbers(config.to_dict())
-    for name in ("steps", "log_every", "eval_batches", "keep_checkpoints", "grad_accum_steps"):
-        value = config[name]
-        if not isinstance(value, int) or value <= 0:
-            raise UserError(f"{name}={value!r} must be a positive integer")
-    for name in ("eval_every", "checkpoint_every"):
-        if not isinstance(config[name], int) or config[name] < 0:
-            raise UserError(f"{name}={config[name]!r} must be an integer >= 0 (0 = never)")
-    for name in ("seq_len", "global_batch_size"):
-        if not isinstance(config.data[name], int) or config.data[name] <= 0:
-            raise UserError(f"data.{name}={config.data[name]!r} must be a positive integer")
-    # numpy's generators (the data order) take no negative seed: refused here, not at the first batch
-    if not isinstance(config.seed, int) or config.seed < 0:
-        raise UserError(f"seed={config.seed!r} must be an integer >= 0")
-    if config.data.tokenizer not in ("sentencepiece", "byte", "pretrained"):
-        raise UserError(f"data.tokenizer={config.data.tokenizer!r} is unknown; valid: sentencepiece, byte, pretrained")
-    if config.data.tokenizer == "pretrained" and not config.data.get("tokenizer_path"):
-        raise UserError("data.tokenizer=pretrained needs data.tokenizer_path; valid: a directory holding "
-                        "tokenizer.json and/or tokenizer.model (plus optional tokenizer_config.json), or one such file")
-    if not config.z_loss >= 0:
-        raise UserError(f"z_loss={config.z_loss} must be >= 0")
-    check_log_config(config)
-    parse_profile_steps(config.get("profile_steps", ""), config.steps)
-
-
-def train_or_reuse_tokenizer(config: ml_collections.ConfigDict, workdir: Path, train_texts: Any,
-                             model_config: ModelConfig) -> Any:
-    """The run's tokenizer: the copy in the workdir if there is one (resume), else trained (or taken from the cache).
-
-    The caller saves a newly trained one into the workdir once the run's inputs have all been validated."""
-    from lm_core import tokenizer as tok
-
-    if config.data.tokenizer != "sentencepiece" or (workdir / tok.MODEL_FILENAME).exists():
-        tokenizer = run_tokenizer(config, workdir)
-    else:
-        spec = tok.TokenizerSpec(vocab_size=model_config.vocab_size, seed=config.data.tokenizer_seed)
-        tokenizer = tok.train_tokenizer(_iterate(train_texts), spec, cache_dir=tokenizer_cache_dir())
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise UserError(f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's vocabulary "
-                        f"({tokenizer.vocab_size}); use model.vocab_size >= {tokenizer.vocab_size}")
-    return tokenizer
-
-
-def _pretrained_tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> Any:
-    """The workdir's copy (resume: the files the run started with), else data.tokenizer_path."""
-    from lm_core.hf_tokenizer import PRETRAINED_DIRNAME, PretrainedTokenizer
-
-    saved, path = workdir / PRETRAINED_DIRNAME, config.data.get("tokenizer_path", "")
-    if not saved.is_dir() and not path:
-        raise UserError(f"{workdir} has no {PRETRAINED_DIRNAME}/ and data.tokenizer_path is empty; valid: the workdir "
-                        "of a data.tokenizer=pretrained run, or a config naming data.tokenizer_path")
-    return PretrainedTokenizer.load(saved if saved.is_dir() else path)
-
-
-def run_tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> Any:
-    """The tokenizer a trained run in `workdir` used, for any data.tokenizer (what load_trained_model returns)."""
-    from lm_core import tokenizer as tok
-
-    kind = config.data.get("tokenizer", "sentencepiece")
-    if kind == "byte":
-        # the saved copy carries the run's reserved ids (MoMa's image codes sit there); a new run has none yet
-        saved = workdir / tok.MODEL_FILENAME
-        return tok.ByteTokenizer.load(saved) if saved.exists() else tok.ByteTokenizer()
-    if kind == "pretrained":
-        return _pretrained_tokenizer(config, workdir)
-    return tok.Tokenizer.load(workdir / tok.MODEL_FILENAME)
-
-
-def tokenizer_cache_dir() -> Path:
-    """Trained tokenizers are cached here (LM_CORE_CACHE overrides), so a sweep trains each one once."""
-    return Path(os.environ.get("LM_CORE_CACHE", Path.home() / ".cache" / "lm_core")) / "tokenizers"
-
-
-def text_train_data(config: ml_collections.ConfigDict, workdir: Path, model_config: ModelConfig) -> TrainData:
-    """The default data: a text source (config.data.source) packed into rows by LMDataLoader."""
-    from lm_core.data import LMDataLoader, get_text_source, iter_eval_batches
-
-    source = get_text_source(config.data.source, data_dir=config.data.data_dir or None)
-    train_texts = source.split("train")
-    tokenizer = train_or_reuse_tokenizer(config, workdir, train_texts, model_config)
-    loader = LMDataLoader(train_texts, tokenizer, seq_len=config.data.seq_len,
-                          global_batch_size=config.data.global_batch_size, seed=config.seed,
-                          process_index=jax.process_index(), process_count=jax.process_count(),
-                          whole_documents=config.data.get("whole_documents", False))
-    eval_batches = list(iter_eval_batches(source.split("validation"), tokenizer, config.data.seq_len,
-                                          config.data.global_batch_size, config.eval_batches))
-    return TrainData(tokenizer, loader, eval_batches)
-
-
-def _iterate(texts: Any) -> Iterator[str]:
-    for i in range(len(texts)):
-        yield texts[i]
-
-
-def make_eval_fn(graphdef: nnx.GraphDef, eval_sums_fn: EvalSumsFn | None) -> Callable:
-    def evaluate(params: nnx.State, batch: Batch) -> dict[str, Array]:
+def make_eval_fn(graphdef: nnx.GraphDef, evaluation: Evaluation | None) -> Callable:
+    def evaluate(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
         model = nnx.merge(graphdef, params)
         logits = model(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")).logits
         _, metrics = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         sums = {"nll": metrics["nll"], "tokens": metrics["tokens"]}
-        if eval_sums_fn is not None:
-            sums.update(eval_sums_fn(logits, batch))
+        if evaluation is not None:
+            sums.update(evaluation.sums(logits, batch))
         return sums
 
     return jax.jit(evaluate)
@@ -345,35 +124,6 @@ def _host_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     rows = next(iter(batch.values())).shape[0] // jax.process_count()
     start = jax.process_index() * rows
     return {name: value[start:start + rows] for name, value in batch.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class StepParts:
-    """What the train step is made of, for a config and task: `train` runs it, experiments.compile_check compiles
-    it ahead of time for a mesh, from the same construction."""
-
-    model_config: ModelConfig
-    optimizer: optax.GradientTransformation
-    create_model: Callable[[], nnx.Module]  # zero-argument; makes its own Rngs so init can run under jit
-    loss_fn: LossFn
-    training_flops_per_token: float  # the analytic count MFU is measured against
-
-
-def step_parts(config: ml_collections.ConfigDict, task: TrainTask | None = None) -> StepParts:
-    task = task or TrainTask()
-    model_config = model_config_from(config)
-    optimizer = (task.make_optimizer or make_optimizer)(optimizer_config_from(config))
-
-    def create_model() -> nnx.Module:
-        if task.create_model is not None:
-            return task.create_model(model_config, config.seed)
-        return Transformer(model_config, rngs=nnx.Rngs(config.seed), ffn_factory=task.ffn_factory)
-
-    loss_fn = task.loss_fn or functools.partial(next_token_loss, z_loss_weight=config.z_loss,
-                                                chunk_tokens=config.loss_chunk_tokens)
-    flops_per_token = (task.training_flops_per_token
-                       or flops.flops_per_token(model_config, config.data.seq_len).training)
-    return StepParts(model_config, optimizer, create_model, loss_fn, flops_per_token)
 
 
 def train_to_end(config: ml_collections.ConfigDict, workdir: str | Path, task: TrainTask | None = None
@@ -444,22 +194,22 @@ def _start_run(config: ml_collections.ConfigDict, workdir: Path, task: TrainTask
 
     # Everything that can reject the user's input runs before anything is written to the workdir.
     checkpointer, latest, saved_meta = _open_checkpoints(config, workdir, task, model_config)
-    data = (task.make_data or text_train_data)(config, workdir, model_config)
+    data = task.make_data(config, workdir, model_config)
     if latest is not None:
         _restore_data_position(checkpointer, latest, data.loader, saved_meta, config)
 
     _prepare_workdir(config, workdir, data.tokenizer, lock)
     if checkpointer is None:
-        checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+        checkpointer = Checkpointer(workdir / CHECKPOINTS, keep=config.keep_checkpoints,
                                     save_every=config.checkpoint_every)
-    parts = step_parts(config, task)
+    parts = task.step(config)
     graphdef, state, shardings = _start_state(parts, task, mesh, config.seed, checkpointer, latest)
     train_step = make_train_step(graphdef, parts.loss_fn, parts.optimizer, mesh, shardings,
                                  grad_accum_steps=config.grad_accum_steps)
     meta = {"model": model_config.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size,
-            "data_source": config.data.source, **task.extra_meta}
+            "data_source": config.data.source, **task.meta}
     return _Run(config, workdir, task, mesh, model_config, checkpointer, data.loader, data.eval_batches, state,
-                train_step, make_eval_fn(graphdef, task.eval_sums_fn), parts.training_flops_per_token,
+                train_step, make_eval_fn(graphdef, task.evaluation), parts.training_flops_per_token,
                 flops.total_peak_flops_per_s()[0], learning_rate_schedule(optimizer_config_from(config)), meta,
                 float(saved_meta.get("chars_seen", 0.0)))
 
@@ -612,23 +362,24 @@ def _evaluate(run: _Run) -> dict[str, float]:
     if not sums:
         return {}
     summary = summarise_eval(sums, chars)
-    return run.task.eval_row_fn(summary) if run.task.eval_row_fn is not None else summary
+    row = run.task.evaluation.row if run.task.evaluation is not None else None
+    return row(summary) if row is not None else summary
 
 
 def _open_checkpoints(config: ml_collections.ConfigDict, workdir: Path, task: TrainTask, model_config: ModelConfig
                       ) -> tuple[Checkpointer | None, int | None, dict[str, Any]]:
     """(checkpointer, latest step, its meta) of a workdir that has checkpoints, refusing ones of another setup;
     (None, None, {}) for a fresh workdir, whose checkpoint directory is created only once the inputs are valid."""
-    if not exists_on_process_0(workdir / "checkpoints"):
+    if not exists_on_process_0(workdir / CHECKPOINTS):
         return None, None, {}
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+    checkpointer = Checkpointer(workdir / CHECKPOINTS, keep=config.keep_checkpoints,
                                 save_every=config.checkpoint_every)
     latest = checkpointer.latest_step()
     if latest is None:
         return checkpointer, None, {}
     saved_meta = checkpointer.read_meta(latest)
     check_same_model(saved_meta, model_config, workdir)
-    check_same_meta(saved_meta, task.extra_meta, workdir)
+    check_same_meta(saved_meta, task.meta, workdir)
     return checkpointer, latest, saved_meta
 
 
@@ -651,7 +402,7 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: Path, tokenizer
     lock.acquire()
     # Every process writes its shards of a checkpoint, so every process proves it can, before the first step
     # (an unwritable directory would otherwise surface inside Orbax after the whole run, see lm_core.checkpoint).
-    prove_writable(workdir / "checkpoints")
+    prove_writable(workdir / CHECKPOINTS)
     if jax.process_index() == 0:
         write_json_atomically(workdir / "config.json", config.to_dict(), sort_keys=True)
         from lm_core.hf_tokenizer import PRETRAINED_DIRNAME, PretrainedTokenizer
@@ -694,89 +445,3 @@ def _stop_diverged(step: int, metrics: dict[str, Any], checkpointer: Checkpointe
                            f"and {kept}; likely causes: learning rate too high (lower optimizer.learning_rate or "
                            "raise optimizer.warmup_steps), bad data in this step's batch, or floating-point overflow "
                            "(try model.dtype=float32 or a larger z_loss)")
-
-
-# TrainTask.extra_meta keys that checkpoints written before they existed do not have: such a checkpoint is accepted.
-# "built_on": which upstream runs (and which state of them, `run_state`) a run started from: the KVP pipeline's
-# base and auxiliary runs, an upcycled MoMa run's seed (also what MoMa's auxiliary routers were trained on).
-RECORDED_SINCE = ("built_on",)
-
-
-def run_state(directory: Path) -> str | None:
-    """A run's latest checkpoint as a short string: its step and its logged loss there (two trainings that differ
-    end at different losses, a rerun of the same one at the same), or its import source; None: none yet. What a
-    run built on it records as "built_on", so it is refused once that run has trained on or been replaced."""
-    step, meta = latest_meta(directory / "checkpoints")
-    if step is None:
-        return None
-    losses = [row["loss"] for row in read_metrics(directory / "metrics.jsonl") if row.get("step") == step]
-    origin = (f"loss {losses[-1]!r}" if losses else f"imported from {meta['imported_from']}"
-              if "imported_from" in meta else "no logged loss")
-    return f"step {step}, {origin}"
-
-
-def differing_meta(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """The keys of `expected` whose saved value differs (compared as JSON), a key of RECORDED_SINCE that `saved`
-    predates excepted."""
-    return [key for key, value in expected.items() if _jsonable(saved.get(key)) != _jsonable(value)
-            and (key in saved or key not in RECORDED_SINCE)]
-
-
-def check_same_meta(saved: dict[str, Any], expected: dict[str, Any], workdir: Path) -> None:
-    differing = differing_meta(saved, expected)
-    if differing:
-        details = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {expected[key]!r}" for key in differing)
-        stale = (" (the run it was built on has changed since: move the stale run away to redo it)"
-                 if "built_on" in differing else "")
-        raise UserError(f"{workdir} holds a checkpoint of a different setup ({details}){stale}; use another "
-                        "--workdir")
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def read_config_json(workdir: str | Path, *, trained_by: str = "experiments.train_lm") -> ml_collections.ConfigDict:
-    """The config.json a training run wrote into `workdir`; missing or unreadable (not JSON, not an object) is a
-    UserError saying which entrypoint (`trained_by`) writes it."""
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{workdir} has no config.json; train first with python -m {trained_by}")
-    try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as error:  # TypeError: JSON that is not an object
-        raise UserError(f"{path} is not readable JSON ({error}); valid: the config.json python -m {trained_by} "
-                        "writes (restore it, or retrain into a new --workdir)") from None
-
-
-def load_trained_model(workdir: str | Path, task: TrainTask | None = None, *, mesh: Mesh | None = None
-                       ) -> tuple[Any, Any, int]:
-    """(model, tokenizer, step) from a workdir's config, tokenizer and latest checkpoint.
-
-    Only the parameters are read (not the optimizer state), each straight into its sharding on `mesh` (default:
-    this process's first device, so every process of a multi-host job gets its own copy for inference). `task`
-    must build the same module as the run did (its create_model / ffn_factory).
-    """
-    task = task or TrainTask()
-    workdir = Path(workdir)
-    config = read_config_json(workdir)
-    model_config = model_config_from(config)
-    step, meta = latest_meta(workdir / "checkpoints")  # a reader never creates a checkpoint dir in another's run
-    if step is None:
-        raise UserError(f"{workdir / 'checkpoints'} holds no checkpoint yet")
-    check_same_model(meta, model_config, workdir)
-    mesh = mesh or sharding.make_mesh(sharding.MeshConfig(data=1), jax.local_devices()[:1])
-
-    def create_model() -> nnx.Module:
-        if task.create_model is not None:
-            return task.create_model(model_config, 0)
-        return Transformer(model_config, rngs=nnx.Rngs(0), ffn_factory=task.ffn_factory)
-
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(create_model), nnx.Param)
-    target = abstract_with_shardings(abstract_params, param_shardings(mesh, abstract_params))
-    checkpointer = Checkpointer(workdir / "checkpoints")
-    params = checkpointer.restore_params(step, target)
-    checkpointer.close()
-    return nnx.merge(graphdef, params), run_tokenizer(config, workdir), step
-
-

@@ -60,7 +60,7 @@ def routing_layer_means(aux: tuple[dict[str, Array], ...]) -> dict[str, Array]:
 
 
 def per_modality_eval_sums(vocab: MixedVocab) -> Callable[[Array, Batch], dict[str, Array]]:
-    """The trainer's `eval_sums_fn`: summed NLL and target counts per modality of each evaluation batch."""
+    """The trainer's `Evaluation.sums`: summed NLL and target counts per modality of each evaluation batch."""
 
     def sums(logits: Array, batch: Batch) -> dict[str, Array]:
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [batch, seq, vocab]
@@ -71,7 +71,7 @@ def per_modality_eval_sums(vocab: MixedVocab) -> Callable[[Array, Batch], dict[s
 
 
 def per_modality_eval_row(summary: dict[str, float]) -> dict[str, float]:
-    """The trainer's `eval_row_fn`: eval_text_loss / eval_image_loss from the per-token sums it computed.
+    """The trainer's `Evaluation.row`: eval_text_loss / eval_image_loss from the per-token sums it computed.
 
     The trainer divides every summed statistic by the total token count; the ratio of two such means is the mean
     over one modality's targets. The intermediate entries are dropped, the modality shares kept, and bits per

@@ -42,7 +42,7 @@ def random_batch(seed: int, batch: int = 8, seq: int = 16, vocab: int = 128, pac
 def tiny_run(tmp_path: Path, **changes):
     """A 1-layer byte-level model on a small `files:` corpus (tmp_path/corpus): a step takes milliseconds after
     compilation; `changes` override top-level config fields."""
-    from lm_core.trainer import default_config
+    from lm_core.run_config import default_config
 
     config = default_config()
     corpus = tmp_path / "corpus"
@@ -59,6 +59,15 @@ def tiny_run(tmp_path: Path, **changes):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def task_with_loss(loss_fn, **changes):
+    """A plain LM TrainTask whose train step uses `loss_fn` (changes: the task's other members)."""
+    import dataclasses
+
+    from lm_core.task import TrainTask, lm_step_parts
+
+    return TrainTask(step=lambda config: dataclasses.replace(lm_step_parts(config), loss_fn=loss_fn), **changes)
 
 
 def pydoc_corpus(directory: Path, documents: int) -> Path:

@@ -109,7 +109,7 @@ CASES = [
     ("KVP evaluation of a corrupt config", "experiments.kv_prediction.evaluate", ["--workdir={tmp}/kvp_corrupt"],
      "kvp_config.json is not a readable KV-prediction config"),
     ("KVP evaluation before training", "experiments.kv_prediction.evaluate", ["--workdir={tmp}/kvp"],
-     "kvp has no trained base"),
+     "kvp/base is not trained yet"),
 ]
 
 

@@ -321,7 +321,7 @@ def test_accelerator_benchmark_runs_every_part_at_tiny_sizes(monkeypatch, capsys
     import jax
 
     from benchmarks import accelerator
-    from experiments.moma.train import training_flops_per_token
+    from experiments.moma.task import training_flops_per_token
     from lm_core.flops import param_counts
 
     monkeypatch.setattr(accelerator, "backend", lambda: "gpu")

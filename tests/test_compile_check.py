@@ -105,7 +105,7 @@ def tiny_lm_config(**model):
 def test_compile_check_flops_match_the_analytic_count_on_cpu():
     from experiments.compile_check import Stage, compile_stage
     from lm_core import aot
-    from lm_core.trainer import TrainTask
+    from lm_core.task import TrainTask
 
     result = compile_stage(Stage("train", tiny_lm_config(), TrainTask()), aot.target_for("cpu:8"))
     assert result["num_devices"] == 8 and result["per_device_batch"] == 1 and result["attention_impl"] == "xla_blocked"
@@ -119,7 +119,7 @@ def test_compile_check_tpu_topology_with_scanned_layers():
     pytest.importorskip("libtpu")
     from experiments.compile_check import Stage, compile_stage
     from lm_core import aot
-    from lm_core.trainer import TrainTask
+    from lm_core.task import TrainTask
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     config = tiny_lm_config(scan_layers=True, remat="full", attention_impl="xla_blocked")
@@ -154,7 +154,7 @@ def test_windowed_einsum_loops_count_each_shard_once():
 def test_remat_recompute_is_reported_apart_on_cpu():
     from experiments.compile_check import Stage, compile_stage
     from lm_core import aot
-    from lm_core.trainer import TrainTask
+    from lm_core.task import TrainTask
 
     config = tiny_lm_config(remat="full", scan_layers=True)
     result = compile_stage(Stage("train", config, TrainTask()), aot.target_for("cpu:8"))

@@ -132,7 +132,7 @@ def test_the_trainer_reads_a_step_back_after_dispatching_the_next_except_where_i
 
 def poison_at(step: int):
     """A TrainTask.make_data whose loader marks the batch of `step` (counted from the run's start) as poisoned."""
-    from lm_core.trainer import TrainData, text_train_data
+    from lm_core.run_data import TrainData, text_train_data
 
     class Poisoning:
         def __init__(self, loader):
@@ -175,14 +175,15 @@ def checkpoint_params(workdir: Path, step: int) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_a_diverged_run_stops_naming_the_step_keeps_the_state_before_it_and_resumes(tmp_path):
-    from lm_core.trainer import TrainTask, train
+    from lm_core.trainer import train
+    from tests.helpers import task_with_loss
 
-    clean = TrainTask(loss_fn=poisoned_loss, make_data=poison_at(0))
+    clean = task_with_loss(poisoned_loss, make_data=poison_at(0))
     train(tiny_run(tmp_path, checkpoint_every=4), tmp_path / "clean", clean)  # checkpoints 4 and 8
 
     workdir = tmp_path / "poisoned"
     with pytest.raises(TrainingDiverged) as stopped:
-        train(tiny_run(tmp_path), workdir, TrainTask(loss_fn=poisoned_loss, make_data=poison_at(5)))
+        train(tiny_run(tmp_path), workdir, task_with_loss(poisoned_loss, make_data=poison_at(5)))
     message = str(stopped.value)
     assert "\n" not in message and "at step 5" in message and "learning rate" in message
     assert "bad data" in message and str(workdir / "checkpoints" / "4") in message
@@ -205,7 +206,7 @@ def test_a_diverged_run_stops_naming_the_step_keeps_the_state_before_it_and_resu
                                    "optimizer.weight_decay"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_config_values_are_refused_naming_the_field(field, value):
-    from lm_core.trainer import default_config, validate_run_config
+    from lm_core.run_config import default_config, validate_run_config
 
     config = default_config()
     parent, _, name = field.rpartition(".")

@@ -24,7 +24,7 @@ from lm_core.generation import SamplingConfig, generate
 from lm_core.hf_workdir import export_workdir, import_checkpoint, unrolled_params, write_hf_model
 from lm_core.model import Transformer
 from lm_core.safetensors_io import INDEX_FILE, CheckpointTensors
-from lm_core.trainer import load_trained_model
+from lm_core.trained_runs import load_trained_model
 
 VOCAB = 97
 SPECIAL = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}

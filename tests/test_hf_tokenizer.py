@@ -207,7 +207,8 @@ def test_load_any_tokenizer_reads_what_a_workdir_holds(ours, qwen_dir, tmp_path)
     assert isinstance(load_any_tokenizer(tmp_path / "pre" / "tokenizer"), PretrainedTokenizer)
     assert isinstance(load_any_tokenizer(tmp_path / "sp" / "tokenizer.model"), Tokenizer)
     # what load_trained_model reads, for each data.tokenizer
-    from lm_core.trainer import default_config, run_tokenizer
+    from lm_core.run_config import default_config
+    from lm_core.run_data import run_tokenizer
 
     config = default_config()
     assert run_tokenizer(config, tmp_path / "sp").encode(HARD) == ours.encode(HARD)
@@ -295,7 +296,7 @@ def test_an_unsupported_tokenizer_is_refused(tmp_path):
 
 
 def pretrained_run(tokenizer_path: str):
-    from lm_core.trainer import default_config
+    from lm_core.run_config import default_config
 
     config = default_config()
     config.data.update(source="builtin", tokenizer="pretrained", tokenizer_path=tokenizer_path, seq_len=32,
@@ -310,8 +311,10 @@ def pretrained_run(tokenizer_path: str):
 @pytest.mark.slow
 def test_training_with_a_pretrained_tokenizer_keeps_its_files_and_ids(qwen_dir, llama_model, tmp_path):
     from experiments.kv_prediction.pipeline import check_same_tokenizer
-    from lm_core import trainer
-    from lm_core.trainer import load_trained_model, train
+    from lm_core import run_data
+    from lm_core.run_config import model_config_from
+    from lm_core.trained_runs import load_trained_model
+    from lm_core.trainer import train
 
     config = pretrained_run(str(qwen_dir))
     result = train(config, tmp_path / "run")
@@ -325,7 +328,7 @@ def test_training_with_a_pretrained_tokenizer_keeps_its_files_and_ids(qwen_dir, 
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size) == (400, 400, 400, 402)
     assert tokenizer.encode(HARD) == source.encode(HARD)
     config.data.tokenizer_path = str(llama_model)  # a resume reads the workdir's copy, whatever the path says now
-    resumed = trainer.train_or_reuse_tokenizer(config, tmp_path / "run", [], trainer.model_config_from(config))
+    resumed = run_data.train_or_reuse_tokenizer(config, tmp_path / "run", [], model_config_from(config))
     assert resumed.files == source.files
     check_same_tokenizer(tmp_path / "run", tmp_path / "run")
     ByteTokenizer().save(tmp_path / "byte_run" / "tokenizer.model")
@@ -334,7 +337,8 @@ def test_training_with_a_pretrained_tokenizer_keeps_its_files_and_ids(qwen_dir, 
 
 
 def test_a_pretrained_run_without_a_tokenizer_path_is_refused(tmp_path):
-    from lm_core.trainer import train, validate_run_config
+    from lm_core.run_config import validate_run_config
+    from lm_core.trainer import train
 
     with pytest.raises(UserError, match="data.tokenizer=pretrained needs data.tokenizer_path") as error:
         validate_run_config(pretrained_run(""))

@@ -274,7 +274,7 @@ def tiny_run_config(variant: str, vq_dir):
 def test_entrypoint_trains_saves_reuses_and_refuses_bad_input(tmp_path):
     import json
 
-    from experiments.moma.train import moma_task
+    from experiments.moma.task import moma_task
     from experiments.moma.train_aux_routers import AuxRouterConfig, run
     from lm_core.trainer import train
 

@@ -14,7 +14,7 @@ import pytest
 from lm_core.checkpoint import latest_meta
 from lm_core.errors import UserError
 from lm_core.metrics import read_metrics
-from lm_core.trainer import check_same_meta, run_state
+from lm_core.trained_runs import check_same_meta, run_state
 from tests.helpers import moma_micro_flags
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ import pytest
 from experiments.configs import moma_tiny
 from lm_core.checkpoint import Checkpointer
 from lm_core.metrics import read_metrics
-from lm_core.trainer import model_config_from, train
+from lm_core.run_config import model_config_from
+from lm_core.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def vq_dir(tmp_path_factory) -> Path:
 
 
 def train_moma(config, workdir: Path):
-    from experiments.moma.train import moma_task
+    from experiments.moma.task import moma_task
 
     return train(config, workdir, moma_task(config, workdir))
 
@@ -77,7 +78,7 @@ def test_train_logs_per_modality_losses_and_resumes_exactly(tmp_path, vq_dir):
 
 @pytest.mark.slow
 def test_load_moma_and_eval_batches_of_a_run(tmp_path, vq_dir):
-    from experiments.moma.train import load_moma, mixed_eval_batches, mixed_vocab_for
+    from experiments.moma.task import load_moma, mixed_eval_batches, mixed_vocab_for
     from moma.depths import MoDBlock
     from moma.mixed_modal import modality_counts
 
@@ -108,7 +109,7 @@ def test_dense_and_moe_1t1i_smoke(tmp_path, vq_dir):
 def test_upcycling_keeps_the_data_position_and_resets_the_schedule(tmp_path, vq_dir):
     from flax import nnx
 
-    from experiments.moma.train import (
+    from experiments.moma.task import (
         load_moma,
         moma_task,
         read_run_config,
@@ -117,9 +118,7 @@ def test_upcycling_keeps_the_data_position_and_resets_the_schedule(tmp_path, vq_
         upcycled_seed_flops,
     )
     from lm_core import sharding
-    from lm_core.optim import make_optimizer
     from lm_core.train_step import init_train_state
-    from lm_core.trainer import optimizer_config_from
 
     source_dir = tmp_path / "moe_1t1i"
     train_moma(tiny_moma_config("moe_1t1i", vq_dir, steps=3), source_dir)
@@ -136,8 +135,8 @@ def test_upcycling_keeps_the_data_position_and_resets_the_schedule(tmp_path, vq_
     assert data.loader.state() == source_position and source_position["document"] > 0
     # every expert of the fresh state starts as the 1t1i run's FFN of its modality
     mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
-    optimizer = make_optimizer(optimizer_config_from(config))
-    _, state, _ = init_train_state(lambda: task.create_model(model_config_from(config), 0), optimizer, mesh, 0)
+    parts = task.step(config)
+    _, state, _ = init_train_state(parts.create_model, parts.optimizer, mesh, 0)
     upcycled = dict(nnx.to_flat_state(task.initialize(state).params))
     trained = dict(nnx.to_flat_state(nnx.state(load_moma(source_dir)[0], nnx.Param)))
     experts = [path for path, value in upcycled.items() if path in trained and trained[path].shape != value.shape]

@@ -175,7 +175,7 @@ def text_corpus(folder: Path, documents: int) -> str:
 
 SWEEP = """
 import ml_collections
-from lm_core.trainer import default_config
+from lm_core.run_config import default_config
 
 def get_config():
     config = default_config()

@@ -6,7 +6,7 @@ import pytest
 
 from lm_core.errors import UserError
 from lm_core.optim import OptimizerConfig, learning_rate_schedule
-from lm_core.trainer import default_config, optimizer_config_from
+from lm_core.run_config import default_config, optimizer_config_from
 
 PEAK = 1e-3
 

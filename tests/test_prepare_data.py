@@ -177,7 +177,8 @@ def _has_tokenizers() -> bool:
 def test_train_lm_on_tokens_trains_resumes_and_refuses_a_dataset_of_another_tokenizer(tmp_path):
     from experiments.train_lm import task_for
     from lm_core.metrics import read_metrics
-    from lm_core.trainer import run_tokenizer, train
+    from lm_core.run_data import run_tokenizer
+    from lm_core.trainer import train
 
     # a byte-level model on a files: corpus (each train() compiles for ~10 s, so: 2 steps, then 1 more)
     config = tiny_run(tmp_path, steps=2, eval_every=2, eval_batches=1, checkpoint_every=2)

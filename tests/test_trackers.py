@@ -43,7 +43,7 @@ def tiny_run(tmp_path: Path, **changes: Any):
 def sigterm_at(step: int):
     """A TrainTask.make_data whose loader sends this process SIGTERM while fetching the batch of `step` (counted
     in this process), as a scheduler would: the trainer finishes that step, saves and stops."""
-    from lm_core.trainer import TrainData, text_train_data
+    from lm_core.run_data import TrainData, text_train_data
 
     class Signalling:
         def __init__(self, loader: Any):
@@ -116,7 +116,8 @@ def offline_run(folder: Path) -> dict[str, Any]:
 
 def test_an_offline_wandb_run_holds_the_metrics_rows_finishes_on_sigterm_and_a_resume_continues_it(
         tmp_path, wandb_env):
-    from lm_core.trainer import TrainTask, train
+    from lm_core.task import TrainTask
+    from lm_core.trainer import train
 
     workdir = tmp_path / "run"
     config = tiny_run(tmp_path)
@@ -188,7 +189,7 @@ def test_the_fields_work_as_command_line_flags():
     from absl import flags
     from ml_collections import config_flags
 
-    from lm_core.trainer import default_config, validate_run_config
+    from lm_core.run_config import default_config, validate_run_config
 
     argv = ["train_lm", "--config.steps=4", "--config.profile_steps=2:3", "--config.log.wandb=False",
             "--config.log.wandb_mode=online", "--config.log.wandb_run_name=baseline"]
@@ -226,7 +227,7 @@ def test_bad_values_are_refused_in_one_line_before_anything_is_written(tmp_path,
 def test_wandb_on_without_wandb_installed_says_pip_install_wandb(tmp_path, monkeypatch):
     import importlib.util
 
-    from lm_core.trainer import validate_run_config
+    from lm_core.run_config import validate_run_config
 
     config = tiny_run(tmp_path)
     validate_run_config(config)  # off: wandb is never looked for
@@ -242,7 +243,7 @@ def test_wandb_on_without_wandb_installed_says_pip_install_wandb(tmp_path, monke
 def test_the_log_defaults_are_the_writers_and_a_config_without_a_log_block_reads_as_off():
     import ml_collections
 
-    from lm_core.trainer import default_config
+    from lm_core.run_config import default_config
     from lm_core.wandb_writer import DEFAULTS, check_log_config, wandb_options
 
     assert default_config().log.to_dict() == DEFAULTS

@@ -63,7 +63,7 @@ def final_params(workdir: Path) -> list[np.ndarray]:
     import jax
     from flax import nnx
 
-    from lm_core.trainer import load_trained_model
+    from lm_core.trained_runs import load_trained_model
 
     model, _, _ = load_trained_model(workdir)
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]

@@ -8,7 +8,9 @@ from flax import nnx
 
 from lm_core.errors import UserError
 from lm_core.model import Transformer
-from lm_core.trainer import default_config, make_eval_fn, summarise_eval, validate_run_config
+from lm_core.run_config import default_config, validate_run_config
+from lm_core.task import Evaluation
+from lm_core.trainer import make_eval_fn, summarise_eval
 from tests.helpers import random_batch, tiny_config
 
 
@@ -24,15 +26,16 @@ def test_eval_fn_sums_and_extra_statistics():
     graphdef, params = nnx.split(model)
     batch = {k: jnp.asarray(v) for k, v in random_batch(0, batch=2, seq=8).items()}
     batch["loss_mask"] = batch["loss_mask"].at[:, -3:].set(0.0)
-    evaluate = make_eval_fn(graphdef, lambda logits, b: {"top1": jnp.sum(
-        (jnp.argmax(logits, -1) == b["targets"]) * b["loss_mask"])})
+    evaluate = make_eval_fn(graphdef, Evaluation(lambda logits, b: {"top1": jnp.sum(
+        (jnp.argmax(logits, -1) == b["targets"]) * b["loss_mask"])}))
     sums = evaluate(params, batch)
     logits = model(batch["inputs"]).logits
     log_probs = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     nll = -np.take_along_axis(np.asarray(log_probs), np.asarray(batch["targets"])[..., None], -1)[..., 0]
     assert float(sums["tokens"]) == 10.0
     assert float(sums["nll"]) == pytest.approx(float(np.sum(nll[:, :5])), rel=1e-5)
-    assert 0 <= float(sums["top1"]) <= 10
+    hits = (np.argmax(np.asarray(logits), -1) == np.asarray(batch["targets"])) * np.asarray(batch["loss_mask"])
+    assert float(sums["top1"]) == float(hits.sum())  # the task's statistic, summed over the kept tokens only
 
 
 def test_run_config_validation():
@@ -47,8 +50,8 @@ def test_run_config_validation():
         validate_run_config(config)
 
 
-def test_extra_meta_mismatch_is_refused(tmp_path):
-    from lm_core.trainer import check_same_meta
+def test_task_meta_mismatch_is_refused(tmp_path):
+    from lm_core.trained_runs import check_same_meta
 
     check_same_meta({"aux": {"layers": 2}}, {"aux": {"layers": 2}}, tmp_path)
     with pytest.raises(UserError, match="aux: checkpoint"):
@@ -56,7 +59,7 @@ def test_extra_meta_mismatch_is_refused(tmp_path):
 
 
 def test_default_config_derives_head_dim_from_the_final_sizes():
-    from lm_core.trainer import model_config_from
+    from lm_core.run_config import model_config_from
 
     config = default_config()
     config.model.d_model = 128
@@ -86,7 +89,9 @@ def test_a_failed_background_save_is_one_line_naming_the_checkpoint(tmp_path, mo
 @pytest.mark.slow
 def test_a_checkpoint_directory_lost_mid_run_fails_at_the_next_save_not_at_the_end(tmp_path):
     from lm_core.metrics import read_metrics
-    from lm_core.trainer import TrainData, TrainTask, text_train_data, train
+    from lm_core.run_data import TrainData, text_train_data
+    from lm_core.task import TrainTask
+    from lm_core.trainer import train
     from tests.helpers import tiny_run
 
     workdir = tmp_path / "run"
@@ -113,7 +118,8 @@ def test_a_checkpoint_directory_lost_mid_run_fails_at_the_next_save_not_at_the_e
 def test_load_trained_model_reads_only_the_parameters_straight_into_a_mesh(tmp_path, monkeypatch):
     from lm_core import sharding
     from lm_core.checkpoint import Checkpointer
-    from lm_core.trainer import load_trained_model, train
+    from lm_core.trained_runs import load_trained_model
+    from lm_core.trainer import train
     from tests.helpers import tiny_run
 
     train(tiny_run(tmp_path, steps=2, checkpoint_every=2), tmp_path / "run")
@@ -133,7 +139,8 @@ def test_a_byte_run_with_reserved_ids_loads_back_with_them(tmp_path):
     """A byte run's saved tokenizer keeps its reserved ids (MoMa's image codes); reading the run back must not
     shrink the vocabulary to the 260 plain byte ids."""
     from lm_core.tokenizer import MODEL_FILENAME, ByteTokenizer
-    from lm_core.trainer import load_trained_model, train
+    from lm_core.trained_runs import load_trained_model
+    from lm_core.trainer import train
     from tests.helpers import tiny_run
 
     train(tiny_run(tmp_path, steps=1, checkpoint_every=1), tmp_path / "run")  # a byte run with no reserved ids
@@ -168,14 +175,14 @@ def test_a_resume_on_another_corpus_of_the_same_size_is_refused_naming_both(tmp_
 def test_every_scalar_a_loss_returns_is_logged_without_overriding_the_loops_entries(tmp_path):
     from lm_core.loss import next_token_loss
     from lm_core.metrics import read_metrics
-    from lm_core.trainer import TrainTask, train
-    from tests.helpers import tiny_run
+    from lm_core.trainer import train
+    from tests.helpers import task_with_loss, tiny_run
 
     def loss_with_a_statistic(model, batch, rng):
         loss, metrics = next_token_loss(model, batch, rng)
         return loss, dict(metrics, share_of_pad=jnp.mean(batch["loss_mask"] == 0), per_row=batch["loss_mask"][:, 0])
 
-    train(tiny_run(tmp_path, steps=2, checkpoint_every=2), tmp_path / "run", TrainTask(loss_fn=loss_with_a_statistic))
+    train(tiny_run(tmp_path, steps=2, checkpoint_every=2), tmp_path / "run", task_with_loss(loss_with_a_statistic))
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:

@@ -59,7 +59,7 @@ def test_isoflop_points_convert_characters_to_flops():
 
 MICRO_SWEEP = """
 import ml_collections
-from lm_core.trainer import default_config
+from lm_core.run_config import default_config
 
 def get_config():
     config = default_config()
@@ -113,7 +113,7 @@ def test_micro_sweep_end_to_end_and_a_stop_resumes_to_the_same_results(tmp_path)
 def test_every_vocabulary_is_scored_on_the_same_characters(tmp_path, monkeypatch):
     from experiments.vocab_scaling.runner import leading_documents, same_text_data
     from lm_core.config import ModelConfig
-    from lm_core.trainer import default_config
+    from lm_core.run_config import default_config
 
     monkeypatch.setenv("LM_CORE_CACHE", str(tmp_path / "cache"))
     corpus = pydoc_corpus(tmp_path / "corpus", 60)

@@ -62,7 +62,7 @@ def test_the_lock_of_a_killed_process_does_not_block(tmp_path):
 
 @pytest.mark.slow
 def test_second_training_run_exits_2_in_one_line_and_readers_still_work(tmp_path):
-    from lm_core.trainer import load_trained_model
+    from lm_core.trained_runs import load_trained_model
 
     corpus_dir = tmp_path / "corpus"
     corpus_dir.mkdir()

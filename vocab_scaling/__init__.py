@@ -1,5 +1,7 @@
 """Tao et al. 2024, "Scaling Laws with Vocabulary" (arXiv 2407.13623): the formulas, fits and predictor.
 
+The paper in our words, each formula next to the function that implements it: docs/vocab_scaling.md.
+
 One idea per module, each stating the paper's convention it implements:
 - `unigram_loss`: the vocabulary-insensitive loss L_u and bits per character;
 - `tokenization_curve`: f(V), tokens per character as a quadratic in ln V;

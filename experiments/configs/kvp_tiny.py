@@ -26,7 +26,7 @@ answers 68-70%. Perplexity aux alone / KVP 32-47 / 28.1-28.6 (base 28.3). Recall
 
 import ml_collections
 
-from lm_core.trainer import default_config
+from lm_core.run_config import default_config
 
 # The fact table's documents are 35% of the characters, the recall documents (two facts with up to 20 characters
 # of corpus text after each: ~30 tokens, kept whole in a row) 32%, the corpus the rest.

@@ -11,7 +11,7 @@ Expected: on 2 CPU cores ~2-3 min for 400 steps (measured 2m14s); validation los
 about 4.0 nats/token (3.97 measured, 2.5 bits per character) with the BPE-1024 tokenizer.
 """
 
-from lm_core.trainer import default_config
+from lm_core.run_config import default_config
 
 
 def get_config(variant: str = "tiny"):

@@ -33,7 +33,7 @@ MoD picks each row's top 25% (moma/depths.py), so no attention row holds more th
 """
 
 from experiments.configs.moma_tiny import moma_section, paper_recipe
-from lm_core.trainer import default_config
+from lm_core.run_config import default_config
 
 SIZES = {  # the paper's dense rows: layers, width, heads (d_ff = 4 x width)
     "90m": dict(num_layers=8, d_model=512, num_heads=8),

@@ -108,7 +108,7 @@ def paper_recipe(config: ml_collections.ConfigDict) -> None:
 
 def compute_matched_depth(config: ml_collections.ConfigDict) -> int:
     """Layers of a mod_ variant with the forward FLOPs per token of the same variant without MoD at this depth."""
-    from lm_core.trainer import model_config_from
+    from lm_core.run_config import model_config_from
     from moma.flops import compute_matched_mod_layers
     from moma.variants import parse_variant
 

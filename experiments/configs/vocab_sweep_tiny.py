@@ -17,7 +17,7 @@ the paper's own coefficients and data do (experiments.vocab_scaling.predict / fi
 
 import ml_collections
 
-from lm_core.trainer import default_config
+from lm_core.run_config import default_config
 
 
 def get_config(variant: str = "tiny"):

@@ -18,6 +18,7 @@ is trained (one-line UserErrors).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -41,8 +42,11 @@ from lm_core.distributed import answer_of_process_0, place_like, wait_for_every_
 from lm_core.errors import UserError
 from lm_core.flops import flops_per_token
 from lm_core.model import Transformer
+from lm_core.run_config import model_config_from, optimizer_config_from
+from lm_core.task import ModelBuilder, StepParts, TrainTask, lm_step_parts
 from lm_core.train_step import TrainState
-from lm_core.trainer import TrainTask, check_same_meta, load_trained_model, model_config_from, run_state, train_to_end
+from lm_core.trained_runs import check_same_meta, load_trained_model, run_state
+from lm_core.trainer import train_to_end
 
 CONFIG_FILE = "kvp_config.json"
 
@@ -186,6 +190,11 @@ def consistency_weight(kvp: ml_collections.ConfigDict) -> float | None:
     return weight
 
 
+def kvp_builder(aux: AuxSpec) -> ModelBuilder:
+    """How a KVP run's module (frozen base + auxiliary + predictor) is built: what training and loading share."""
+    return lambda model_config, seed: build_kvp_model(model_config, aux, seed)
+
+
 def kvp_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> TrainTask:
     kvp = config.kvp
 
@@ -199,13 +208,17 @@ def kvp_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> 
     loss = functools.partial(kvp_loss, lambda_base=kvp.lambda_base, lambda_aux=kvp.lambda_aux,
                              lambda_consistency=consistency_weight(kvp), z_loss_weight=config.z_loss,
                              chunk_tokens=config.loss_chunk_tokens)
-    base_config = model_config_from(config)
-    return TrainTask(loss_fn=loss, create_model=lambda model_config, seed: build_kvp_model(model_config, aux, seed),
-                     initialize=initialize, make_optimizer=make_kvp_optimizer,
-                     training_flops_per_token=kvp_training_flops_per_token(base_config, aux.config,
-                                                                           config.data.seq_len),
-                     extra_meta={"kvp_variant": aux.name, "aux_model": aux.config.to_dict(),
-                                 "layer_map": list(aux.layer_map), "built_on": built_on(config, workdir, aux)})
+    flops = kvp_training_flops_per_token(model_config_from(config), aux.config, config.data.seq_len)
+
+    def step(run_config: ml_collections.ConfigDict) -> StepParts:
+        """The plain step's parts with the KVP module, its 3-term loss, the base frozen in the optimizer."""
+        return dataclasses.replace(lm_step_parts(run_config, kvp_builder(aux)), loss_fn=loss,
+                                   optimizer=make_kvp_optimizer(optimizer_config_from(run_config)),
+                                   training_flops_per_token=flops)
+
+    return TrainTask(step=step, initialize=initialize,
+                     meta={"kvp_variant": aux.name, "aux_model": aux.config.to_dict(),
+                           "layer_map": list(aux.layer_map), "built_on": built_on(config, workdir, aux)})
 
 
 def aux_only_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> TrainTask:
@@ -213,8 +226,8 @@ def aux_only_task(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec
         return state._replace(params=place_like(state.params, nnx.state(initial_aux(config, workdir, aux),
                                                                        nnx.Param)))
 
-    return TrainTask(initialize=initialize, extra_meta={"aux_only_variant": aux.name,
-                                                        "built_on": built_on(config, workdir, aux)})
+    return TrainTask(initialize=initialize, meta={"aux_only_variant": aux.name,
+                                                  "built_on": built_on(config, workdir, aux)})
 
 
 def built_on(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec) -> dict[str, str | None]:
@@ -238,7 +251,7 @@ def is_finished(directory: Path, stage: ml_collections.ConfigDict, task: TrainTa
     if step is None:
         return False
     check_same_model(meta, model_config_from(stage), directory)
-    check_same_meta(meta, task.extra_meta, directory)
+    check_same_meta(meta, task.meta, directory)
     return step >= stage.steps
 
 

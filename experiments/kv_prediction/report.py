@@ -25,7 +25,7 @@ from experiments.kv_prediction.pipeline import base_dir, resolve_variants
 from experiments.plots import plt  # headless matplotlib, configured there
 from kv_prediction.inference import prefill_flops
 from lm_core.atomic_files import write_json_atomically
-from lm_core.trainer import load_trained_model
+from lm_core.trained_runs import load_trained_model
 
 RESULTS_FILE = "evaluation.json"
 KINDS = ("base", "aux_only", "kvp", "pruning", "null_cache", "true_question")

@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
     from experiments.kv_prediction.pipeline import CONFIG_FILE, load_config, resolve_variants
     from kv_prediction.variants import resolve_spec
     from lm_core.errors import UserError
-    from lm_core.trainer import model_config_from
+    from lm_core.run_config import model_config_from
 
     workdir = Path(_WORKDIR.value) if _WORKDIR.value else None
     if workdir is not None and not workdir.is_dir():  # a typo must not fall back to timing random weights

@@ -54,7 +54,7 @@ def scale_configs(scale: str, image_tokenizer_dir: Path) -> dict[str, Any]:
 
 def train_variants(configs: dict[str, Any], workdir: Path) -> dict[str, float]:
     """Train (or resume) every variant; -> variant -> wall-clock seconds of this call."""
-    from experiments.moma.train import moma_task
+    from experiments.moma.task import moma_task
     from lm_core.trainer import train_to_end
 
     seconds = {}
@@ -141,7 +141,7 @@ def claim_verdicts(scale: str, dense: Any, rows: list[dict[str, Any]], aux: dict
 def non_embedding_params(config: Any) -> int:
     """Attention, FFN and norm parameters of a dense model of `config` (lm_core.flops.param_counts)."""
     from lm_core.flops import param_counts
-    from lm_core.trainer import model_config_from
+    from lm_core.run_config import model_config_from
 
     counts = param_counts(model_config_from(config))
     return counts.attention + counts.ffn + counts.norms

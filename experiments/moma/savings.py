@@ -13,7 +13,7 @@ one batch's, so at CPU scale its batch-to-batch noise is as large as the differe
 point at or below dense's final loss" then lands early by chance (a 4t4i run that ended 0.02 above dense read as
 η 1.8 off its training curve). C = tokens seen x the variant's analytic training FLOPs per token
 (moma.flops.moma_flops_per_token). An upcycled run's C starts at its seed's training compute (stage 1, recorded in
-its upcycle_seed.json: experiments.moma.train.upcycled_seed_flops), so its η pays for the 1t1i run it started
+its upcycle_seed.json: experiments.moma.task.upcycled_seed_flops), so its η pays for the 1t1i run it started
 from, as the paper's adjusted figures do. η > 1: the variant reaches dense's final loss with less compute; "-" (null
 in the JSON): it never does within its run. Throughput: every variant's compiled train step is timed in this process
 on the same batches (the dense run's evaluation batches, training-shaped), warmed up first, variants interleaved
@@ -88,7 +88,7 @@ def find_runs(directory: Path) -> dict[str, Path]:
     """run name (its directory's name) -> run dir for every MoMa run directly under `directory`, sorted by name
     with the dense baseline first (an upcycled or re-run variant next to the original keeps its own row)."""
     from lm_core.errors import UserError
-    from lm_core.trainer import read_config_json
+    from lm_core.run_config import read_config_json
 
     if not Path(directory).is_dir():
         raise UserError(f"{directory} does not exist or is not a directory; valid: a directory with one "
@@ -144,9 +144,9 @@ def variant_of(run_dir: Path) -> str:
 
 def training_flops_per_token(run_dir: Path) -> float:
     """The run's analytic training FLOPs per token (what its compute axis is measured in)."""
-    from experiments.moma import train
+    from experiments.moma import task
 
-    return train.training_flops_per_token(train.read_run_config(run_dir))
+    return task.training_flops_per_token(task.read_run_config(run_dir))
 
 
 def trailing_mean(values: list[float], window: int) -> list[float]:
@@ -163,7 +163,7 @@ def loss_curves(run_dir: Path, smooth: int = 1, curves: str = "train") -> Curves
     """modality -> (training FLOPs, loss smoothed over `smooth` points) at every logged step that has that loss
     (`curves`: the training losses or the evaluation losses, CURVE_KEYS); the FLOPs include what an upcycled run
     inherited from its seed."""
-    from experiments.moma.train import upcycled_seed_flops
+    from experiments.moma.task import upcycled_seed_flops
     from lm_core.metrics import read_metrics
 
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -189,7 +189,7 @@ def final_eval(run_dir: Path) -> dict[str, float | None]:
 def savings_rows(directory: Path, smooth: int = 5, eta_curves: str = "eval") -> list[dict[str, Any]]:
     """One row per run (the keys of the module docstring, throughput None): η overall/text/image vs dense read off
     the `eta_curves` curves, final smoothed training and last evaluation losses."""
-    from experiments.moma.train import upcycled_seed_flops
+    from experiments.moma.task import upcycled_seed_flops
     from moma.savings import flops_savings
 
     runs = find_runs(directory)
@@ -224,23 +224,18 @@ def measure_throughput(runs: dict[str, Path], steps: int, rounds: int = 3) -> di
 
     Each variant is compiled and run twice (warm-up) first; then `rounds` rounds each time `steps` steps of every
     variant in turn, so load from other processes hits all variants alike."""
-    from experiments.moma.train import mixed_eval_batches, moma_task, read_run_config
+    from experiments.moma.task import mixed_eval_batches, moma_task, read_run_config
     from lm_core import distributed, sharding
-    from lm_core.optim import make_optimizer
     from lm_core.train_step import init_train_state, make_train_step
-    from lm_core.trainer import model_config_from, optimizer_config_from
 
     host_batches = mixed_eval_batches(next(iter(runs.values())))
     steppers: dict[str, Any] = {}
     for name, path in runs.items():
         config = read_run_config(path)
-        task = moma_task(config, path)
+        parts = moma_task(config, path).step(config)
         mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh.to_dict()))
-        optimizer = make_optimizer(optimizer_config_from(config))
-        model_config = model_config_from(config)
-        graphdef, state, shardings = init_train_state(lambda t=task, m=model_config: t.create_model(m, 0),
-                                                      optimizer, mesh, 0)
-        step = make_train_step(graphdef, task.loss_fn, optimizer, mesh, shardings)
+        graphdef, state, shardings = init_train_state(parts.create_model, parts.optimizer, mesh, 0)
+        step = make_train_step(graphdef, parts.loss_fn, parts.optimizer, mesh, shardings)
         batches = [distributed.global_batch(mesh, {k: v for k, v in batch.items() if k != "chars"})
                    for batch in host_batches]
         for batch in batches[:2]:  # compile + warm up

@@ -90,7 +90,7 @@ def define_flags() -> None:
 
 def load_run(workdir: Path):  # -> (model, run config ConfigDict, MoMaConfig)
     """The trained model, its config and MoMa variant; refuses variants with nothing to route before loading."""
-    from experiments.moma.train import load_moma, moma_config_from, read_run_config
+    from experiments.moma.task import load_moma, moma_config_from, read_run_config
     from moma.aux_routers import check_variant_routable
 
     moma = moma_config_from(read_run_config(workdir))
@@ -101,8 +101,8 @@ def load_run(workdir: Path):  # -> (model, run config ConfigDict, MoMaConfig)
 
 def training_stream(run_config, workdir: Path) -> Iterator[dict[str, Any]]:
     """The run's own training stream from its start (same seed, same pairs and tokenizer)."""
-    from experiments.moma.train import image_source, make_mixed_data
-    from lm_core.trainer import model_config_from
+    from experiments.moma.task import image_source, make_mixed_data
+    from lm_core.run_config import model_config_from
 
     data = make_mixed_data(run_config, workdir, model_config_from(run_config), image_source(run_config))
     while True:
@@ -110,7 +110,7 @@ def training_stream(run_config, workdir: Path) -> Iterator[dict[str, Any]]:
 
 
 def eval_batches(workdir: Path, count: int) -> list[dict[str, Any]]:
-    from experiments.moma.train import mixed_eval_batches
+    from experiments.moma.task import mixed_eval_batches
 
     return mixed_eval_batches(workdir, max_batches=count or None)
 
@@ -140,7 +140,7 @@ def restore_aux_routers(model, directory: Path, expected_meta: dict[str, Any]) -
 
     from lm_core.checkpoint import Checkpointer
     from lm_core.errors import UserError
-    from lm_core.trainer import differing_meta
+    from lm_core.trained_runs import differing_meta
     from moma.aux_routers import AUX_ROUTER_PARAMS
 
     if not directory.is_dir():
@@ -180,7 +180,7 @@ def run(config: AuxRouterConfig | None, workdir: str | Path) -> dict[str, float]
     """
     from flax import nnx
 
-    from lm_core.trainer import run_state
+    from lm_core.trained_runs import run_state
     from moma.aux_routers import attach_aux_routers, evaluate_routing
 
     config = config or AuxRouterConfig()

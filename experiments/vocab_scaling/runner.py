@@ -46,7 +46,7 @@ def vocabulary_tokenizers(config: ml_collections.ConfigDict, vocab_sizes: Sequen
                           ) -> dict[int, Any]:
     """One cached sentencepiece tokenizer per V, trained exactly as the trainer will train it (same spec)."""
     from lm_core import tokenizer as tok
-    from lm_core.trainer import tokenizer_cache_dir
+    from lm_core.run_data import tokenizer_cache_dir
 
     texts = [train_texts[i] for i in range(len(train_texts))]
     return {v: tok.train_tokenizer(texts, tok.TokenizerSpec(vocab_size=v, seed=config.data.tokenizer_seed),
@@ -141,7 +141,7 @@ def same_text_data(eval_chars: int) -> Callable[..., Any]:
 
     def make_data(config: ml_collections.ConfigDict, workdir: Path, model_config: Any) -> Any:
         from lm_core.data import get_text_source, iter_eval_batches
-        from lm_core.trainer import text_train_data
+        from lm_core.run_data import text_train_data
 
         data = text_train_data(config, workdir, model_config)
         source = get_text_source(config.data.source, data_dir=config.data.data_dir or None)
@@ -155,12 +155,13 @@ def same_text_data(eval_chars: int) -> Callable[..., Any]:
 def train_run(base: ml_collections.ConfigDict, planned: PlannedRun, run_dir: Path, log_p: np.ndarray
               ) -> list[dict[str, float]]:
     """Train one run (or resume it) and return its (C, L_u, ...) points along training."""
-    from lm_core.trainer import TrainTask, train_to_end
+    from lm_core.task import Evaluation, TrainTask
+    from lm_core.trainer import train_to_end
 
     result_file = run_dir / "result.json"
     if not result_file.exists():
         eval_chars = int(base.sweep.get("eval_chars", 0))  # 0: the whole validation split
-        task = TrainTask(eval_sums_fn=unigram_eval_fn(log_p), make_data=same_text_data(eval_chars))
+        task = TrainTask(evaluation=Evaluation(unigram_eval_fn(log_p)), make_data=same_text_data(eval_chars))
         train_to_end(run_config(base, planned), run_dir, task)  # a signal stops the sweep: no result.json
         if not is_main_process():  # process 0 writes metrics.jsonl, the result and the report
             return []

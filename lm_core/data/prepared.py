@@ -373,7 +373,7 @@ def iter_prepared_eval_batches(split: PreparedSplit, tokenizer: Any, seq_len: in
 
 def run_config(config: Any, dataset: PreparedDataset) -> Any:
     """A copy of the run's config whose data.tokenizer (and data.tokenizer_path) name the dataset's tokenizer, so
-    config.json says what the run used and `lm_core.trainer.run_tokenizer` reads the workdir's copy back.
+    config.json says what the run used and `lm_core.run_data.run_tokenizer` reads the workdir's copy back.
 
     data.tokenizer=sentencepiece (the default: a BPE trained on the text, which a prepared dataset replaces by its
     own) becomes the dataset's kind; an explicit byte or pretrained tokenizer must be the dataset's (else refused).
@@ -407,7 +407,7 @@ def run_tokenizer(dataset: PreparedDataset, workdir: str | os.PathLike) -> Any:
 def training_data(dataset: PreparedDataset, config: Any, workdir: str | os.PathLike, model_vocab_size: int, *,
                   process_index: int = 0, process_count: int = 1
                   ) -> tuple[Any, PreparedTokensLoader, list[Batch]]:
-    """(tokenizer, training stream, evaluation batches) of a run on `dataset`: lm_core.trainer.TrainData's fields,
+    """(tokenizer, training stream, evaluation batches) of a run on `dataset`: lm_core.run_data.TrainData's fields,
     as `text_train_data` makes them from a text source."""
     tokenizer = run_tokenizer(dataset, workdir)
     if tokenizer.vocab_size > model_vocab_size:
