@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any, TypeVar
 
 import ml_collections
 
@@ -14,6 +15,8 @@ from lm_core.errors import UserError
 from lm_core.optim import OptimizerConfig
 from lm_core.profiling import parse_profile_steps
 from lm_core.wandb_writer import check_log_config
+
+SectionT = TypeVar("SectionT", bound=Any)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -110,6 +113,19 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"z_loss={config.z_loss} must be >= 0")
     check_log_config(config)
     parse_profile_steps(config.get("profile_steps", ""), config.steps)
+
+
+def from_section(cls: type[SectionT], section: ml_collections.ConfigDict, name: str, *,
+                 other_keys: tuple[str, ...] = ()) -> SectionT:
+    """The config dataclass `cls` from the run config's section `name` (e.g. "moma.image_tokenizer"): every field
+    the section sets, `cls`'s defaults for the rest. A key that is neither a field nor one of `other_keys` (what
+    the section holds for someone else) is refused in one line naming it, so a typo never goes unnoticed."""
+    fields = {field.name for field in dataclasses.fields(cls)}
+    values = section.to_dict()
+    unknown = sorted(set(values) - fields - set(other_keys))
+    if unknown:
+        raise UserError(f"{name} has unknown field(s) {unknown}; valid: {sorted(fields | set(other_keys))}")
+    return cls(**{key: value for key, value in values.items() if key in fields})
 
 
 def read_config_json(workdir: str | Path, *, trained_by: str = "experiments.train_lm") -> ml_collections.ConfigDict:

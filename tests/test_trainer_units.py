@@ -188,3 +188,32 @@ def test_every_scalar_a_loss_returns_is_logged_without_overriding_the_loops_entr
     for row in rows:
         assert 0.0 <= row["share_of_pad"] <= 1.0 and "per_row" not in row and "finite" not in row
         assert row["nll"] > 0 and row["tokens"] == row["step"] * 8 * 32  # tokens seen, not the batch's count
+
+
+def test_from_section_fills_a_config_dataclass_and_refuses_unknown_keys():
+    import dataclasses
+
+    import ml_collections
+
+    from lm_core.run_config import from_section
+
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        width: int = 4
+        depth: int = 2
+
+    section = ml_collections.ConfigDict(dict(width=8, where="elsewhere"))
+    assert from_section(Section, section, "paper.section", other_keys=("where",)) == Section(width=8, depth=2)
+    with pytest.raises(UserError, match=r"^paper.section has unknown field\(s\) \['where'\]; valid: \['depth', "
+                                        r"'width'\]$"):
+        from_section(Section, section, "paper.section")
+
+
+def test_every_image_tokenizer_field_of_a_moma_config_reaches_the_vq_config():
+    from experiments.configs import moma_tiny
+    from experiments.moma.task import vq_config_from
+
+    config = moma_tiny.get_config("moe_4t4i")
+    config.moma.image_tokenizer.update(dict(beta=0.5, ema_decay=0.9, dead_code_threshold=0.1, code_dim=16))
+    vq = vq_config_from(config)
+    assert (vq.beta, vq.ema_decay, vq.dead_code_threshold, vq.code_dim) == (0.5, 0.9, 0.1, 16)

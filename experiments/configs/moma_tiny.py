@@ -54,6 +54,7 @@ def moma_section(variant: str) -> ml_collections.ConfigDict:
         image_tokenizer=ml_collections.ConfigDict(dict(
             dir="",  # "" = a cache dir keyed by these settings and the image source (LM_CORE_CACHE)
             image_size=32, downsample=4, codebook_size=256, code_dim=32, widths=(16, 32),
+            beta=0.25, ema_decay=0.99, dead_code_threshold=0.03,  # moma.vq.VQConfig's commitment and codebook EMA
             steps=400, batch_size=32, learning_rate=2e-3, seed=0,
         )),
     ))

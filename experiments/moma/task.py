@@ -28,7 +28,7 @@ from lm_core.config import ModelConfig
 from lm_core.data.image_sources import Captions, ImageCaptionSource
 from lm_core.distributed import place_like
 from lm_core.errors import UserError
-from lm_core.run_config import model_config_from, read_config_json
+from lm_core.run_config import from_section, model_config_from, read_config_json
 from lm_core.run_data import TrainData, tokenizer_cache_dir
 from lm_core.sharding import MeshConfig
 from lm_core.task import Evaluation, ModelBuilder, StepParts, TrainTask, lm_step_parts
@@ -53,6 +53,8 @@ from moma.upcycle import check_upcycle, upcycle_params
 from moma.variants import MoMaConfig, check_fits_mesh, check_fits_model, check_routing_capacity, parse_variant
 from moma.vq import VQConfig
 
+# moma.image_tokenizer holds these beside the VQConfig fields: where the tokenizer lives and how it is trained.
+VQ_TRAINING_KEYS = ("dir", "steps", "batch_size", "learning_rate", "seed")
 UPCYCLE_SEED_FILE = "upcycle_seed.json"  # in an upcycled run's workdir: its seed's training compute (seed_record)
 
 
@@ -135,10 +137,8 @@ def upcycled_seed_flops(workdir: str | Path) -> float:
 
 
 def vq_config_from(config: ConfigDict) -> VQConfig:
-
-    settings = config.moma.image_tokenizer
-    return VQConfig(image_size=settings.image_size, downsample=settings.downsample,
-                    codebook_size=settings.codebook_size, code_dim=settings.code_dim, widths=tuple(settings.widths))
+    """The run's image tokenizer: every VQConfig field moma.image_tokenizer sets (a typo is refused)."""
+    return from_section(VQConfig, config.moma.image_tokenizer, "moma.image_tokenizer", other_keys=VQ_TRAINING_KEYS)
 
 
 def image_tokenizer_dir(config: ConfigDict) -> Path:
