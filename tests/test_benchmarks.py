@@ -384,6 +384,7 @@ def test_data_benchmark_reports_json_and_the_required_rate_of_the_sweeps_smalles
     import math
 
     from experiments.configs.vocab_sweep_small import get_config
+    from experiments.vocab_scaling.runner import parse_groups
     from lm_core import flops
     from vocab_scaling.sweep import ModelGroup
 
@@ -403,9 +404,9 @@ def test_data_benchmark_reports_json_and_the_required_rate_of_the_sweeps_smalles
     assert report["on_the_fly_batches"] == report["prepared_batches"] == report["prepared_stream_batches"] == 2
     # vocab_sweep_small's smallest group, d256L4 (4 heads of 64, d_ff 704), at its smallest V=1024 and seq 512
     config = get_config()
-    name, d_model, layers, heads, d_ff = config.sweep.groups[0]
-    assert name == "d256L4" and report["model"] == "d256L4 V=1024"
-    model = ModelGroup(name, d_model, layers, heads, d_ff).model_config(min(config.sweep.vocab_sizes), 512)
+    group = parse_groups(config.sweep.groups)[0]
+    assert group == ModelGroup("d256L4", 256, 4, 4, 704) and report["model"] == "d256L4 V=1024"
+    model = group.model_config(min(config.sweep.vocab_sizes), 512)
     per_token = flops.flops_per_token(model, 512).training
     # 3 x (q,k,v,o 2·4·256·64·16 + scores 4·4·4·64·(512+1)/2 + FFN 2·4·3·256·704 + output 2·256·1024)
     assert per_token == 3 * (2_097_152 + 1_050_624 + 4_325_376 + 524_288) == report["training_flops_per_token"]

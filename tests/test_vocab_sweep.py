@@ -68,7 +68,10 @@ def get_config():
     config.data.global_batch_size = 8
     config.log_every = 5
     config.sweep = ml_collections.ConfigDict(dict(
-        groups=(("a", 32, 1, 2, 64), ("b", 48, 2, 2, 96)), vocab_sizes=(384, 448, 512), budgets=(3e9,),
+        groups=(
+            dict(name="a", d_model=32, num_layers=1, num_heads=2, d_ff=64),
+            dict(name="b", d_model=48, num_layers=2, num_heads=2, d_ff=96),
+        ), vocab_sizes=(384, 448, 512), budgets=(3e9,),
         min_steps=5, warmup_fraction=0.1, evals_per_run=2, eval_chars=20_000, extra_seeds=(1,),
         seeded_vocab_sizes=(448,)))
     return config
@@ -214,3 +217,15 @@ def test_interpolated_optimum_is_the_vertex_of_a_quadratic_in_log_v():
     # the seed-averaged curve's vertex moves a little (0.05 at V=512); seed 0's is exact, seed 1's further off
     assert line.startswith("Interpolated optimum in group g") and "V 702 at C=1.00e+11 (seeds 700-704)" in line
     assert "-> 1400 at C=1.00e+12 (seeds 1400-1400), x1.99" in line
+
+
+def test_sweep_groups_are_named_dicts_and_old_positional_tuples_still_read():
+    from experiments.vocab_scaling.runner import parse_groups
+    from lm_core.errors import UserError
+    from vocab_scaling.sweep import ModelGroup
+
+    named = dict(name="g", d_model=48, num_layers=2, num_heads=4, d_ff=144)
+    assert parse_groups([named]) == parse_groups([("g", 48, 2, 4, 144)]) == [ModelGroup("g", 48, 2, 4, 144)]
+    for bad in (dict(name="g", d_model=48, num_layers=2, heads=4, d_ff=144), ("g", 48, 2, 4)):
+        with pytest.raises(UserError, match=r"^sweep group .* is invalid; valid: dict\(name=\.\.\."):
+            parse_groups([bad])

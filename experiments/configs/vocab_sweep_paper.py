@@ -24,10 +24,15 @@ def get_config():
     config.optimizer.final_lr_fraction = 0.1
     config.log_every = 100
     config.sweep.eval_chars = 10_000_000  # the same validation text at every V
-    # (name, d_model, num_layers, num_heads, d_ff): the paper's table "Model family used for the sweeps"
-    config.sweep.groups = (("33M", 512, 8, 8, 2048), ("85M", 768, 12, 12, 2048), ("151M", 768, 16, 12, 3072),
-                           ("302M", 1024, 18, 16, 4096), ("631M", 1536, 20, 24, 4800),
-                           ("1130M", 2048, 22, 32, 5632))
+    # the paper's table "Model family used for the sweeps"
+    config.sweep.groups = (
+        dict(name="33M", d_model=512, num_layers=8, num_heads=8, d_ff=2048),
+        dict(name="85M", d_model=768, num_layers=12, num_heads=12, d_ff=2048),
+        dict(name="151M", d_model=768, num_layers=16, num_heads=12, d_ff=3072),
+        dict(name="302M", d_model=1024, num_layers=18, num_heads=16, d_ff=4096),
+        dict(name="631M", d_model=1536, num_layers=20, num_heads=24, d_ff=4800),
+        dict(name="1130M", d_model=2048, num_layers=22, num_heads=32, d_ff=5632),
+    )
     config.sweep.vocab_sizes = (4096, 6144, 8192, 10240, 16384, 24576, 32768, 48128, 64512, 96256)
     config.sweep.budgets = (2.2e17, 1e18, 5e18, 2e19, 1e20)
     config.sweep.min_steps = 200

@@ -15,8 +15,12 @@ def get_config():
     config.data.seq_len = 512
     config.data.global_batch_size = 64
     config.model.dtype = "bfloat16"
-    config.sweep.groups = (("d256L4", 256, 4, 4, 704), ("d384L6", 384, 6, 6, 1024), ("d512L8", 512, 8, 8, 1408),
-                           ("d768L10", 768, 10, 12, 2048))
+    config.sweep.groups = (
+        dict(name="d256L4", d_model=256, num_layers=4, num_heads=4, d_ff=704),
+        dict(name="d384L6", d_model=384, num_layers=6, num_heads=6, d_ff=1024),
+        dict(name="d512L8", d_model=512, num_layers=8, num_heads=8, d_ff=1408),
+        dict(name="d768L10", d_model=768, num_layers=10, num_heads=12, d_ff=2048),
+    )
     config.sweep.vocab_sizes = (1024, 2048, 4096, 8192, 16384, 32768)
     config.sweep.budgets = (1e14, 3e14, 1e15, 3e15)
     config.sweep.min_steps = 100

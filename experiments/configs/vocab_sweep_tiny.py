@@ -31,10 +31,13 @@ def get_config(variant: str = "tiny"):
     config.keep_checkpoints = 1
     config.eval_batches = 4  # not used by sweep runs: they score sweep.eval_chars characters at every V
     config.sweep = ml_collections.ConfigDict()
-    # (name, d_model, num_layers, num_heads, d_ff); embeddings untied as in the paper's model family. Two small
+    # One dict per model group; embeddings untied as in the paper's model family. Two small
     # groups whose vocabulary parameters V·d are as large as N_nv over this V range, so V matters; V from just
     # above the byte-fallback minimum (~350 on this corpus), budgets 10x apart (the larger ~900-3,100 steps)
-    config.sweep.groups = (("d48L2", 48, 2, 4, 144), ("d64L3", 64, 3, 4, 192))
+    config.sweep.groups = (
+        dict(name="d48L2", d_model=48, num_layers=2, num_heads=4, d_ff=144),
+        dict(name="d64L3", d_model=64, num_layers=3, num_heads=4, d_ff=192),
+    )
     config.sweep.vocab_sizes = (384, 640, 1024, 1792)
     config.sweep.budgets = (3e11, 3e12)  # FLOPs in the paper's convention, 6 (N_nv + V d) H f(V)
     config.sweep.extra_seeds = (1,)  # repeats of the runs at these V's give the noise bar
@@ -48,7 +51,10 @@ def get_config(variant: str = "tiny"):
     if variant == "demo":
         config.sweep.demo_only = True  # its report says it is too small to show the effect
         config.data.global_batch_size = 16
-        config.sweep.groups = (("d64L2", 64, 2, 4, 192), ("d96L3", 96, 3, 4, 256))
+        config.sweep.groups = (
+            dict(name="d64L2", d_model=64, num_layers=2, num_heads=4, d_ff=192),
+            dict(name="d96L3", d_model=96, num_layers=3, num_heads=4, d_ff=256),
+        )
         config.sweep.vocab_sizes = (512, 1024, 2048)
         config.sweep.seeded_vocab_sizes = ()
         config.sweep.budgets = (2e11,)

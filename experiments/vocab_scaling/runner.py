@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,20 @@ POINT_COLUMNS = ["name", "group", "N_nv", "V", "d", "N_v", "budget", "seed", "st
                  "bpc", "final"]
 
 
-def parse_groups(specs: Sequence[Sequence[Any]]) -> list[ModelGroup]:
-    """Groups from config tuples (name, d_model, num_layers, num_heads, d_ff)."""
+def parse_groups(specs: Sequence[Mapping[str, Any] | Sequence[Any]]) -> list[ModelGroup]:
+    """Groups from config entries, each a dict of ModelGroup's fields (name, d_model, num_layers, num_heads, d_ff);
+    the positional 5-tuples older sweeps' config.json hold are read too."""
+    fields = [field.name for field in dataclasses.fields(ModelGroup)]
     groups = []
     for spec in specs:
-        if len(spec) != 5:
-            raise UserError(f"sweep group {spec!r} must be (name, d_model, num_layers, num_heads, d_ff)")
-        groups.append(ModelGroup(str(spec[0]), *(int(x) for x in spec[1:])))
+        if isinstance(spec, Mapping):
+            values = dict(spec)
+        else:  # an older sweep's positional tuple, in the fields' order
+            values = dict(zip(fields, spec, strict=True)) if len(spec) == len(fields) else {}
+        if sorted(values) != sorted(fields):
+            raise UserError(f"sweep group {spec!r} is invalid; valid: dict(name=..., d_model=..., num_layers=..., "
+                            "num_heads=..., d_ff=...)")
+        groups.append(ModelGroup(str(values["name"]), *(int(values[name]) for name in fields[1:])))
     return groups
 
 
