@@ -8,6 +8,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,52 @@ def tiny_run(tmp_path: Path, **changes):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep_config_text(source: str, **sweep) -> str:
+    """A vocabulary-sweep config file for tiny runs on `source` (seq 32, batch 8); `sweep`: its `sweep` section."""
+    return f"""
+import ml_collections
+from lm_core.run_config import default_config
+
+def get_config():
+    config = default_config()
+    config.data.source = {source!r}
+    config.data.seq_len = 32
+    config.data.global_batch_size = 8
+    config.log_every = 5
+    config.sweep = ml_collections.ConfigDict({sweep!r})
+    return config
+"""
+
+
+def check_resume_is_exact(make_loader: Callable[[], Any], steps: int, save_at: int) -> Any:
+    """Run a fresh loader `steps` batches, saving its state (through JSON, as a checkpoint does) before batch
+    `save_at`; a second fresh loader restored from it must give the same batches from there. Returns the first."""
+    import json
+
+    loader = make_loader()
+    batches, saved = [], None
+    for step in range(steps):
+        if step == save_at:
+            saved = json.loads(json.dumps(loader.state()))  # it must survive JSON
+        batches.append(loader.next())
+    resumed = make_loader()
+    resumed.restore(saved)
+    for expected in batches[save_at:]:
+        assert_batches_equal(resumed.next(), expected)
+    return loader
+
+
+def assert_batches_equal(a: dict, b: dict) -> None:
+    """Two host batches are the same: the loader keys (no per-modality counts: nothing on the device reads
+    them), dtypes and values."""
+    from lm_core.data import BATCH_KEYS
+
+    assert a.keys() == b.keys() == set(BATCH_KEYS)
+    for key in a:
+        assert a[key].dtype == b[key].dtype
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def task_with_loss(loss_fn, **changes):

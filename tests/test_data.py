@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from lm_core.data import (
 from lm_core.data.packing import tokenized_document
 from lm_core.errors import UserError
 from lm_core.tokenizer import ByteTokenizer
+from tests.helpers import assert_batches_equal, check_resume_is_exact
 
 TOKENIZER = ByteTokenizer()
 
@@ -104,26 +104,10 @@ def make_loader(docs, **overrides) -> LMDataLoader:
     return LMDataLoader(docs, TOKENIZER, **kwargs)
 
 
-def assert_batches_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() == set(BATCH_KEYS)
-    for key in a:
-        assert a[key].dtype == b[key].dtype
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
 def test_loader_resume_is_exact():
     docs = synthetic_documents(3)  # tiny: the 5 batches cross into the next epoch
-    loader = make_loader(docs, seq_len=64)
-    batches, saved = [], None
-    for step in range(5):
-        if step == 2:
-            saved = json.loads(json.dumps(loader.state()))  # it must survive JSON
-        batches.append(loader.next())
+    loader = check_resume_is_exact(lambda: make_loader(docs, seq_len=64), steps=5, save_at=2)
     assert loader.epoch >= 1
-    resumed = make_loader(docs, seq_len=64)
-    resumed.restore(saved)
-    for expected in batches[2:]:
-        assert_batches_equal(next(resumed), expected)
 
 
 def test_loader_shapes_and_determinism():

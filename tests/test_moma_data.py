@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import unicodedata
@@ -29,6 +28,7 @@ from moma.mixed_modal import (
     per_modality_sums,
     reserved_ids_for_images,
 )
+from tests.helpers import assert_batches_equal, check_resume_is_exact
 
 # ---------------------------------------------------------------------------------------------------------------
 # builtin glyphs
@@ -285,13 +285,6 @@ def make_loader(pairs: CodedPairs, **overrides) -> MixedModalLoader:
     return MixedModalLoader(pairs, TOKENIZER, VOCAB, **kwargs)
 
 
-def assert_batches_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() == set(BATCH_KEYS)  # no per-modality counts: nothing on the device reads them
-    for key in a:
-        assert a[key].dtype == b[key].dtype
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
 def test_loader_packs_one_pair_as_hand_computed():
     pairs = CodedPairs(["hi"], np.array([[[0, 1], [2, 3]]]), K)
     batch = next(iter_mixed_eval_batches(pairs, TOKENIZER, VOCAB, seq_len=12, batch_size=1))
@@ -309,17 +302,8 @@ def test_loader_packs_one_pair_as_hand_computed():
 
 def test_loader_resume_is_exact_across_epochs():
     pairs = coded_pairs(3)  # tiny: 6 batches cross several epochs
-    loader = make_loader(pairs)
-    batches, saved = [], None
-    for step in range(6):
-        if step == 2:
-            saved = json.loads(json.dumps(loader.state()))  # it must survive JSON
-        batches.append(loader.next())
+    loader = check_resume_is_exact(lambda: make_loader(pairs), steps=6, save_at=2)
     assert loader.epoch >= 1
-    resumed = make_loader(pairs)
-    resumed.restore(saved)
-    for expected in batches[2:]:
-        assert_batches_equal(next(resumed), expected)
 
 
 def test_loader_batches_count_modalities_and_respect_the_packing_convention():

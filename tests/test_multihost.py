@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import sweep_config_text
+
 WORKER = r"""
 import sys
 import numpy as np
@@ -173,26 +175,13 @@ def text_corpus(folder: Path, documents: int) -> str:
     return f"files:{folder}/*.txt"
 
 
-SWEEP = """
-import ml_collections
-from lm_core.run_config import default_config
-
-def get_config():
-    config = default_config()
-    config.data.source = "{source}"
-    config.data.seq_len = 32
-    config.data.global_batch_size = 8
-    config.log_every = 5
-    config.sweep = ml_collections.ConfigDict(dict(
-        groups=(("a", 32, 1, 2, 64),), vocab_sizes=(384, 448), budgets=(2e9,), min_steps=5, warmup_fraction=0.1,
-        evals_per_run=1, eval_chars=10_000))
-    return config
-"""
+SWEEP = dict(groups=(dict(name="a", d_model=32, num_layers=1, num_heads=2, d_ff=64),), vocab_sizes=(384, 448),
+             budgets=(2e9,), min_steps=5, warmup_fraction=0.1, evals_per_run=1, eval_chars=10_000)
 
 
 @pytest.mark.slow
 def test_a_sweep_as_two_processes_gives_the_one_process_results(tmp_path):
-    (tmp_path / "sweep.py").write_text(SWEEP.format(source=text_corpus(tmp_path / "corpus", 30)))
+    (tmp_path / "sweep.py").write_text(sweep_config_text(text_corpus(tmp_path / "corpus", 30), **SWEEP))
     results = {}
     for count in (1, 2):
         workdir = tmp_path / f"sweep{count}"

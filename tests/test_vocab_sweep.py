@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lm_core.errors import UserError
-from tests.helpers import pydoc_corpus, run_cli, step_line_after
+from tests.helpers import pydoc_corpus, run_cli, step_line_after, sweep_config_text
 from vocab_scaling.sweep import ModelGroup, chars_for_budget, isoflop_points, plan_sweep
 from vocab_scaling.tokenization_curve import FCurve
 
@@ -57,25 +57,10 @@ def test_isoflop_points_convert_characters_to_flops():
     assert points[0]["L_u"] == -0.5
 
 
-MICRO_SWEEP = """
-import ml_collections
-from lm_core.run_config import default_config
-
-def get_config():
-    config = default_config()
-    config.data.source = "files:{corpus}/*.txt"
-    config.data.seq_len = 32
-    config.data.global_batch_size = 8
-    config.log_every = 5
-    config.sweep = ml_collections.ConfigDict(dict(
-        groups=(
-            dict(name="a", d_model=32, num_layers=1, num_heads=2, d_ff=64),
-            dict(name="b", d_model=48, num_layers=2, num_heads=2, d_ff=96),
-        ), vocab_sizes=(384, 448, 512), budgets=(3e9,),
-        min_steps=5, warmup_fraction=0.1, evals_per_run=2, eval_chars=20_000, extra_seeds=(1,),
-        seeded_vocab_sizes=(448,)))
-    return config
-"""
+MICRO_SWEEP = dict(groups=(dict(name="a", d_model=32, num_layers=1, num_heads=2, d_ff=64),
+                           dict(name="b", d_model=48, num_layers=2, num_heads=2, d_ff=96)),
+                   vocab_sizes=(384, 448, 512), budgets=(3e9,), min_steps=5, warmup_fraction=0.1, evals_per_run=2,
+                   eval_chars=20_000, extra_seeds=(1,), seeded_vocab_sizes=(448,))
 
 
 def run_sweep_cli(config_file: Path, workdir: Path, env: dict[str, str], stop_at_run: int = 0
@@ -90,7 +75,7 @@ def run_sweep_cli(config_file: Path, workdir: Path, env: dict[str, str], stop_at
 def test_micro_sweep_end_to_end_and_a_stop_resumes_to_the_same_results(tmp_path):
     corpus = pydoc_corpus(tmp_path / "corpus", 40)
     config_file = tmp_path / "micro_sweep.py"
-    config_file.write_text(MICRO_SWEEP.format(corpus=corpus))
+    config_file.write_text(sweep_config_text(f"files:{corpus}/*.txt", **MICRO_SWEEP))
     env = dict(os.environ, LM_CORE_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
     whole = run_sweep_cli(config_file, tmp_path / "sweep", env)
     assert whole.returncode == 0, whole.stdout[-2000:]
