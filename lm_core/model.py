@@ -62,6 +62,26 @@ class HiddenStates(NamedTuple):
     aux: tuple[Aux, ...]  # each layer's FFN aux outputs (empty dicts for dense FFNs)
 
 
+class LayerInputs(NamedTuple):
+    """What a layer reads besides its hidden states: the tokens' context and, for cached decoding or injected K,V
+    (KV prediction), the cache pieces (None when unused)."""
+
+    context: TokenContext
+    cache: LayerCache | None = None
+    cache_segment_ids: Array | None = None  # [batch, cache_len] of the whole cache, when `cache` is set
+    cache_index: Array | None = None  # where this call's tokens are written into the cache
+    injected_kv: LayerKV | None = None  # pre-QK-norm, pre-RoPE K,V to attend with instead of the layer's own
+
+
+class LayerOutput(NamedTuple):
+    """What a layer returns: its hidden states, its updated cache (or None), its K,V and its FFN's aux outputs."""
+
+    hidden: Array
+    cache: LayerCache | None
+    kv: LayerKV
+    aux: Aux
+
+
 class Block(nnx.Module):
     """One transformer layer. "pre" norm: x + f(norm(x)); "swin" norm (Chameleon): x + norm(f(x))."""
 
@@ -73,19 +93,18 @@ class Block(nnx.Module):
         self.ffn = ffn_factory(config, layer_index, rngs)
         self.remat_ffn = config.remat == "ffn_only"
 
-    def __call__(self, x: Array, context: TokenContext, cache: LayerCache | None, cache_segment_ids: Array | None,
-                 cache_index: Array | None, injected_kv: LayerKV | None
-                 ) -> tuple[Array, LayerCache | None, LayerKV, Aux]:
+    def __call__(self, x: Array, inputs: LayerInputs) -> LayerOutput:
+        context = inputs.context
         attention_in = x if self.swin_norm else self.attention_norm(x)
-        attended, cache, kv = self.attention(attention_in, context.positions, context.segment_ids, cache=cache,
-                                             cache_segment_ids=cache_segment_ids, cache_index=cache_index,
-                                             injected_kv=injected_kv)
+        attended, cache, kv = self.attention(attention_in, context.positions, context.segment_ids,
+                                             cache=inputs.cache, cache_segment_ids=inputs.cache_segment_ids,
+                                             cache_index=inputs.cache_index, injected_kv=inputs.injected_kv)
         h = x + (self.attention_norm(attended) if self.swin_norm else attended)
         h = constrain(h, HIDDEN_AXES)
         run_ffn = nnx.remat(type(self.ffn).__call__) if self.remat_ffn else type(self.ffn).__call__
         ffn_out, aux = run_ffn(self.ffn, h if self.swin_norm else self.ffn_norm(h), context)
         out = h + (self.ffn_norm(ffn_out) if self.swin_norm else ffn_out)
-        return constrain(out, HIDDEN_AXES), cache, kv, aux
+        return LayerOutput(constrain(out, HIDDEN_AXES), cache, kv, aux)
 
 
 BlockWrapper = Callable[[int, Block], nnx.Module]  # (layer index, its Block) -> the module run as that layer
@@ -158,7 +177,7 @@ class Transformer(nnx.Module):
             layer_cache = None if cache is None else cache.layers[i]
             layer_kv = None if injected_kv is None else injected_kv[i]
             x, layer_cache, kv, aux = remat_block_call(block, config.remat)(
-                block, x, context, layer_cache, cache_segment_ids, cache_index, layer_kv)
+                block, x, LayerInputs(context, layer_cache, cache_segment_ids, cache_index, layer_kv))
             new_layers.append(layer_cache)
             all_kv.append(kv)
             all_aux.append(aux)
@@ -180,8 +199,8 @@ class Transformer(nnx.Module):
         def body(h: Array, blocks: list[nnx.Module], kvs: list[LayerKV] | None) -> tuple[Array, tuple]:
             outputs = []
             for j, block in enumerate(blocks):
-                h, _, kv, aux = remat_block_call(block, policy)(block, h, context, None, None, None,
-                                                                 None if kvs is None else kvs[j])
+                inputs = LayerInputs(context, injected_kv=None if kvs is None else kvs[j])
+                h, _, kv, aux = remat_block_call(block, policy)(block, h, inputs)
                 outputs.append((kv if return_kv else None, aux))
             return h, tuple(outputs)
 

@@ -35,10 +35,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm_core.attention import LayerCache, LayerKV
 from lm_core.config import ModelConfig
 from lm_core.layers import Aux, FeedForward, TokenContext, dense, fan_in_init, param
-from lm_core.model import HIDDEN_AXES, Block, Transformer
+from lm_core.model import HIDDEN_AXES, Block, LayerInputs, LayerOutput, Transformer
 from lm_core.sharding import constrain
 from moma import aux_routers
 from moma.experts import moma_ffn_factory
@@ -142,25 +141,24 @@ class MoDBlock(nnx.Module):
         weight = jnp.where(valid, jnp.take_along_axis(scores, index, axis=1), 0.0)
         return Selection(index, weight, valid), {"mod_causal_overflow": overflow}
 
-    def __call__(self, x: Array, context: TokenContext, cache: LayerCache | None, cache_segment_ids: Array | None,
-                 cache_index: Array | None, injected_kv: LayerKV | None
-                 ) -> tuple[Array, LayerCache | None, LayerKV, Aux]:
+    def __call__(self, x: Array, inputs: LayerInputs) -> LayerOutput:
         """Same contract as `Block.__call__`, without cache or injected K,V; the returned K,V are the selected
         tokens' ([batch, slots, kv_heads, head_dim]).
 
         aux["mod_selected_fraction"]: valid slots over real tokens, pooled over the batch (total / total).
         """
-        if cache is not None or injected_kv is not None:
+        context = inputs.context
+        if inputs.cache is not None or inputs.injected_kv is not None:
             raise NotImplementedError("mixture-of-depths layers route over the whole sequence; cached decoding "
                                       "and injected K,V need causal auxiliary routers")
         real = context.segment_ids != 0  # [batch, seq]
         selection, routing_aux = self.select(x, real)
         selected = constrain(gather_rows(x, selection.index), HIDDEN_AXES)  # [batch, slots, d]: batch-sharded
-        processed, _, kv, aux = self.block(selected, selected_context(context, selection), None, None, None, None)
+        processed, _, kv, aux = self.block(selected, LayerInputs(selected_context(context, selection)))
         update = (processed - selected) * selection.weight[..., None].astype(x.dtype)  # [batch, slots, d]
         out = constrain(scatter_add_rows(x, selection.index, update), HIDDEN_AXES)
         selected_fraction = jnp.sum(selection.valid) / jnp.maximum(jnp.sum(real), 1)
-        return out, None, kv, dict(aux, mod_selected_fraction=selected_fraction, **routing_aux)
+        return LayerOutput(out, None, kv, dict(aux, mod_selected_fraction=selected_fraction, **routing_aux))
 
 
 def build_moma_model(model_config: ModelConfig, moma: MoMaConfig, *, rngs: nnx.Rngs) -> Transformer:

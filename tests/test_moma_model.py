@@ -12,7 +12,7 @@ from lm_core import loss, optim
 from lm_core import train_step as ts
 from lm_core.errors import UserError
 from lm_core.layers import TokenContext
-from lm_core.model import Block
+from lm_core.model import Block, LayerInputs
 from lm_core.sharding import MeshConfig, make_mesh
 from moma.depths import MoDBlock, build_moma_model, select_tokens, selected_context
 from moma.experts import ExpertGroup, moma_ffn_factory, with_router_noise
@@ -35,7 +35,7 @@ def mod_block() -> MoDBlock:
 def run_mod(block, x, segment_ids, with_kv=False):
     tokens = jnp.ones(segment_ids.shape, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
-    out, _, kv, aux = block(x, TokenContext(tokens, positions, segment_ids), None, None, None, None)
+    out, _, kv, aux = block(x, LayerInputs(TokenContext(tokens, positions, segment_ids)))
     return (out, aux, kv) if with_kv else (out, aux)
 
 
@@ -62,7 +62,7 @@ def block_on(block, x_row, positions, segments):
     """The wrapped Block run on exactly these tokens of one row: [n, d] -> [n, d]."""
     n = x_row.shape[0]
     context = TokenContext(jnp.ones((1, n), jnp.int32), jnp.asarray(positions)[None], jnp.asarray(segments)[None])
-    return np.asarray(block.block(x_row[None], context, None, None, None, None)[0][0])
+    return np.asarray(block.block(x_row[None], LayerInputs(context)).hidden[0])
 
 
 def test_select_tokens_by_hand():
