@@ -271,7 +271,7 @@ class Loaded:
 
 def check_plain_workdir(workdir: Path) -> None:
     """Refuse, before anything is read or created, what load_trained_model cannot load."""
-    from experiments.kv_prediction.pipeline import CONFIG_FILE
+    from experiments.kv_prediction.task import CONFIG_FILE
 
     if not (workdir / "config.json").is_file():
         if (workdir / CONFIG_FILE).is_file():
@@ -288,7 +288,8 @@ def check_plain_workdir(workdir: Path) -> None:
 
 def trained_kvp_specs(workdir: Path) -> list[str]:
     """Names of the workdir's configured auxiliaries whose KVP run has checkpoints."""
-    from experiments.kv_prediction.pipeline import kvp_dir, load_config, resolve_variants
+    from experiments.kv_prediction.pipeline import load_config, resolve_variants
+    from experiments.kv_prediction.task import kvp_dir
 
     return [aux.name for aux in resolve_variants(load_config(workdir))
             if has_checkpoints(kvp_dir(workdir, aux))]
@@ -296,7 +297,8 @@ def trained_kvp_specs(workdir: Path) -> list[str]:
 
 def load_kvp(workdir: Path, spec: str) -> tuple[nnx.Module, Any, int, str]:
     """The trained KVP model of one auxiliary, loaded as experiments.kv_prediction.models.load_family does."""
-    from experiments.kv_prediction.pipeline import CONFIG_FILE, kvp_builder, kvp_dir, load_config, resolve_variants
+    from experiments.kv_prediction.pipeline import load_config, resolve_variants
+    from experiments.kv_prediction.task import CONFIG_FILE, kvp_builder, kvp_dir
     from lm_core.trained_runs import load_trained_model
 
     if not (workdir / CONFIG_FILE).is_file():

@@ -310,7 +310,7 @@ def pretrained_run(tokenizer_path: str):
 
 @pytest.mark.slow
 def test_training_with_a_pretrained_tokenizer_keeps_its_files_and_ids(qwen_dir, llama_model, tmp_path):
-    from experiments.kv_prediction.pipeline import check_same_tokenizer
+    from experiments.kv_prediction.task import check_same_tokenizer
     from lm_core import run_data
     from lm_core.run_config import model_config_from
     from lm_core.trained_runs import load_trained_model

@@ -134,7 +134,8 @@ def test_every_stage_checkpoints_at_the_configured_cadence_or_at_its_end():
 def test_the_base_link_is_made_once_kept_when_right_and_refused_when_something_else_is_there(tmp_path):
     import ml_collections
 
-    from experiments.kv_prediction.pipeline import base_dir, link_pretrained_base
+    from experiments.kv_prediction.pipeline import link_pretrained_base
+    from experiments.kv_prediction.task import base_dir
     from lm_core.errors import UserError
 
     (tmp_path / "pretrained").mkdir()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import ml_collections
 
-from experiments.kv_prediction.pipeline import aux_only_dir, base_dir, kvp_builder, kvp_dir
+from experiments.kv_prediction.task import aux_only_dir, base_dir, kvp_builder, kvp_dir
 from kv_prediction.model import KVPModel
 from kv_prediction.variants import AuxSpec, build_kvp_model
 from lm_core.checkpoint import check_same_model, has_checkpoints, latest_checkpoint

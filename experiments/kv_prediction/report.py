@@ -21,7 +21,8 @@ from experiments.kv_prediction.evaluation import (
     score_true_question,
 )
 from experiments.kv_prediction.models import check_base_matches, load_family
-from experiments.kv_prediction.pipeline import base_dir, resolve_variants
+from experiments.kv_prediction.pipeline import resolve_variants
+from experiments.kv_prediction.task import base_dir
 from experiments.plots import plt  # headless matplotlib, configured there
 from kv_prediction.inference import prefill_flops
 from lm_core.atomic_files import write_json_atomically

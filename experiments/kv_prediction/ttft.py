@@ -75,7 +75,8 @@ def main(argv: list[str]) -> None:
     del argv
     from experiments.kv_prediction.evaluation import measure_ttft
     from experiments.kv_prediction.models import random_family, trained_family
-    from experiments.kv_prediction.pipeline import CONFIG_FILE, load_config, resolve_variants
+    from experiments.kv_prediction.pipeline import load_config, resolve_variants
+    from experiments.kv_prediction.task import CONFIG_FILE
     from kv_prediction.variants import resolve_spec
     from lm_core.errors import UserError
     from lm_core.run_config import model_config_from
