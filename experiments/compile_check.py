@@ -81,7 +81,8 @@ def _kvp_stages(config: Any) -> list[Stage]:
 
 
 def _sweep_stages(config: Any) -> list[Stage]:
-    from experiments.vocab_scaling.runner import group_run_config, parse_groups
+    from experiments.vocab_scaling.runner import parse_groups
+    from experiments.vocab_scaling.task import group_run_config
     from lm_core.task import TrainTask
 
     largest = max(int(v) for v in config.sweep.vocab_sizes)

@@ -99,7 +99,7 @@ def test_micro_sweep_end_to_end_and_a_stop_resumes_to_the_same_results(tmp_path)
 
 
 def test_every_vocabulary_is_scored_on_the_same_characters(tmp_path, monkeypatch):
-    from experiments.vocab_scaling.runner import leading_documents, same_text_data
+    from experiments.vocab_scaling.task import leading_documents, same_text_data
     from lm_core.config import ModelConfig
     from lm_core.run_config import default_config
 

@@ -1,4 +1,5 @@
-"""The vocabulary sweep's machinery: tokenizers and f(V), the run plan, training each run, collecting points.
+"""The vocabulary sweep's machinery: tokenizers and f(V), the run plan, training each run, collecting points
+(each run's config and TrainTask: experiments.vocab_scaling.task).
 
 `run_sweep(config, workdir)` is what `python -m experiments.vocab_scaling.sweep` and the registered reproduction
 call; `experiments.vocab_scaling.report` turns the collected points into fits, plots and REPORT.md.
@@ -6,27 +7,26 @@ call; `experiments.vocab_scaling.report` turns the collected points into fits, p
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments.vocab_scaling.task import run_config, sweep_run_task
 from lm_core.atomic_files import save_npy_atomically, write_json_atomically
 from lm_core.errors import UserError
 from lm_core.metrics import format_seconds, read_metrics
 from vocab_scaling.sweep import ModelGroup, PlannedRun, isoflop_points, plan_sweep
 from vocab_scaling.tokenization_curve import PAPER_F, FCurve, fit_tokens_per_char, measure_tokens_per_char
-from vocab_scaling.unigram_loss import unigram_distribution, unigram_sums
+from vocab_scaling.unigram_loss import unigram_distribution
 
 POINT_COLUMNS = ["name", "group", "N_nv", "V", "d", "N_v", "budget", "seed", "step", "C", "H", "D", "L_u", "loss",
                  "bpc", "final"]
@@ -85,91 +85,14 @@ def log_unigram(tokenizer: Any, train_texts: Sequence[str], cache: Path) -> np.n
     return values
 
 
-def unigram_eval_fn(log_p: np.ndarray):
-    """The trainer's extra evaluation statistic: Σ (nll + log p_unigram(target)), i.e. L_u once divided by tokens."""
-    table = jnp.asarray(log_p)
-
-    def sums(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        nll = log_z - jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-        return unigram_sums(nll, batch["targets"], batch["loss_mask"], table)
-
-    return sums
-
-
-# What a sweep's model group decides about the model; every other model field (dtype, remat, attention_impl,
-# scan_layers, ...) is the sweep config's own.
-GROUP_MODEL_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
-                      "max_seq_len", "tie_embeddings")
-
-
-def group_run_config(base: ml_collections.ConfigDict, group: ModelGroup, vocab_size: int
-                     ) -> ml_collections.ConfigDict:
-    """The sweep config with one group's model at one vocabulary size (the `sweep` section removed)."""
-    config = copy.deepcopy(base)
-    config.unlock()
-    model = group.model_config(vocab_size, base.data.seq_len).to_dict()
-    config.model.update({name: model[name] for name in GROUP_MODEL_FIELDS})
-    del config["sweep"]
-    return config
-
-
-def run_config(base: ml_collections.ConfigDict, planned: PlannedRun) -> ml_collections.ConfigDict:
-    """The lm_core training config of one planned run."""
-    config = group_run_config(base, planned.group, planned.vocab_size)
-    config.steps = planned.steps
-    config.seed = base.seed + planned.seed
-    config.optimizer.total_steps = planned.steps
-    config.optimizer.warmup_steps = max(1, int(base.sweep.warmup_fraction * planned.steps))
-    evals = max(1, int(base.sweep.evals_per_run))
-    config.eval_every = max(1, planned.steps // evals)
-    config.checkpoint_every = config.eval_every
-    config.log_every = max(1, min(config.log_every, config.eval_every))
-    return config
-
-
-def leading_documents(texts: Sequence[str], max_chars: int) -> list[str]:
-    """Whole documents from the start of `texts`, in order, until they hold `max_chars` characters (at least one
-    document; all of them for max_chars=0)."""
-    documents, total = [], 0
-    for i in range(len(texts)):
-        if max_chars and documents and total >= max_chars:
-            break
-        documents.append(texts[i])
-        total += len(texts[i])
-    return documents
-
-
-def same_text_data(eval_chars: int) -> Callable[..., Any]:
-    """`TrainTask.make_data` of a sweep run: the trainer's text data, scored on the same characters at every V,
-    namely every token of `leading_documents(validation split, eval_chars)`. The trainer's own `eval_batches`
-    batches of tokens would cover fewer characters, from a different slice of text, at a small V than at a large
-    one: noise as large as the L_u differences that locate the optimum."""
-
-    def make_data(config: ml_collections.ConfigDict, workdir: Path, model_config: Any) -> Any:
-        from lm_core.data import get_text_source, iter_eval_batches
-        from lm_core.run_data import text_train_data
-
-        data = text_train_data(config, workdir, model_config)
-        source = get_text_source(config.data.source, data_dir=config.data.data_dir or None)
-        documents = leading_documents(source.split("validation"), eval_chars)
-        batches = iter_eval_batches(documents, data.tokenizer, config.data.seq_len, config.data.global_batch_size)
-        return dataclasses.replace(data, eval_batches=list(batches))
-
-    return make_data
-
-
 def train_run(base: ml_collections.ConfigDict, planned: PlannedRun, run_dir: Path, log_p: np.ndarray
               ) -> list[dict[str, float]]:
     """Train one run (or resume it) and return its (C, L_u, ...) points along training."""
-    from lm_core.task import Evaluation, TrainTask
     from lm_core.trainer import train_to_end
 
     result_file = run_dir / "result.json"
     if not result_file.exists():
-        eval_chars = int(base.sweep.get("eval_chars", 0))  # 0: the whole validation split
-        task = TrainTask(evaluation=Evaluation(unigram_eval_fn(log_p)), make_data=same_text_data(eval_chars))
-        train_to_end(run_config(base, planned), run_dir, task)  # a signal stops the sweep: no result.json
+        train_to_end(run_config(base, planned), run_dir, sweep_run_task(base, log_p))  # a signal: no result.json
         if not is_main_process():  # process 0 writes metrics.jsonl, the result and the report
             return []
         rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
