@@ -63,7 +63,6 @@ UPCYCLE_SEED_FILE = "upcycle_seed.json"  # in an upcycled run's workdir: its see
 
 def read_run_config(workdir: str | Path) -> ConfigDict:
     """The config.json a MoMa run wrote (a UserError when `workdir` holds no MoMa run)."""
-
     config = read_config_json(workdir, trained_by="experiments.moma.train")
     if "moma" not in config:
         raise UserError(f"{workdir} holds no MoMa run (its config.json has no moma section)")
@@ -74,7 +73,6 @@ def mixed_vocab_for(config: ConfigDict) -> MixedVocab:
     """Where text, image codes and BOI/EOI live: the top `codebook_size + 2` ids of the text tokenizer's vocabulary.
 
     Known before any tokenizer is trained, so the model (its image-token range) can be validated first."""
-
     codebook_size = config.moma.image_tokenizer.codebook_size
     reserved = reserved_ids_for_images(codebook_size)
     if config.data.tokenizer == "byte":
@@ -86,7 +84,6 @@ def moma_config_from(config: ConfigDict) -> MoMaConfig:
     """The run's MoMaConfig (UserError for an unknown variant, capacity_factor <= 0, ...).
 
     An upcycled run trains with router noise, as the paper's upcycling does."""
-
     section = config.moma
     return parse_variant(section.variant, image_token_range=mixed_vocab_for(config).image_token_range,
                          capacity_factor=section.capacity_factor, mod_capacity=section.mod_capacity,
@@ -96,7 +93,6 @@ def moma_config_from(config: ConfigDict) -> MoMaConfig:
 
 def training_flops_per_token(config: ConfigDict) -> float:
     """The run's analytic training FLOPs per token (moma.flops: what its compute axis and MFU are measured in)."""
-
     return moma_flops_per_token(model_config_from(config), moma_config_from(config), config.data.seq_len,
                                 config.moma.image_fraction).training
 
@@ -105,7 +101,6 @@ def seed_record(seed_dir: str | Path) -> dict[str, Any]:
     """The compute an upcycled run inherits: its seed's training FLOPs up to the seed's latest checkpoint (the one
     upcycling loads), counted as lm_core.trainer counts tokens (steps x batch x seq_len), plus whatever the seed
     itself inherited."""
-
     seed_dir = Path(seed_dir)
     config = read_run_config(seed_dir)
     step, _ = latest_meta(seed_dir / "checkpoints")
@@ -123,7 +118,6 @@ def upcycled_seed_flops(workdir: str | Path) -> float:
 
     Read from the UPCYCLE_SEED_FILE written when the run was upcycled; for a run upcycled before that file existed,
     computed from the seed's workdir now (the same unless the seed trained on after the upcycling)."""
-
     config = read_run_config(workdir)
     if not config.moma.get("upcycle_from"):
         return 0.0
@@ -144,7 +138,6 @@ def vq_config_from(config: ConfigDict) -> VQConfig:
 def image_tokenizer_dir(config: ConfigDict) -> Path:
     """moma.image_tokenizer.dir, or a cache dir named by everything that determines the tokenizer (so every
     variant of a sweep quantises its images with the same codes, trained once)."""
-
     settings = config.moma.image_tokenizer
     if settings.dir:
         return Path(settings.dir)
@@ -156,7 +149,6 @@ def image_tokenizer_dir(config: ConfigDict) -> Path:
 
 def image_source(config: ConfigDict) -> ImageCaptionSource:
     """The image-caption source (UserError for an unknown spec or a folder without a readable image)."""
-
     source = get_image_source(config.moma.image_source, image_size=config.moma.image_tokenizer.image_size,
                               data_dir=config.data.data_dir or None)
     if source.skipped:
@@ -166,7 +158,6 @@ def image_source(config: ConfigDict) -> ImageCaptionSource:
 
 def _check_image_tokenizer(config: ConfigDict) -> None:
     """An existing tokenizer dir must hold the configured tokenizer (checked before anything is written)."""
-
     directory = image_tokenizer_dir(config)
     if (directory / vq.CONFIG_FILE).exists() and vq.load_config(directory) != vq_config_from(config):
         raise UserError(f"{directory} holds an image tokenizer with another config ({vq.load_config(directory)}); "
@@ -176,7 +167,6 @@ def _check_image_tokenizer(config: ConfigDict) -> None:
 def _check_upcycle_source(config: ConfigDict, target: MoMaConfig) -> None:
     """upcycle_from must be a finished-enough moe_1t1i run of the same model (checked before anything is written);
     every refusal names the field, since the messages underneath name only a directory or a variant."""
-
     source_dir = Path(config.moma.upcycle_from)
     prefix = f"cannot upcycle from moma.upcycle_from={source_dir}"
     try:
@@ -195,7 +185,6 @@ def upcycled_built_on(config: ConfigDict) -> dict[str, str | None]:
     checkpoints (TrainTask.meta["built_on"]) and compared on every rerun, so once the seed has trained on
     (or been replaced) the upcycled run is refused, naming both states, rather than resumed or taken as finished
     on weights and a data position its seed no longer has."""
-
     seed_dir = Path(config.moma.upcycle_from)
     return {str(seed_dir): run_state(seed_dir)}
 
@@ -203,7 +192,6 @@ def upcycled_built_on(config: ConfigDict) -> dict[str, str | None]:
 def _check_image_tokenizer_training(config: ConfigDict) -> None:
     """The VQ training settings, named by their fields (the VQ trainer would name them without the prefix, and
     only after the image source is read; numpy takes no negative seed)."""
-
     settings = config.moma.image_tokenizer
     for name, low in (("steps", 1), ("batch_size", 1), ("seed", 0)):
         if not isinstance(settings[name], int) or settings[name] < low:
@@ -218,7 +206,6 @@ def _check_image_tokenizer_training(config: ConfigDict) -> None:
 
 def ensure_image_tokenizer(config: ConfigDict, source: ImageCaptionSource) -> vq.VQTokenizer:
     """The run's VQ tokenizer: loaded from its dir, or trained there first (with a reconstruction grid)."""
-
     directory = image_tokenizer_dir(config)
     if (directory / vq.CONFIG_FILE).exists():
         return vq.load_vq(directory)
@@ -237,7 +224,6 @@ def ensure_image_tokenizer(config: ConfigDict, source: ImageCaptionSource) -> vq
 def coded_pairs(config: ConfigDict, split: str, source: ImageCaptionSource, vq_model: vq.VQTokenizer | None = None
                 ) -> CodedPairs:
     """`split` of the image source quantised by the run's VQ tokenizer, cached in the tokenizer's dir."""
-
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", config.moma.image_source).strip("_")
     path = image_tokenizer_dir(config) / "pairs" / f"{name}-{split}.npz"
     if path.exists():
@@ -250,7 +236,6 @@ def coded_pairs(config: ConfigDict, split: str, source: ImageCaptionSource, vq_m
 def text_tokenizer(config: ConfigDict, workdir: Path, source: ImageCaptionSource) -> tok.Tokenizer | ByteTokenizer:
     """The caption tokenizer with the image codes + BOI/EOI as reserved ids: the run's saved copy, the upcycling
     source's, or trained on the training captions (cached)."""
-
     reserved = reserved_ids_for_images(config.moma.image_tokenizer.codebook_size)
     if config.data.tokenizer == "byte":
         return tok.ByteTokenizer(num_reserved_ids=reserved)
@@ -266,7 +251,6 @@ def text_tokenizer(config: ConfigDict, workdir: Path, source: ImageCaptionSource
 def make_mixed_data(config: ConfigDict, workdir: Path, model_config: ModelConfig, source: ImageCaptionSource
                     ) -> TrainData:
     """TrainTask.make_data: the VQ tokenizer, coded pairs, caption tokenizer, mixed-modal loader and eval batches."""
-
     vq_model = ensure_image_tokenizer(config, source)
     train_pairs = coded_pairs(config, "train", source, vq_model)
     validation_pairs = coded_pairs(config, "validation", source, vq_model)
@@ -288,7 +272,6 @@ def mixed_eval_batches(workdir: str | Path, max_batches: int | None = None, batc
                        ) -> list[dict[str, Any]]:
     """The evaluation batches of a trained MoMa run (its validation pairs, tokenizer and sizes), as numpy dicts
     with inputs/targets/segment_ids/positions/loss_mask [batch, seq] and chars [batch]."""
-
     workdir = Path(workdir)
     config = read_run_config(workdir)
     pairs = coded_pairs(config, "validation", image_source(config))
@@ -311,7 +294,6 @@ def moma_task(config: ConfigDict, workdir: str | Path, check_data: bool = True, 
     trainer writes names them wherever it is read from. check_data=False skips opening the image source and the
     upcycling run (no built_on: experiments.compile_check compiles the step without data; make_data opens them).
     num_devices: the devices the mesh will span (default: this process's jax.device_count())."""
-
     for field, parent in (("dir", config.moma.image_tokenizer), ("upcycle_from", config.moma)):
         if parent[field]:
             parent[field] = str(Path(parent[field]).absolute())
@@ -359,13 +341,11 @@ def moma_task(config: ConfigDict, workdir: str | Path, check_data: bool = True, 
 
 def moma_builder(moma: MoMaConfig) -> ModelBuilder:
     """How a MoMa run's module is built (training and loading share it)."""
-
     return lambda model_config, seed: build_moma_model(model_config, moma, rngs=nnx.Rngs(seed))
 
 
 def _check_fits(config: ConfigDict, moma: MoMaConfig, model_config: ModelConfig, num_devices: int) -> None:
     """The variant against the mesh (expert axis, routing groups with at least one slot each) and the model."""
-
     check_fits_mesh(moma, config.mesh.expert)
     check_fits_model(moma, model_config)
     shards = MeshConfig(**config.mesh.to_dict()).batch_shards(num_devices)
@@ -375,7 +355,6 @@ def _check_fits(config: ConfigDict, moma: MoMaConfig, model_config: ModelConfig,
 
 def load_moma(workdir: str | Path) -> tuple[nnx.Module, ConfigDict]:
     """A trained MoMa model (latest checkpoint, one device) and the ConfigDict it was trained with."""
-
     config = read_run_config(workdir)
     model, _, _ = load_trained_model(workdir, moma_builder(moma_config_from(config)))
     return model, config
