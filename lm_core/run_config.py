@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import ml_collections
 
@@ -16,7 +16,7 @@ from lm_core.optim import OptimizerConfig
 from lm_core.profiling import parse_profile_steps
 from lm_core.wandb_writer import check_log_config
 
-SectionT = TypeVar("SectionT", bound=Any)
+SectionT = TypeVar("SectionT")  # a config dataclass
 
 
 def default_config() -> ml_collections.ConfigDict:

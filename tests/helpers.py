@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pydoc_data.topics
 import signal
 import subprocess
@@ -82,8 +84,6 @@ def get_config():
 def check_resume_is_exact(make_loader: Callable[[], Any], steps: int, save_at: int) -> Any:
     """Run a fresh loader `steps` batches, saving its state (through JSON, as a checkpoint does) before batch
     `save_at`; a second fresh loader restored from it must give the same batches from there. Returns the first."""
-    import json
-
     loader = make_loader()
     batches, saved = [], None
     for step in range(steps):
@@ -110,8 +110,6 @@ def assert_batches_equal(a: dict, b: dict) -> None:
 
 def task_with_loss(loss_fn, **changes):
     """A plain LM TrainTask whose train step uses `loss_fn` (changes: the task's other members)."""
-    import dataclasses
-
     from lm_core.task import TrainTask, lm_step_parts
 
     return TrainTask(step=lambda config: dataclasses.replace(lm_step_parts(config), loss_fn=loss_fn), **changes)

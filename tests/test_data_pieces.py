@@ -4,7 +4,7 @@ order and the train/validation splits (lm_core.data.registry, views, splits, ima
 import numpy as np
 import pytest
 
-from lm_core.data.image_sources import IMAGE_SOURCES, ImageCaption, ImageView, get_image_source
+from lm_core.data.image_sources import IMAGE_SOURCES, ImageCaption, ImageCaptionSource, ImageView, get_image_source
 from lm_core.data.registry import SourceRegistry
 from lm_core.data.splits import train_validation
 from lm_core.data.views import IndexedView, epoch_order
@@ -98,7 +98,5 @@ def test_a_registered_image_source_is_served_with_its_size_checked():
         get_image_source("nope:x")
 
 
-def _flat_source(argument: str):
-    from lm_core.data.image_sources import ImageCaptionSource
-
+def _flat_source(argument: str) -> ImageCaptionSource:
     return ImageCaptionSource("flat", 8, {"validation": _Flat(int(argument))})

@@ -11,6 +11,7 @@ from experiments.kv_prediction.task import aux_only_dir, base_dir, kvp_builder, 
 from kv_prediction.model import KVPModel
 from kv_prediction.variants import AuxSpec, build_kvp_model
 from lm_core.checkpoint import check_same_model, has_checkpoints, latest_checkpoint
+from lm_core.errors import UserError
 from lm_core.model import Transformer
 from lm_core.run_config import model_config_from
 from lm_core.trained_runs import load_trained_model
@@ -34,7 +35,9 @@ def load_family(config: ml_collections.ConfigDict, workdir: Path, aux: AuxSpec, 
                 ) -> Family:
     """(base, aux-only baseline, KVP model) of one auxiliary, all trained."""
     for directory in (kvp_dir(workdir, aux), aux_only_dir(workdir, aux)):
-        latest_checkpoint(directory, hint=f"rerun python -m experiments.kv_prediction.train --workdir={workdir}")
+        if not has_checkpoints(directory):  # only probed: load_trained_model reads the checkpoint once, below
+            raise UserError(f"{directory} is not trained yet; rerun python -m experiments.kv_prediction.train "
+                            f"--workdir={workdir}")
     if base is None:
         base, _, _ = load_trained_model(base_dir(workdir))
     aux_only, _, _ = load_trained_model(aux_only_dir(workdir, aux))

@@ -312,9 +312,10 @@ def moma_task(config: ConfigDict, workdir: str | Path, check_data: bool = True, 
     vocab = mixed_vocab_for(config)
     loss_fn = functools.partial(mixed_modal_loss, vocab=vocab, z_loss_weight=config.z_loss,
                                 chunk_tokens=config.loss_chunk_tokens)
+    loss_fn = with_router_noise(loss_fn) if moma.router_noise else loss_fn
+    flops = training_flops_per_token(config)
 
     def initialize_upcycled(state: TrainState) -> TrainState:  # the 1t1i weights, every expert a copy
-
         seed = seed_record(config.moma.upcycle_from)  # the seed's latest checkpoint, the one load_moma reads
         source_model, _ = load_moma(config.moma.upcycle_from)
         params = upcycle_params(nnx.state(source_model, nnx.Param), state.params)
@@ -325,10 +326,9 @@ def moma_task(config: ConfigDict, workdir: str | Path, check_data: bool = True, 
         return state._replace(params=place_like(state.params, params))
 
     def step(run_config: ConfigDict) -> StepParts:  # MoMa's module, mixed-modal loss and FLOPs
-        return dataclasses.replace(lm_step_parts(run_config, moma_builder(moma)), training_flops_per_token=flops,
-                                   loss_fn=with_router_noise(loss_fn) if moma.router_noise else loss_fn)
+        return dataclasses.replace(lm_step_parts(run_config, moma_builder(moma)), loss_fn=loss_fn,
+                                   training_flops_per_token=flops)
 
-    flops = training_flops_per_token(config)
     return TrainTask(
         step=step,
         evaluation=Evaluation(per_modality_eval_sums(vocab), row=per_modality_eval_row),
