@@ -34,6 +34,7 @@ from lm_core.layers import SwiGLU, TokenContext, dense
 from moma import experts as moe_lib
 from moma.dispatch import combine_slots, gather_slots, swiglu_experts
 from moma.flops import executed_expert_overhead, ffn_layer_flops, group_shares
+from moma.routing import group_route
 from moma.variants import MoMaConfig, parse_variant
 
 Array = jax.Array
@@ -131,19 +132,19 @@ def profile_group(config: ModelConfig, moma: MoMaConfig, batch: int, seq: int, r
     flat_tokens = jnp.asarray(half_image_tokens(batch, seq, vocab)).reshape(1, -1)  # one routing group
     x = jax.random.normal(jax.random.key(0), (1, tokens_n, config.d_model), config.compute_dtype)
     eligible = ~moe_lib.image_token_mask(flat_tokens, moma.image_token_range)
-    routing = moe_lib.group_route(group.scores(x), eligible, group.capacity_factor, group.max_fraction)
+    routing = group.router(x, eligible)
     graphdef, params, rest = nnx.split(group, nnx.Param, ...)
     _, experts, slots = routing.token_index.shape
     chosen = gather_slots(x, routing.token_index)  # [1, experts, slots, d]
-    router = group.router[...]  # [d, experts]
+    router = group.router.weight[...]  # [d, experts]
 
     def scores(router: Array, x: Array) -> Array:
-        # ExpertGroup.scores without noise, on the router kernel alone: differentiating the whole group's state
+        # Router.scores without noise, on the router kernel alone: differentiating the whole group's state
         # would also time writing zero gradients for every expert weight
         return jax.nn.sigmoid(dense(x, router).astype(jnp.float32))
 
     def route(s: Array, e: Array) -> Array:
-        return moe_lib.group_route(s, e, group.capacity_factor, group.max_fraction).gate
+        return group_route(s, e, group.router.capacity, group.router.max_fraction).gate
 
     def expert_ffns(p: nnx.State, chosen: Array) -> Array:
         return swiglu_experts(chosen, nnx.merge(graphdef, p, rest).weights())

@@ -7,13 +7,13 @@ maps those names to mesh axes, so no module here knows about devices.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from lm_core.config import ModelConfig
 from lm_core.sharding import constrain
@@ -22,12 +22,25 @@ Array = jax.Array
 Aux = dict[str, Any]
 
 
-class TokenContext(NamedTuple):
-    """What a layer may need to know about the tokens besides their hidden states."""
+@struct.dataclass
+class TokenContext:
+    """What a layer may need to know about the tokens besides their hidden states.
+
+    `rng` and `routing` are what a model call lends its layers (`Transformer.hidden_states`): a key of this layer's
+    own (folded with the layer index; None at evaluation and inference) for layers that draw randomness, such as
+    MoMa's router noise, and a static, hashable choice of how routed layers pick tokens (moma.routing.RoutingMode;
+    None: the way they were trained). Dense layers read neither.
+    """
 
     tokens: Array  # [batch, seq] int32 token ids (MoE routes by modality derived from them)
     positions: Array  # [batch, seq] int32 position of each token inside its document
     segment_ids: Array  # [batch, seq] int32 document id inside a packed row; 0 marks padding
+    rng: Array | None = None
+    routing: Hashable | None = struct.field(pytree_node=False, default=None)
+
+    def for_layer(self, index: Array | int) -> TokenContext:
+        """This context as layer `index` sees it: its rng folded with the layer index (a key per layer)."""
+        return self if self.rng is None else self.replace(rng=jax.random.fold_in(self.rng, index))
 
 
 class FeedForward(Protocol):

@@ -38,12 +38,11 @@ def next_token_loss(model: Any, batch: Batch, rng: Array | None = None, *, z_los
     """The standard language-model loss over a packed batch (keys as produced by `lm_core.data`).
 
     `chunk_tokens` > 0 computes the output layer and loss in chunks of that many tokens (`chunked_cross_entropy`)
-    so the [tokens, vocab] logits never exist at once. `rng` is unused here; it is part of the loss-function
-    signature `(model, batch, rng)` that the train step calls, for losses that need randomness.
+    so the [tokens, vocab] logits never exist at once. `rng` (the train step's key, None at evaluation) is lent to
+    the layers (`TokenContext.rng`): a dense model reads none of it, a paper's FFN may (MoMa's router noise).
     """
-    del rng
     states = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
-                                 segment_ids=batch.get("segment_ids"), return_kv=False)
+                                 segment_ids=batch.get("segment_ids"), return_kv=False, rng=rng)
     loss, metrics = output_layer_loss(model, states.hidden, batch["targets"], batch["loss_mask"], z_loss_weight,
                                       chunk_tokens)
     return with_aux_losses(loss, metrics, states.aux)

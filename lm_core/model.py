@@ -9,7 +9,7 @@ router statistics through `aux`); `return_kv` / `injected_kv` expose and replace
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -136,20 +136,22 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
                  cache: KVCache | None = None, injected_kv: Sequence[LayerKV] | None = None,
-                 return_kv: bool = False) -> ModelOutput:
+                 return_kv: bool = False, rng: Array | None = None, routing: Hashable | None = None) -> ModelOutput:
         states = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
-                                    injected_kv=injected_kv, return_kv=return_kv)
+                                    injected_kv=injected_kv, return_kv=return_kv, rng=rng, routing=routing)
         return ModelOutput(self.logits(states.hidden), states.cache, states.kv if return_kv else None, states.aux)
 
     def hidden_states(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
                       cache: KVCache | None = None, injected_kv: Sequence[LayerKV] | None = None,
-                      return_kv: bool = True) -> HiddenStates:
+                      return_kv: bool = True, rng: Array | None = None, routing: Hashable | None = None
+                      ) -> HiddenStates:
         """Final-normed hidden states [batch, seq, d_model], before the output layer.
 
         tokens: [batch, seq]. positions default to 0..seq-1 (offset by the cache index when decoding);
         segment_ids default to 1 everywhere (one document per row). injected_kv: one LayerKV per layer.
         return_kv=False lets a scanned model (config.scan_layers) skip collecting every layer's K,V (then the
-        returned K,V tuple is empty); cached calls always run the layers unrolled.
+        returned K,V tuple is empty); cached calls always run the layers unrolled. `rng` and `routing` are lent to
+        the layers through their `TokenContext` (each layer gets its own fold of `rng`).
         """
         config = self.config
         batch, seq = tokens.shape
@@ -160,7 +162,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         if injected_kv is not None and len(injected_kv) != config.num_layers:
             raise ValueError(f"injected_kv has {len(injected_kv)} layers, the model has {config.num_layers}")
-        context = TokenContext(tokens, positions, segment_ids)
+        context = TokenContext(tokens, positions, segment_ids, rng, routing)
 
         cache_segment_ids = cache_index = None
         if cache is not None:
@@ -177,7 +179,7 @@ class Transformer(nnx.Module):
             layer_cache = None if cache is None else cache.layers[i]
             layer_kv = None if injected_kv is None else injected_kv[i]
             x, layer_cache, kv, aux = remat_block_call(block, config.remat)(
-                block, x, LayerInputs(context, layer_cache, cache_segment_ids, cache_index, layer_kv))
+                block, x, LayerInputs(context.for_layer(i), layer_cache, cache_segment_ids, cache_index, layer_kv))
             new_layers.append(layer_cache)
             all_kv.append(kv)
             all_aux.append(aux)
@@ -196,16 +198,17 @@ class Transformer(nnx.Module):
         kv_in = None if injected_kv is None else [_stack(injected_kv[j::period]) for j in range(period)]
         policy = self.config.remat
 
-        def body(h: Array, blocks: list[nnx.Module], kvs: list[LayerKV] | None) -> tuple[Array, tuple]:
+        def body(h: Array, blocks: list[nnx.Module], xs: tuple) -> tuple[Array, tuple]:
+            step, kvs = xs
             outputs = []
             for j, block in enumerate(blocks):
-                inputs = LayerInputs(context, injected_kv=None if kvs is None else kvs[j])
+                inputs = LayerInputs(context.for_layer(step * period + j), injected_kv=None if kvs is None else kvs[j])
                 h, _, kv, aux = remat_block_call(block, policy)(block, h, inputs)
                 outputs.append((kv if return_kv else None, aux))
             return h, tuple(outputs)
 
-        x, outputs = scan_stacked(body, x, self.stacked_blocks, kv_in)
         steps = self.config.num_layers // period
+        x, outputs = scan_stacked(body, x, self.stacked_blocks, (jnp.arange(steps), kv_in))
         layers = [jax.tree.map(lambda a, s=step: a[s], outputs[j]) for step in range(steps) for j in range(period)]
         all_kv = tuple(kv for kv, _ in layers) if return_kv else ()
         return x, all_kv, tuple(aux for _, aux in layers)

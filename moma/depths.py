@@ -5,9 +5,10 @@ A sigmoid router scores every token; each row (sequence) picks its own top ceil(
 into a [batch, slots, d] sub-batch (slots = ceil(c_d · seq)) that keeps each row's chosen tokens in their original
 order, with their positions and segment ids (documents stay apart, attention stays causal in the original order);
 the others skip the layer on the residual path, bit for bit unchanged. The chosen tokens' residual update is scaled
-by their router score, which is how the router gets a gradient. The top-k spans the row, so it is non-causal
-within the row; causal inference uses auxiliary routers (`moma.aux_routers`: in causal mode a token goes through
-the layer iff its aux score > 0.5, first come within its row, still weighted by this router's score).
+by their router score, which is how the router gets a gradient. The choice is moma.routing's `Router` with one
+chooser and the rows as its routing groups: the top-k spans the row, so it is non-causal within the row; causal
+inference uses auxiliary routers (`routing=RoutingMode("causal")`: a token goes through the layer iff its aux score
+> 0.5, first come within its row, still weighted by this router's score; rows never compete for slots).
 
 Why per row: batch stays the leading axis of the sub-batch, so it shards over the batch mesh axes like every other
 activation, and no attention row holds more than seq tokens (a top-k over the flattened batch would give one row
@@ -28,7 +29,6 @@ valid, the rest run with segment id 0 and an update weight of 0.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
@@ -36,11 +36,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm_core.config import ModelConfig
-from lm_core.layers import Aux, FeedForward, TokenContext, dense, fan_in_init, param
+from lm_core.layers import Aux, FeedForward, TokenContext
 from lm_core.model import HIDDEN_AXES, Block, LayerInputs, LayerOutput, Transformer
 from lm_core.sharding import constrain
-from moma import aux_routers
 from moma.experts import moma_ffn_factory
+from moma.routing import EXPERT_CHOICE, Router, Routing, RoutingMode, routing_aux_statistics
 from moma.variants import MoMaConfig, check_fits_model
 
 Array = jax.Array
@@ -57,22 +57,15 @@ def mod_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(range(0, num_layers, 2))
 
 
-def select_row_tokens(scores: Array, real: Array, capacity: float) -> Selection:
-    """One row ([seq] in): its top ceil(capacity · n_real) real tokens by score, sorted back into token order.
-
-    ceil(capacity · seq) slots; the ones past the row's budget (or on padding) are invalid, with weight 0.
-    """
-    slots = max(1, math.ceil(capacity * scores.shape[0]))
-    top, index = jax.lax.top_k(jnp.where(real, scores, -1.0), slots)  # sigmoid scores >= 0 beat padding's -1
-    budget = jnp.ceil(capacity * jnp.sum(real, dtype=jnp.float32))
-    valid = (jnp.arange(slots) < budget) & (top >= 0)
-    order = jnp.argsort(index)  # causal attention needs the original order
-    return Selection(index[order].astype(jnp.int32), jnp.where(valid, top, 0.0)[order], valid[order])
-
-
-def select_tokens(scores: Array, real: Array, capacity: float) -> Selection:
-    """`select_row_tokens` for every row: scores, real [batch, seq] -> a [batch, slots] Selection."""
-    return jax.vmap(select_row_tokens, in_axes=(0, 0, None))(scores, real, capacity)
+def row_selection(routing: Routing, in_token_order: bool) -> Selection:
+    """A one-chooser `Routing` over rows ([batch, 1, slots]) as each row's `Selection`; expert choice's picks
+    (best first) sorted back into token order, which causal attention inside the layer needs (first-come causal
+    slots already are)."""
+    index, weight, valid = routing.token_index[:, 0], routing.gate[:, 0], routing.valid[:, 0]
+    if not in_token_order:
+        return Selection(index, weight, valid)
+    order = jnp.argsort(index, axis=-1)
+    return Selection(*(jnp.take_along_axis(a, order, axis=-1) for a in (index, weight, valid)))
 
 
 def gather_rows(x: Array, index: Array) -> Array:
@@ -89,11 +82,12 @@ def selected_context(context: TokenContext, selection: Selection) -> TokenContex
     """[batch, slots] context of each row's selected tokens: their ids, positions and segment ids.
 
     Invalid slots get segment 0 (padding), so they neither attend to nor are seen by real tokens, and MoE layers
-    inside the block do not route them.
+    inside the block do not route them. The rng and routing mode pass through to the block's FFN.
     """
     segments = jnp.where(selection.valid, gather_rows(context.segment_ids, selection.index), 0)
-    return TokenContext(gather_rows(context.tokens, selection.index),
-                        gather_rows(context.positions, selection.index), segments.astype(jnp.int32))
+    return context.replace(tokens=gather_rows(context.tokens, selection.index),
+                           positions=gather_rows(context.positions, selection.index),
+                           segment_ids=segments.astype(jnp.int32))
 
 
 class MoDBlock(nnx.Module):
@@ -101,45 +95,21 @@ class MoDBlock(nnx.Module):
 
     def __init__(self, block: Block, config: ModelConfig, capacity: float, *, rngs: nnx.Rngs):
         self.block = block
-        self.capacity = capacity
-        self.compute_dtype = config.compute_dtype
-        self.router = param(rngs, fan_in_init(0, 1), (config.d_model, 1), ("embed", None), config.weights_dtype)
-        # causal routing (moma.aux_routers): attached after main training; no parameters until then
-        self.aux_router_outputs = 1
-        self.aux_router = nnx.data(None)
-        self.routing_mode = aux_routers.EXPERT_CHOICE
-        self.causal_capacity = 1.0
+        self.router = Router(config, 1, capacity=capacity, rngs=rngs)
 
-    def scores(self, x: Array) -> Array:
-        """x [batch, seq, d] -> [batch, seq] float32 sigmoid(x·w)."""
-        return jax.nn.sigmoid(dense(x, self.router[...].astype(self.compute_dtype))[..., 0].astype(jnp.float32))
-
-    def select(self, x: Array, real: Array) -> tuple[Selection, Aux]:
-        """Each row's top c_d (expert choice), or its tokens whose aux score > 0.5 (causal; see moma.aux_routers).
+    def select(self, x: Array, real: Array, mode: RoutingMode | None = None) -> tuple[Selection, Aux]:
+        """Each row's top c_d (expert choice), or its tokens whose aux score > 0.5 (causal; see moma.routing).
 
         x [batch, seq, d], real [batch, seq]. Causal mode has ceil(causal_capacity · seq) slots per row, filled
         first come in the row's token order (all seq by default, so nothing is dropped).
         """
-        batch, seq, d = x.shape
-        scores = self.scores(x)  # [batch, seq]
-        chosen = select_tokens(scores, real, self.capacity)
-        if self.aux_router is None:
-            return chosen, {}
-        targets = aux_routers.row_selection_targets(chosen.index, chosen.valid, seq)  # [batch, seq]
-        if self.routing_mode == aux_routers.EXPERT_CHOICE:
-            logits = self.aux_router(x.reshape(batch * seq, d))
-            return chosen, aux_routers.aux_router_statistics("mod", logits, targets.reshape(-1, 1), real.reshape(-1))
-        if self.routing_mode == aux_routers.ORACLE:
-            decisions = targets
-        else:
-            decisions = self.aux_router(x.reshape(batch * seq, d))[:, 0].reshape(batch, seq) > 0
-        decisions = decisions & real
-        index, valid = aux_routers.first_come_row_slots(decisions, aux_routers.causal_slots(seq,
-                                                                                             self.causal_capacity))
-        demand = jnp.sum(decisions, dtype=jnp.float32)
-        overflow = (demand - jnp.sum(valid)) / jnp.maximum(demand, 1.0)
-        weight = jnp.where(valid, jnp.take_along_axis(scores, index, axis=1), 0.0)
-        return Selection(index, weight, valid), {"mod_causal_overflow": overflow}
+        mode = mode or RoutingMode()
+        routing = self.router(x, real, mode)  # the rows are the routing groups
+        if mode.name == EXPERT_CHOICE:
+            return row_selection(routing, in_token_order=True), routing_aux_statistics("mod", routing, real)
+        demand = jnp.sum(routing.budget)  # one chooser: each row's budget is its demand
+        overflow = (demand - jnp.sum(routing.valid)) / jnp.maximum(demand, 1.0)
+        return row_selection(routing, in_token_order=False), {"mod_causal_overflow": overflow}
 
     def __call__(self, x: Array, inputs: LayerInputs) -> LayerOutput:
         """Same contract as `Block.__call__`, without cache or injected K,V; the returned K,V are the selected
@@ -152,7 +122,7 @@ class MoDBlock(nnx.Module):
             raise NotImplementedError("mixture-of-depths layers route over the whole sequence; cached decoding "
                                       "and injected K,V need causal auxiliary routers")
         real = context.segment_ids != 0  # [batch, seq]
-        selection, routing_aux = self.select(x, real)
+        selection, routing_aux = self.select(x, real, context.routing)
         selected = constrain(gather_rows(x, selection.index), HIDDEN_AXES)  # [batch, slots, d]: batch-sharded
         processed, _, kv, aux = self.block(selected, LayerInputs(selected_context(context, selection)))
         update = (processed - selected) * selection.weight[..., None].astype(x.dtype)  # [batch, slots, d]

@@ -28,73 +28,24 @@ sigmoid(x·W_g)·FFN(x) with a one-column router W_g. The gate is what makes upc
 m-t-n-i model's routers start as copies of W_g, so every copied expert gates a token exactly as 1t1i did
 (moma.upcycle states the condition). It runs through the same slot machinery (capacity 1, replicated weights).
 
-Causal inference: expert choice ranks the whole routing group, so it is non-causal. `moma.aux_routers` attaches an
-auxiliary router to each routed group after training (`aux_router`, None until then, so main-training checkpoints
-do not change) and switches `routing_mode`: in "causal" mode each token's experts are those its aux router scores > 0.5,
-gated by this group's router, dispatched through the same gather/scatter with first-come static slots.
+Routing (scores, expert choice, the auxiliary router for causal inference and the mode of each call) is
+moma.routing's `Router`, which every expert group owns; the mode comes with the call (`TokenContext.routing`).
 """
 
 from __future__ import annotations
-
-import contextlib
-import functools
-import math
-from collections.abc import Iterator
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lm_core.config import ModelConfig
-from lm_core.layers import Aux, FeedForward, FFNFactory, SwiGLU, TokenContext, dense, fan_in_init, param
+from lm_core.layers import Aux, FeedForward, FFNFactory, SwiGLU, TokenContext, fan_in_init, param
 from lm_core.sharding import constrain, traced_batch_shards
-from lm_core.train_step import LossFn
-from moma import aux_routers
 from moma.dispatch import ExpertWeights, dispatch, per_group
+from moma.routing import Router, Routing, RoutingMode, routing_aux_statistics
 from moma.variants import MoMaConfig, image_token_mask, routing_groups
 
 Array = jax.Array
-NOISE_STREAM = 0x6D6F6D61  # folded into the loss rng so router noise draws differ from other uses of that rng
-
-
-class Routing(NamedTuple):
-    """One expert group's choice in every routing group (moma.variants.routing_groups)."""
-
-    token_index: Array  # [groups, experts, slots] int32: which token of its group each slot holds, best first
-    gate: Array  # [groups, experts, slots] float32: the expert's score of that token, 0 for invalid slots
-    valid: Array  # [groups, experts, slots] bool: within the expert's budget and holding an eligible token
-    budget: Array  # [groups] float32: tokens each expert should take, ceil(capacity_factor · n_eligible / experts)
-    # [groups, tokens, experts] float32 logits of the auxiliary router, in expert-choice mode once one is attached
-    aux_logits: Array | None = None
-
-
-def expert_slots(tokens: int, experts: int, capacity_factor: float, max_fraction: float = 1.0) -> int:
-    """Static slots per expert: the largest budget a group of `tokens` can ask for (never more than `tokens`)."""
-    return max(1, min(tokens, math.ceil(capacity_factor * max_fraction * tokens / experts)))
-
-
-def expert_choice_route(scores: Array, eligible: Array, capacity_factor: float, max_fraction: float = 1.0
-                        ) -> Routing:
-    """Each expert (a column of `scores` [tokens, experts], values in [0, 1]) picks its top eligible tokens.
-
-    One routing group, without the leading groups axis (`group_route` maps it over groups). Ineligible tokens
-    score -1, below any sigmoid, so they are picked only into slots past the eligible tokens, which are invalid.
-    Ties go to the lower token index (lax.top_k), so routing is deterministic.
-    """
-    tokens, experts = scores.shape
-    slots = expert_slots(tokens, experts, capacity_factor, max_fraction)
-    masked = jnp.where(eligible[:, None], scores, -1.0)  # [tokens, experts]
-    top_scores, token_index = jax.lax.top_k(masked.T, slots)  # [experts, slots], best first
-    budget = jnp.ceil(capacity_factor * jnp.sum(eligible, dtype=jnp.float32) / experts)
-    valid = (jnp.arange(slots)[None, :] < budget) & (top_scores >= 0)
-    return Routing(token_index.astype(jnp.int32), jnp.where(valid, top_scores, 0.0), valid, budget)
-
-
-def group_route(scores: Array, eligible: Array, capacity_factor: float, max_fraction: float = 1.0) -> Routing:
-    """`expert_choice_route` in every routing group: scores [groups, tokens, experts], eligible [groups, tokens]."""
-    return per_group(functools.partial(expert_choice_route, capacity_factor=capacity_factor,
-                                       max_fraction=max_fraction))(scores, eligible)
 
 
 def experts_per_token(routing: Routing, tokens: int) -> Array:
@@ -119,62 +70,23 @@ class ExpertGroup(nnx.Module):
         self.compute_dtype = config.compute_dtype
         self.num_experts = num_experts
         self.routed = num_experts > 1
-        self.capacity_factor = capacity_factor if self.routed else 1.0
-        self.max_fraction = max_fraction
-        self.router_noise = router_noise and self.routed
-        self.noise_key = nnx.data(None)  # lent by `noisy_routing(...)` while training, None otherwise
-        # causal routing (moma.aux_routers): attached after main training; no parameters until then
-        self.aux_router_outputs = num_experts if self.routed else 0
-        self.aux_router = nnx.data(None)
-        self.routing_mode = aux_routers.EXPERT_CHOICE
-        self.causal_capacity = 1.0
+        self.router = Router(config, num_experts, capacity=capacity_factor if self.routed else 1.0,
+                             max_fraction=max_fraction, noise=router_noise, decides=self.routed, rngs=rngs)
         expert_axis = "expert" if self.routed else None
-        # [d, experts]: the paper's W_g (one column for 1t1i: its gate); one fan-in init like every other projection
-        self.router = param(rngs, fan_in_init(0, 1), (d, num_experts), ("embed", None), dtype)
         kernel = fan_in_init(1, 2)
         self.gate = param(rngs, kernel, (num_experts, d, ff), (expert_axis, "embed", "mlp"), dtype)
         self.up = param(rngs, kernel, (num_experts, d, ff), (expert_axis, "embed", "mlp"), dtype)
         self.down = param(rngs, kernel, (num_experts, ff, d), (expert_axis, "mlp", "embed"), dtype)
 
-    def scores(self, x: Array) -> Array:
-        """x [..., d] -> [..., experts] float32 sigmoid affinities (float32 for a stable top-k), also the gates.
-
-        With a noise key lent, Gumbel-sigmoid: sigmoid(logit + G' - G''), and G' - G'' of two standard Gumbels is
-        a standard logistic draw. The noisy score both ranks the tokens and gates them.
-        """
-        logits = dense(x, self.router[...].astype(self.compute_dtype)).astype(jnp.float32)
-        if self.router_noise and self.noise_key is not None:
-            logits = logits + jax.random.logistic(self.noise_key, logits.shape, jnp.float32)
-        return jax.nn.sigmoid(logits)
-
     def weights(self) -> ExpertWeights:
         dtype = self.compute_dtype
         return ExpertWeights(self.gate[...].astype(dtype), self.up[...].astype(dtype), self.down[...].astype(dtype))
 
-    def route(self, x: Array, eligible: Array) -> Routing:
-        """Expert choice in each routing group, or (moma.aux_routers) per-token decisions of the aux router gated
-        by the main router. x [groups, tokens, d], eligible [groups, tokens]."""
-        scores = self.scores(x)  # [groups, tokens, experts]
-        if self.aux_router is None or self.routing_mode == aux_routers.EXPERT_CHOICE:
-            routing = group_route(scores, eligible, self.capacity_factor, self.max_fraction)
-            return routing if self.aux_router is None else routing._replace(aux_logits=self.aux_router(x))
-        tokens = x.shape[1]
-        if self.routing_mode == aux_routers.ORACLE:
-            routing = group_route(scores, eligible, self.capacity_factor, self.max_fraction)
-            decisions = aux_routers.group_selection_targets(routing.token_index, routing.valid, tokens)
-        else:
-            decisions = self.aux_router(x) > 0  # aux score > 0.5
-        decisions = decisions & eligible[..., None]  # [groups, tokens, experts]
-        slots = aux_routers.causal_slots(tokens, self.causal_capacity * self.max_fraction)
-        token_index, valid = per_group(lambda group: aux_routers.causal_expert_slots(group, slots))(decisions)
-        gate = jnp.take_along_axis(jnp.swapaxes(scores, 1, 2), token_index, axis=2)  # [groups, experts, slots]
-        budget = jnp.max(jnp.sum(decisions, axis=1), axis=-1).astype(jnp.float32)  # the busiest expert's demand
-        return Routing(token_index, jnp.where(valid, gate, 0.0), valid, budget)
-
-    def __call__(self, x: Array, eligible: Array) -> tuple[Array, Routing]:
+    def __call__(self, x: Array, eligible: Array, mode: RoutingMode | None = None, rng: Array | None = None
+                 ) -> tuple[Array, Routing]:
         """x: [groups, tokens, d]; eligible: [groups, tokens] bool. Returns the [groups, tokens, d] mixture (0 where
         no expert chose) and the routing; moma.dispatch moves the tokens (all-to-all under a mesh)."""
-        routing = self.route(x, eligible)
+        routing = self.router(x, eligible, mode, rng)
         mixed = dispatch(x, routing.token_index, routing.gate, self.weights(), expert_parallel=self.routed)
         return mixed, routing
 
@@ -208,18 +120,15 @@ class ModalityAwareMoE(nnx.Module):
         modality_masks = self.eligible(context)
         out = jnp.zeros_like(grouped)
         aux: Aux = {}
-        for name in self.group_names:
+        for index, name in enumerate(self.group_names):
             eligible = modality_masks[name].reshape(groups, -1)
-            y, routing = self.groups[name](grouped, eligible)
+            rng = None if context.rng is None else jax.random.fold_in(context.rng, index)  # a draw per group
+            y, routing = self.groups[name](grouped, eligible, context.routing, rng)
             out = out + y
             modalities = ({part: modality_masks[part].reshape(groups, -1) for part in ("text", "image")}
                           if name == "mixed" else None)
             aux.update(routing_statistics(name, routing, eligible, modalities))
-            if routing.aux_logits is not None:
-                targets = aux_routers.group_selection_targets(routing.token_index, routing.valid, eligible.shape[1])
-                experts = targets.shape[-1]
-                aux.update(aux_routers.aux_router_statistics(name, routing.aux_logits.reshape(-1, experts),
-                                                             targets.reshape(-1, experts), eligible.reshape(-1)))
+            aux.update(routing_aux_statistics(name, routing, eligible))
         return out.reshape(batch, seq, d), aux
 
 
@@ -257,34 +166,3 @@ def moma_ffn_factory(moma: MoMaConfig) -> FFNFactory:
         return SwiGLU(config, rngs=rngs) if moma.is_dense else ModalityAwareMoE(config, moma, rngs=rngs)
 
     return factory
-
-
-@contextlib.contextmanager
-def noisy_routing(model: nnx.Module, key: Array) -> Iterator[None]:
-    """Gumbel-sigmoid router noise for the model calls inside the `with` (groups built with router_noise=True).
-
-    lm_core's FFN seam passes no randomness, so the key is lent to each group (its own fold) for the duration and
-    taken back afterwards; outside the `with` (evaluation, inference) routing is noise-free.
-    """
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
-    groups = [node for _, node in nnx.iter_graph(model) if isinstance(node, ExpertGroup) and node.router_noise]
-    for index, group in enumerate(groups):
-        group.noise_key = jax.random.fold_in(key, index)
-    try:
-        yield
-    finally:
-        for group in groups:
-            group.noise_key = None
-
-
-def with_router_noise(loss_fn: LossFn) -> LossFn:
-    """A loss function that runs `loss_fn` with router noise drawn from the train step's rng."""
-
-    def noisy_loss(model: nnx.Module, batch: dict[str, Array], rng: Array) -> tuple[Array, dict[str, Array]]:
-        if rng is None:
-            return loss_fn(model, batch, rng)
-        with noisy_routing(model, jax.random.fold_in(rng, NOISE_STREAM)):
-            return loss_fn(model, batch, rng)
-
-    return noisy_loss

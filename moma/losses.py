@@ -26,11 +26,11 @@ def mixed_modal_loss(model: Any, batch: Batch, rng: Array | None = None, *, voca
     """Next-token CE + z-loss over all targets, plus `text_loss` / `image_loss` (means over each modality's targets).
 
     Same objective as `lm_core.loss.next_token_loss` (FFN `*_loss` aux entries included, `chunk_tokens` > 0 for
-    the output layer in chunks); the two per-modality means reuse the same logits.
+    the output layer in chunks); the two per-modality means reuse the same logits. `rng` (the train step's key)
+    reaches the routers as their noise when the config asks for it (upcycling, moma.routing.Router).
     """
-    del rng
     states = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
-                                 segment_ids=batch.get("segment_ids"), return_kv=False)
+                                 segment_ids=batch.get("segment_ids"), return_kv=False, rng=rng)
     aux = states.aux
     mask = batch["loss_mask"].astype(jnp.float32)  # [batch, seq]
     is_image = vocab.is_image_token(batch["targets"]).astype(jnp.float32)  # [batch, seq]

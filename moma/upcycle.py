@@ -4,7 +4,7 @@ Every parameter the two models share (embedding, attention, norms, output, MoD r
 group of |group| experts, every expert is the 1t1i model's FFN of that modality with its down projection divided by
 |group|, and every router column is the 1t1i gate's column (1t1i stores its FFN as a group of one stacked expert and
 its gate as a one-column router, so this is a broadcast along the "expert" axis). The caller turns on router noise
-(`router_noise=True` in the target config plus `moma.experts.with_router_noise` around the loss), resets the
+(`router_noise=True` in the target config: moma.routing's Router draws it from the loss's rng), resets the
 learning-rate schedule and keeps the data position.
 
 Function at init (no router noise): the copied routers score a token x alike, so every expert gates it by the 1t1i
@@ -30,8 +30,8 @@ from lm_core.model import Transformer
 from moma.depths import build_moma_model
 from moma.variants import MoMaConfig
 
-# parameters of one expert (and its router column) that every expert of the upcycled group starts from
-COPIED_PER_EXPERT = ("gate", "up", "down", "router")
+# parameters of one expert (and its router column, `router/weight`) that every expert of the upcycled group starts from
+COPIED_PER_EXPERT = ("gate", "up", "down", "weight")
 
 
 def check_upcycle(source: MoMaConfig, target: MoMaConfig) -> None:

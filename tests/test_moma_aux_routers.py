@@ -12,6 +12,7 @@ from flax import nnx
 from lm_core.errors import UserError
 from lm_core.stacked import stacked_layout
 from moma import aux_routers as ar
+from moma import routing as rt
 from moma.depths import build_moma_model
 from moma.variants import parse_variant
 from tests.helpers import random_batch, tiny_config
@@ -30,37 +31,47 @@ def batch_of(seed: int, batch: int = 4, seq: int = 16) -> dict[str, jnp.ndarray]
     return {k: jnp.asarray(v) for k, v in random_batch(seed, batch=batch, seq=seq, packed=True).items()}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def forward(graphdef, state, inputs, positions, segment_ids):
-    return nnx.merge(graphdef, state)(inputs, positions=positions, segment_ids=segment_ids).logits
+CAUSAL = rt.routing_mode(rt.CAUSAL)
+ORACLE = rt.routing_mode(rt.ORACLE)
 
 
-def logits_of(model, batch) -> np.ndarray:
-    """The model's logits under jit (its routing mode is part of the graphdef: one compile per mode and shape)."""
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def forward(graphdef, state, inputs, positions, segment_ids, mode):
+    return nnx.merge(graphdef, state)(inputs, positions=positions, segment_ids=segment_ids, routing=mode).logits
+
+
+def logits_of(model, batch, mode: rt.RoutingMode | None = None) -> np.ndarray:
+    """The model's logits under jit with routing `mode` (static: one compile per mode and shape)."""
     graphdef, state = nnx.split(model)
-    return np.asarray(forward(graphdef, state, batch["inputs"], batch["positions"], batch["segment_ids"]))
+    return np.asarray(forward(graphdef, state, batch["inputs"], batch["positions"], batch["segment_ids"], mode))
 
 
 def test_first_come_slots_by_hand():
     decisions = jnp.array([False, True, True, False, True, True])
-    index, valid = ar.first_come_slots(decisions, 3)
+    index, valid = rt.first_come_slots(decisions, 3)
     np.testing.assert_array_equal(index, [1, 2, 4])  # the earliest three, in token order
     np.testing.assert_array_equal(valid, [True, True, True])
-    index, valid = ar.first_come_slots(jnp.array([False, True, False]), 2)
+    index, valid = rt.first_come_slots(jnp.array([False, True, False]), 2)
     assert int(index[0]) == 1 and valid.tolist() == [True, False]
     # [tokens, experts] decisions -> per-expert slots, and back to the same [tokens, experts] mask
     decisions = jnp.array([[True, False], [True, True], [False, True]])
-    index, valid = ar.causal_expert_slots(decisions, 3)
-    np.testing.assert_array_equal(ar.selection_targets(index, valid, 3), decisions)
+    index, valid = rt.causal_expert_slots(decisions, 3)
+    np.testing.assert_array_equal(rt.selection_targets(index, valid, 3), decisions)
 
 
 def test_first_come_slots_and_targets_per_row_by_hand():
-    decisions = jnp.array([[True, False, True, True], [False, False, False, True]])
-    index, valid = ar.first_come_row_slots(decisions, 2)  # row 0's demand never takes row 1's slots
+    # rows as routing groups with one chooser (a MoD layer): row 0's demand never takes row 1's slots
+    decisions = jnp.array([[True, False, True, True], [False, False, False, True]])[..., None]
+    scores = jnp.linspace(0.1, 0.8, 8).reshape(2, 4, 1)
+    routing = rt.causal_route(scores, decisions, 2)
+    index, valid = routing.token_index[:, 0], routing.valid[:, 0]
     np.testing.assert_array_equal(index[0], [0, 2])
     assert int(index[1, 0]) == 3 and valid.tolist() == [[True, True], [True, False]]
+    np.testing.assert_allclose(routing.gate[:, 0], [[0.1, 0.3], [0.8, 0.0]], rtol=1e-6)  # scores gate, 0 if invalid
+    assert routing.budget.tolist() == [3.0, 1.0]  # each row's demand
     expected = np.array([[True, False, True, False], [False, False, False, True]])
-    np.testing.assert_array_equal(ar.row_selection_targets(index, valid, 4), expected)
+    np.testing.assert_array_equal(rt.group_selection_targets(routing.token_index, routing.valid, 4)[..., 0],
+                                  expected)
 
 
 def causal_mod_block():
@@ -72,10 +83,10 @@ def causal_mod_block():
     config = tiny_config()
     block = MoDBlock(Block(config, 0, moma_ffn_factory(parse_variant("dense")), rngs=nnx.Rngs(0)), config, 0.25,
                      rngs=nnx.Rngs(1))
-    block.router[...] = jnp.zeros((64, 1)).at[0, 0].set(10.0)
-    block.aux_router = ar.AuxRouter(config, 1, rngs=nnx.Rngs(2))
-    block.aux_router.w1[...] = jnp.zeros_like(block.aux_router.w1[...]).at[0, :].set(1.0)  # logit ∝ silu(x0)
-    block.aux_router.w2[...] = jnp.ones_like(block.aux_router.w2[...])
+    block.router.weight[...] = jnp.zeros((64, 1)).at[0, 0].set(10.0)
+    aux = block.router.aux_router = rt.AuxRouter(config, 1, rngs=nnx.Rngs(2))
+    aux.w1[...] = jnp.zeros_like(aux.w1[...]).at[0, :].set(1.0)  # logit ∝ silu(x0)
+    aux.w2[...] = jnp.ones_like(aux.w2[...])
     return block
 
 
@@ -94,14 +105,14 @@ def test_causal_mod_fills_each_rows_slots_first_come():
     assert float(stats["mod_aux_router_recall"]) == 1.0  # x0 > 0 covers every row's top 2
     assert float(stats["mod_aux_router_accuracy"]) == pytest.approx(11 / 16)  # false yes: 0, 4, 6 | 1, 3
     # causal, 2 slots per row: the first two tokens with x0 > 0 of each row (row 0: 0, 2, 4, 6, 7; row 1: 1, 3, 5, 6)
-    block.routing_mode, block.causal_capacity = ar.CAUSAL, 0.25
-    selection, stats = block.select(x, real)
+    quarter = rt.routing_mode(rt.CAUSAL, causal_capacity=0.25)
+    selection, stats = block.select(x, real, quarter)
     np.testing.assert_array_equal(selection.index, [[0, 2], [1, 3]])
     assert selection.valid.all() and float(stats["mod_causal_overflow"]) == pytest.approx(5 / 9)
     weights = 1 / (1 + np.exp(-10 * MOD_X0[[0, 0, 1, 1], [0, 2, 1, 3]].astype(np.float64)))
     np.testing.assert_allclose(selection.weight.reshape(-1), weights, rtol=1e-6)  # the main router still gates
     # padding never decides; row 1's only real "yes" (token 1) gets a slot, the other slot is invalid
-    selection, _ = block.select(x, real.at[1, 2:].set(False))
+    selection, _ = block.select(x, real.at[1, 2:].set(False), quarter)
     assert int(selection.index[1, 0]) == 1 and selection.valid.tolist() == [[True, True], [True, False]]
     assert float(selection.weight[1, 1]) == 0.0
 
@@ -110,7 +121,7 @@ def test_aux_router_statistics_by_hand():
     logits = jnp.array([[2.0, -1.0], [-3.0, 1.0], [5.0, 5.0]])
     targets = jnp.array([[True, False], [True, True], [False, False]])
     eligible = jnp.array([True, True, False])  # the third token is another modality's: not counted
-    stats = ar.aux_router_statistics("text", logits, targets, eligible)
+    stats = rt.aux_router_statistics("text", logits, targets, eligible)
     assert float(stats["text_aux_router_accuracy"]) == pytest.approx(3 / 4)
     assert float(stats["text_aux_router_recall"]) == pytest.approx(2 / 3)
     bce = np.mean([np.log1p(np.exp(-2.0)), np.log1p(np.exp(-1.0)), np.log1p(np.exp(3.0)), np.log1p(np.exp(-1.0))])
@@ -125,12 +136,11 @@ def test_causal_mode_makes_earlier_tokens_independent_of_later_ones(variant):
     cut = 10
     changed = dict(batch, inputs=batch["inputs"].at[:, cut:].set((batch["inputs"][:, cut:] + 37) % 128))
 
-    ar.set_routing_mode(model, ar.CAUSAL)
-    before, after = logits_of(model, batch), logits_of(model, changed)
+    before, after = logits_of(model, batch, CAUSAL), logits_of(model, changed, CAUSAL)
     np.testing.assert_allclose(after[:, :cut], before[:, :cut], atol=1e-5)
     assert np.abs(after[:, cut:] - before[:, cut:]).max() > 1e-2  # the change itself does matter
 
-    ar.set_routing_mode(model, ar.EXPERT_CHOICE)  # a top-k over the batch (MoD: the row) lets later tokens move it
+    # expert choice (the default): a top-k over the batch (MoD: the row) lets later tokens move it
     before, after = logits_of(model, batch), logits_of(model, changed)
     assert np.abs(after[:, :cut] - before[:, :cut]).max() > 1e-3
 
@@ -140,8 +150,8 @@ def test_aux_routers_forced_to_the_true_selections_reproduce_expert_choice(varia
     model = routed_model(variant)
     batch = batch_of(1)
     expert_choice = logits_of(model, batch)
-    ar.set_routing_mode(model, ar.ORACLE)  # the causal dispatch path, decisions = expert choice's selections
-    np.testing.assert_allclose(logits_of(model, batch), expert_choice, atol=2e-5)
+    # the causal dispatch path, decisions = expert choice's selections
+    np.testing.assert_allclose(logits_of(model, batch, ORACLE), expert_choice, atol=2e-5)
 
 
 def test_causal_moe_decodes_token_by_token_like_its_full_forward():
@@ -149,14 +159,14 @@ def test_causal_moe_decodes_token_by_token_like_its_full_forward():
     from lm_core.kv_cache import init_cache
 
     model = routed_model("moe_4t4i")
-    ar.set_routing_mode(model, ar.CAUSAL)
     batch = batch_of(3, batch=2, seq=12)
-    full = logits_of(model, batch)
+    full = logits_of(model, batch, CAUSAL)
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def step(state, tokens, positions, segment_ids, cache):
-        out = nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+        out = nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+                                         routing=CAUSAL)
         return out.logits, out.cache
 
     cache = init_cache(model.config, 2, 16)
@@ -173,16 +183,15 @@ def test_causal_routing_expert_parallel_equals_single_device():
     from lm_core.sharding import MeshConfig, make_mesh
 
     model = routed_model("mod_moe_4t4i")
-    ar.set_routing_mode(model, ar.CAUSAL)
     batch = batch_of(2, batch=8)
-    expected = logits_of(model, batch)
+    expected = logits_of(model, batch, CAUSAL)
     mesh = make_mesh(MeshConfig(2, 1, 1, 4), jax.devices()[:8])
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     shardings = ts.param_shardings(mesh, params)
 
     def forward(params, batch):
         return nnx.merge(graphdef, params, rest)(batch["inputs"], positions=batch["positions"],
-                                                 segment_ids=batch["segment_ids"]).logits
+                                                 segment_ids=batch["segment_ids"], routing=CAUSAL).logits
 
     with jax.set_mesh(mesh):
         params = jax.device_put(params, shardings)
@@ -195,17 +204,19 @@ def test_causal_capacity_bounds_slots_first_come():
     model = routed_model("moe_4t4i", num_layers=1)
     group = model.blocks[0].ffn.groups["text"]
     x = jax.random.normal(jax.random.key(0), (1, 16, 64))  # one routing group
-    group.aux_router.w2[...] = jnp.full_like(group.aux_router.w2[...], 0.0).at[:, 0].set(1.0)
-    group.aux_router.w1[...] = jnp.zeros_like(group.aux_router.w1[...]).at[0, :].set(1.0)  # logit ∝ silu(x0)
+    aux = group.router.aux_router
+    aux.w2[...] = jnp.full_like(aux.w2[...], 0.0).at[:, 0].set(1.0)
+    aux.w1[...] = jnp.zeros_like(aux.w1[...]).at[0, :].set(1.0)  # logit ∝ silu(x0)
     eligible = jnp.ones((1, 16), bool)
-    ar.set_routing_mode(model, ar.CAUSAL, causal_capacity=0.25)  # 4 slots per expert
-    routing = jax.tree.map(lambda a: a[0], group.route(x, eligible))
+    quarter = rt.routing_mode(rt.CAUSAL, causal_capacity=0.25)  # 4 slots per expert
+    routing = jax.tree.map(lambda a: a[0], group.router(x, eligible, quarter))
     x = x[0]
     wanted = np.flatnonzero(np.asarray(jax.nn.silu(x[:, 0])) > 0)
     kept = np.asarray(routing.token_index[0])[np.asarray(routing.valid[0])]
     np.testing.assert_array_equal(kept, wanted[:4])  # expert 0 keeps the earliest four that chose it
     assert float(routing.budget) == len(wanted) and not routing.valid[1:].any()  # logit 0 elsewhere: not > 0.5
-    np.testing.assert_allclose(routing.gate[0, :4], jax.nn.sigmoid(x @ group.router[...])[wanted[:4], 0], rtol=1e-6)
+    scores = jax.nn.sigmoid(x @ group.router.weight[...])
+    np.testing.assert_allclose(routing.gate[0, :4], scores[wanted[:4], 0], rtol=1e-6)
 
 
 def test_bce_training_learns_the_selections_and_leaves_the_main_model_alone():
@@ -243,11 +254,13 @@ def test_errors():
             ar.check_routable(model, variant)
     model = build_moma_model(config, parse_variant("moe_2t2i", image_token_range=IMAGE_RANGE), rngs=nnx.Rngs(0))
     with pytest.raises(UserError, match="needs auxiliary routers"):
-        ar.set_routing_mode(model, ar.CAUSAL)
+        ar.causal_mode(model)
+    with pytest.raises(UserError, match="causal routing needs auxiliary routers"):  # the model call says it too
+        logits_of(model, batch_of(0), CAUSAL)
     with pytest.raises(UserError, match="routing mode 'greedy' is unknown"):
-        ar.set_routing_mode(model, "greedy")
+        rt.routing_mode("greedy")
     with pytest.raises(UserError, match="causal_capacity=0"):
-        ar.set_routing_mode(model, ar.EXPERT_CHOICE, causal_capacity=0)
+        rt.routing_mode(rt.EXPERT_CHOICE, causal_capacity=0)
 
 
 # --- the entrypoint: experiments.moma.train_aux_routers -------------------------------------------------------------
@@ -329,7 +342,6 @@ def test_stacked_layers_get_stacked_aux_routers_and_route_like_unrolled(variant)
     routers = nnx.state(scanned, ar.AUX_ROUTER_PARAMS)
     assert all(leaf.shape[0] == 4 // period for leaf in jax.tree.leaves(routers))
     batch = batch_of(2)
-    for mode in (ar.EXPERT_CHOICE, ar.CAUSAL, ar.ORACLE):
-        ar.set_routing_mode(unrolled, mode)
-        ar.set_routing_mode(scanned, mode)
-        np.testing.assert_allclose(logits_of(scanned, batch), logits_of(unrolled, batch), atol=2e-5, err_msg=mode)
+    for mode in (rt.RoutingMode(), CAUSAL, ORACLE):
+        np.testing.assert_allclose(logits_of(scanned, batch, mode), logits_of(unrolled, batch, mode), atol=2e-5,
+                                   err_msg=mode.name)

@@ -14,8 +14,9 @@ from lm_core.errors import UserError
 from lm_core.layers import TokenContext
 from lm_core.model import Block, LayerInputs
 from lm_core.sharding import MeshConfig, make_mesh
-from moma.depths import MoDBlock, build_moma_model, select_tokens, selected_context
-from moma.experts import ExpertGroup, moma_ffn_factory, with_router_noise
+from moma.depths import MoDBlock, build_moma_model, row_selection, selected_context
+from moma.experts import moma_ffn_factory
+from moma.routing import Router, group_route
 from moma.upcycle import check_upcycle, upcycle_model
 from moma.variants import parse_variant
 from tests.helpers import random_batch, tiny_config
@@ -28,7 +29,7 @@ def mod_block() -> MoDBlock:
     config = tiny_config()
     block = MoDBlock(Block(config, 0, moma_ffn_factory(parse_variant("dense")), rngs=nnx.Rngs(0)), config, 0.25,
                      rngs=nnx.Rngs(1))
-    block.router[...] = jnp.zeros((64, 1)).at[0, 0].set(10.0)
+    block.router.weight[...] = jnp.zeros((64, 1)).at[0, 0].set(10.0)
     return block
 
 
@@ -69,7 +70,7 @@ def test_select_tokens_by_hand():
     scores = jnp.asarray(sigmoid10(np.concatenate([ROUTER_X0, ROUTER_X0[:1]])), jnp.float32)
     real = jnp.array([[True] * 8, [True] * 3 + [False] * 5, [False] * 8])  # row 1: 3 real tokens; row 2: padding
     scores = scores.at[1, 3:].set(1.0)  # padding's scores are the best, and still never picked
-    selection = select_tokens(scores, real, 0.25)
+    selection = row_selection(group_route(scores[..., None], real, 0.25), in_token_order=True)  # rows as groups
     np.testing.assert_array_equal(selection.index[:2], [[2, 7], [1, 2]])  # row 1: 1 (best real), then 2 (next)
     np.testing.assert_array_equal(selection.valid, [[True, True], [True, False], [False, False]])  # ceil(0.75) = 1
     np.testing.assert_allclose(selection.weight[:2], [sigmoid10([0.5, 0.4]), [sigmoid10(0.05), 0.0]], rtol=1e-6)
@@ -171,7 +172,7 @@ def test_upcycled_experts_are_copies_of_the_modality_ffn(scan):
                     one = getattr(ffn, name)[...][0]
                     np.testing.assert_array_equal(getattr(experts, name)[...][e], one / 4 if name == "down" else one)
             # every router column is the 1t1i gate's
-            np.testing.assert_array_equal(experts.router[...], np.repeat(ffn.router[...], 4, axis=1))
+            np.testing.assert_array_equal(experts.router.weight[...], np.repeat(ffn.router.weight[...], 4, axis=1))
     np.testing.assert_array_equal(upcycled.embedding.table[...], source.embedding.table[...])
     np.testing.assert_array_equal(upcycled.block(0).attention.query_proj[...],
                                   source.block(0).attention.query_proj[...])
@@ -202,7 +203,7 @@ def test_upcycled_model_is_the_1t1i_seed_when_every_expert_keeps_every_token(var
     source_moma = parse_variant(f"{variant}_1t1i", image_token_range=IMAGE_RANGE)
     # moma.upcycle's condition: capacity_factor = |group| (and unbounded slots), so each expert keeps every token
     target_moma = parse_variant(f"{variant}_4t4i", image_token_range=IMAGE_RANGE, capacity_factor=4.0,
-                                router_noise=True)  # noise only inside noisy_routing (training), not here
+                                router_noise=True)  # noise only with a training rng, not here
     source = build_moma_model(config, source_moma, rngs=nnx.Rngs(0))
     upcycled = upcycle_model(source, source_moma, target_moma, rngs=nnx.Rngs(1))
     batch = random_batch(0, batch=2, seq=16, packed=True)  # ~1/4 image codes (ids 96..127), two documents a row
@@ -214,9 +215,9 @@ def test_upcycled_model_is_the_1t1i_seed_when_every_expert_keeps_every_token(var
     np.testing.assert_allclose(logits(upcycled), logits(source), rtol=1e-5, atol=1e-5)
 
     # without the 1t1i gate (gate 1, as 1t1i had before) the same upcycling is not the seed
-    gated = ExpertGroup.scores
-    monkeypatch.setattr(ExpertGroup, "scores", lambda group, x: jnp.ones((*x.shape[:-1], 1), jnp.float32)
-                        if group.num_experts == 1 else gated(group, x))
+    gated = Router.scores
+    monkeypatch.setattr(Router, "scores", lambda router, x, rng=None: jnp.ones((*x.shape[:-1], 1), jnp.float32)
+                        if not router.aux_router_outputs else gated(router, x, rng))
     assert not np.allclose(logits(upcycled), logits(source), rtol=1e-3, atol=1e-3)
 
 
@@ -249,7 +250,7 @@ def test_mod_moma_model_trains():
     optimizer = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0, learning_rate=1e-2))
     graphdef, state, shardings = ts.init_train_state(
         lambda: build_moma_model(config, moma, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
-    loss_fn = with_router_noise(functools.partial(loss.next_token_loss, z_loss_weight=1e-5))
+    loss_fn = functools.partial(loss.next_token_loss, z_loss_weight=1e-5)  # lends the step's rng: router noise
     step = ts.make_train_step(graphdef, loss_fn, optimizer, mesh, shardings)
     batch = padded_batch(0, batch=4)
     losses = []

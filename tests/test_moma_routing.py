@@ -9,14 +9,9 @@ from flax import nnx
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
 from lm_core.layers import TokenContext
-from moma.experts import (
-    ExpertGroup,
-    ModalityAwareMoE,
-    expert_choice_route,
-    noisy_routing,
-    with_router_noise,
-)
+from moma.experts import ExpertGroup, ModalityAwareMoE
 from moma.flops import compute_matched_mod_layers, executed_expert_overhead, ffn_layer_flops
+from moma.routing import Router, expert_choice_route
 from moma.variants import check_fits_mesh, check_fits_model, image_token_mask, parse_variant
 from tests.helpers import tiny_config
 
@@ -58,8 +53,8 @@ def test_expert_choice_route_by_hand():
 def reference_group(group: ExpertGroup, x, eligible):
     """Slow and obvious: loop over experts, rank eligible tokens by sigmoid score, add gate * FFN_j(x)."""
     x, eligible = np.asarray(x), np.asarray(eligible)
-    scores = np.asarray(jax.nn.sigmoid(x @ np.asarray(group.router[...])))
-    budget = int(np.ceil(group.capacity_factor * eligible.sum() / group.num_experts))
+    scores = np.asarray(jax.nn.sigmoid(x @ np.asarray(group.router.weight[...])))
+    budget = int(np.ceil(group.router.capacity * eligible.sum() / group.num_experts))
     out = np.zeros(x.shape, np.float32)
     for e in range(group.num_experts):
         for t in [t for t in np.argsort(-scores[:, e], kind="stable") if eligible[t]][:budget]:
@@ -76,7 +71,7 @@ def test_gather_scatter_group_equals_reference_loop(capacity_factor):
     fast, routing = group(x[None], eligible[None])  # one routing group
     np.testing.assert_allclose(fast[0], reference_group(group, x, eligible), atol=1e-5)
     # the gates are the sigmoid scores of the chosen tokens, and only eligible tokens are chosen
-    scores = jax.nn.sigmoid(x @ group.router[...])
+    scores = jax.nn.sigmoid(x @ group.router.weight[...])
     chosen_scores = jnp.take_along_axis(scores.T, routing.token_index[0], axis=1)
     np.testing.assert_allclose(routing.gate[0], jnp.where(routing.valid[0], chosen_scores, 0.0), rtol=1e-6)
     assert bool(jnp.all(eligible[routing.token_index] | ~routing.valid))
@@ -126,7 +121,7 @@ def test_one_expert_per_modality_is_a_gated_modality_specific_ffn():
     y, aux = moe(x, context_for(TOKENS, SEGMENTS))
     for (row, col), name in [((0, 0), "text"), ((0, 1), "image"), ((1, 3), "text"), ((1, 4), "image")]:
         ffn = moe.groups[name]
-        gate = jax.nn.sigmoid(x[row, col] @ ffn.router[...][:, 0])  # Eq. 1's gate, one router column
+        gate = jax.nn.sigmoid(x[row, col] @ ffn.router.weight[...][:, 0])  # Eq. 1's gate, one router column
         np.testing.assert_allclose(y[row, col], gate * swiglu(x[row, col], ffn.gate[...][0], ffn.up[...][0],
                                                               ffn.down[...][0]), atol=1e-5)
     np.testing.assert_allclose(y[:, 5], 0.0)
@@ -153,22 +148,65 @@ def test_mixed_group_routes_both_modalities_but_not_padding():
     assert "text_image_routed_fraction" not in aux  # only a mixed group splits its share by modality
 
 
-def test_router_noise_only_inside_noisy_routing():
+def test_router_noise_comes_with_the_calls_rng():
     moma = parse_variant("moe_2t2i", image_token_range=IMAGE_RANGE, router_noise=True)
     moe = ModalityAwareMoE(tiny_config(), moma, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(6), (12, 64))
-    group = moe.groups["text"]
-    clean = group.scores(x)
-    np.testing.assert_allclose(clean, jax.nn.sigmoid(x @ group.router[...]), rtol=1e-6)
-    with noisy_routing(moe, jax.random.key(0)):
-        noisy = group.scores(x)
-        assert moe.groups["image"].noise_key is not None
-    assert not np.allclose(noisy, clean) and group.noise_key is None
-    np.testing.assert_allclose(group.scores(x), clean)  # noise-free again outside the `with`
+    router = moe.groups["text"].router
+    clean = router.scores(x)
+    np.testing.assert_allclose(clean, jax.nn.sigmoid(x @ router.weight[...]), rtol=1e-6)
+    # Gumbel-sigmoid: one standard logistic draw added to the logits
+    noise = jax.random.logistic(jax.random.key(0), (12, 2))
+    np.testing.assert_allclose(router.scores(x, jax.random.key(0)), jax.nn.sigmoid(x @ router.weight[...] + noise),
+                               rtol=1e-5)
+    quiet = ModalityAwareMoE(tiny_config(), parse_variant("moe_2t2i", image_token_range=IMAGE_RANGE),
+                             rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(quiet.groups["text"].router.scores(x, jax.random.key(0)), clean)  # noise off
 
-    seen = []
-    with_router_noise(lambda model, batch, rng: seen.append(group.noise_key is not None))(moe, {}, jax.random.key(1))
-    assert seen == [True] and group.noise_key is None
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_calls_rng_gives_every_layer_and_group_its_own_noise(scan):
+    from moma.depths import build_moma_model
+    from tests.helpers import random_batch
+
+    moma = parse_variant("moe_2t2i", image_token_range=IMAGE_RANGE, router_noise=True)
+    model = build_moma_model(tiny_config(num_layers=2, scan_layers=scan), moma, rngs=nnx.Rngs(0))
+    batch = {k: jnp.asarray(v) for k, v in random_batch(0, batch=2, seq=16, packed=True).items()}
+    seen, scores = [], Router.scores
+
+    def record(router, x, rng=None):
+        seen.append(rng)
+        return scores(router, x, rng)
+
+    def logits(rng):
+        return np.asarray(model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                                rng=rng).logits)
+
+    clean, noisy = logits(None), logits(jax.random.key(0))
+    assert not np.allclose(clean, noisy) and not np.allclose(noisy, logits(jax.random.key(1)))
+    np.testing.assert_array_equal(noisy, logits(jax.random.key(0)))
+    if not scan:  # one key per (layer, group), all different: no two routers draw the same noise
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Router, "scores", record)
+            logits(jax.random.key(0))
+        keys = {tuple(np.asarray(jax.random.key_data(key)).tolist()) for key in seen}
+        assert len(seen) == 4 and len(keys) == 4
+
+
+def test_scanned_and_unrolled_models_draw_the_same_router_noise():
+    from lm_core.stacked import stacked_layout
+    from moma.depths import build_moma_model
+    from tests.helpers import random_batch
+
+    moma = parse_variant("mod_moe_2t2i", image_token_range=IMAGE_RANGE, router_noise=True)
+    unrolled = build_moma_model(tiny_config(num_layers=4), moma, rngs=nnx.Rngs(0))
+    structure = nnx.eval_shape(lambda: build_moma_model(tiny_config(num_layers=4, scan_layers=True), moma,
+                                                        rngs=nnx.Rngs(0)))
+    scanned = nnx.merge(nnx.graphdef(structure), stacked_layout(nnx.state(unrolled), len(structure.stacked_blocks)))
+    batch = {k: jnp.asarray(v) for k, v in random_batch(1, batch=2, seq=16, packed=True).items()}
+    out = [np.asarray(m(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                        rng=jax.random.key(3)).logits) for m in (unrolled, scanned)]
+    np.testing.assert_allclose(out[1], out[0], atol=2e-5)
 
 
 def test_variants_and_errors():
@@ -251,8 +289,8 @@ def test_mod_layers_keep_unbounded_expert_slots():
                          max_image_fraction=0.5)
     model = build_moma_model(tiny_config(), moma, rngs=nnx.Rngs(0))
     mod_groups, plain_groups = model.blocks[0].block.ffn.groups, model.blocks[1].ffn.groups
-    assert (mod_groups["text"].max_fraction, mod_groups["image"].max_fraction) == (1.0, 1.0)
-    assert (plain_groups["text"].max_fraction, plain_groups["image"].max_fraction) == (0.3, 0.5)
+    assert (mod_groups["text"].router.max_fraction, mod_groups["image"].router.max_fraction) == (1.0, 1.0)
+    assert (plain_groups["text"].router.max_fraction, plain_groups["image"].router.max_fraction) == (0.3, 0.5)
 
 
 def test_routing_statistics_are_logged_as_layer_means():

@@ -265,7 +265,7 @@ def test_block_period_and_scanned_mod_moma_equals_unrolled():
         for name in theirs:
             np.testing.assert_allclose(mine[name], theirs[name], atol=ATOL, err_msg=name)
     assert_trees_close(unrolled_layout(grads_s), grads_u)
-    assert np.abs(flat(grads_u)["['blocks'][2]['router'].value"]).sum() > 0  # the second MoD layer's router
+    assert np.abs(flat(grads_u)["['blocks'][2]['router']['weight'].value"]).sum() > 0  # the second MoD layer's router
 
 
 # --- 6. decoding ---------------------------------------------------------------------------------------------------

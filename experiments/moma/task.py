@@ -37,7 +37,6 @@ from lm_core.train_step import TrainState
 from lm_core.trained_runs import load_trained_model, run_state
 from moma import vq
 from moma.depths import build_moma_model
-from moma.experts import with_router_noise
 from moma.flops import moma_flops_per_token
 from moma.images import get_image_source
 from moma.losses import mixed_modal_loss, per_modality_eval_row, per_modality_eval_sums
@@ -312,7 +311,6 @@ def moma_task(config: ConfigDict, workdir: str | Path, check_data: bool = True, 
     vocab = mixed_vocab_for(config)
     loss_fn = functools.partial(mixed_modal_loss, vocab=vocab, z_loss_weight=config.z_loss,
                                 chunk_tokens=config.loss_chunk_tokens)
-    loss_fn = with_router_noise(loss_fn) if moma.router_noise else loss_fn
     flops = training_flops_per_token(config)
 
     def initialize_upcycled(state: TrainState) -> TrainState:  # the 1t1i weights, every expert a copy
