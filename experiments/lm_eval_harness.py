@@ -36,7 +36,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from experiments.cli import run
-from kv_prediction.inference import kvp_prefill, padded_prompts
+from kv_prediction.serving import KVPPath, padded_prompts, read_prompt
 from lm_core.atomic_files import write_json_atomically
 from lm_core.checkpoint import has_checkpoints
 from lm_core.errors import UserError
@@ -141,12 +141,14 @@ def full_layout(rows: Sequence[Row], batch_size: int, cap: int) -> dict[str, np.
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def _kvp_scores(graphdef: nnx.GraphDef, params: nnx.State, prompt: tuple[Array, Array, Array],
                 continuation: tuple[Array, Array, Array], targets: Array, cache_len: int) -> tuple[Array, Array]:
-    """kv_prediction.inference's TTFT path (aux on prompt[:-1] -> predicted base cache -> base on the last prompt
+    """The TTFT path of a split `KVPPath` (aux on prompt[:-1] -> predicted base cache -> base on the last prompt
     token, whose logits score continuation token 1), then the base reads continuation[:-1] on that cache with its
-    own K,V appended, exactly as it would decode (kv_prediction.scoring does the same for unpadded windows)."""
-    first_logits, cache = kvp_prefill(graphdef, params, *prompt, cache_len)
+    own K,V appended, exactly as it would decode (kv_prediction.serving.continuation_nll does the same for
+    unpadded windows)."""
+    path = nnx.merge(graphdef, params)
+    first_logits, cache = path.read_prompt(*prompt, cache_len)
     tokens, positions, segment_ids = continuation
-    base = nnx.merge(graphdef, params).base
+    base = path.decoder
     later = base.hidden_states(tokens, positions=positions, segment_ids=segment_ids, cache=cache).hidden
     first = target_scores(first_logits[:, None], targets[:, :1])
     rest = chunked_target_scores(base, later, targets[:, 1:])
@@ -162,7 +164,7 @@ def widen_left(tokens: np.ndarray, positions: np.ndarray, segment_ids: np.ndarra
 
 
 def kvp_layout(rows: Sequence[Row], batch_size: int, cap: int, pad_id: int, filler: int) -> dict[str, Any]:
-    """Prompts left-padded (kv_prediction.inference.padded_prompts) to a bucket width; continuation inputs
+    """Prompts left-padded (kv_prediction.serving.padded_prompts) to a bucket width; continuation inputs
     (continuation[:-1]) right-padded after them with positions that go on from each row's prompt; targets
     [batch, 1 + width] = the continuation, the first scored by the last prompt token's logits. Rows past
     len(rows) read one `filler` token (the batch keeps its size) and are discarded."""
@@ -222,6 +224,7 @@ class KVPScorer(PlainScorer):
 
     def __init__(self, model: nnx.Module, tokenizer: Any):
         super().__init__(model, tokenizer)
+        self.graphdef, self.params = nnx.split(KVPPath(model))  # its serving path (kv_prediction.serving)
         self.base_graphdef, self.base_params = nnx.split(model.base)
 
     @staticmethod
@@ -237,10 +240,10 @@ class KVPScorer(PlainScorer):
 
     def first_step(self, prompts: Sequence[Sequence[int]], width: int, new_tokens: int
                    ) -> tuple[Array, Any, np.ndarray]:
-        """kv_prediction.inference.generate_kvp's prefill (the TTFT path), prompts left-padded to `width`."""
+        """The KVP path's prompt reading (kv_prediction.serving), prompts left-padded to `width`."""
         width = max(width, 2)  # the aux reads every column but the last (padded_prompts' minimum)
         tokens, positions, segment_ids = widen_left(*padded_prompts(prompts, self.pad_id), width, self.pad_id)
-        logits, cache = kvp_prefill(self.graphdef, self.params, tokens, positions, segment_ids, width + new_tokens)
+        logits, cache = read_prompt(self.graphdef, self.params, tokens, positions, segment_ids, width + new_tokens)
         return logits, cache, positions
 
     def decoder(self) -> tuple[nnx.GraphDef, nnx.State]:

@@ -10,8 +10,11 @@ docs/kv_prediction.md. Modules, one idea each:
 - `model`: `KVPModel` (B + A + P) and its training forward pass;
 - `loss`: the 3-term objective `kvp_loss(model, batch, rng)`;
 - `optim`: `freeze_base` / `make_kvp_optimizer`, optimizers that only update A and P;
-- `inference`: the TTFT path (`generate_kvp`) and its analytic FLOPs (`ttft_flops`);
+- `serving`: how each model reads a prompt (`PlainPath`, `KVPPath`: the TTFT path, `GivenKVPath`,
+  `NullCachePath`) and what every path shares: `generate`, `continuation_nll`, `first_token`;
+- `cost`: the TTFT path's analytic FLOPs (`ttft_flops`);
+- `baselines`: random token pruning and the true-K,V-from-a-position diagnostic;
 - `retrieval` / `knowledge`: the open-book recall and closed-book knowledge tasks, text sources
   `retrieval:<source>` and `knowledge:<source>` (`synthetic`: what the two share);
-- `scoring`: exact match and continuation perplexity through each model's serving path.
+- `scoring`: exact match and perplexity of what a serving path generates and scores.
 """

@@ -1,12 +1,12 @@
 """The base model with less of its prompt: a null-cache control and the paper's random token-pruning baseline.
 
-- Null cache (`generate_null_cache`, `continuation_nll_null_cache`): the base decodes from a cache whose prompt
+- Null cache (`kv_prediction.serving.NullCachePath`): the base decodes from a cache whose prompt
   slots hold zero K,V (every key scores the same, every value is empty), then its last prompt token as usual. It
   knows only that token, so whatever it still gets right needs no prompt at all: the floor any cache must beat.
 - Random token pruning (`pruned_prompts`): the base reads a random subset of each prompt's tokens (the first and
   last always kept, the order kept) as a shorter prompt. Its prefill costs about that fraction of the full one, so
   at `keep_fraction` = KVP's TTFT FLOPs / the base's it spends the same first-token budget as KVP.
-- True K,V from a position on (`generate_with_true_suffix`): a KVP model's predicted cache, except that the
+- True K,V from a position on (`true_suffix_path`): a KVP model's predicted cache, except that the
   base's own K,V fill every slot from `starts[i]` on. Not a way to serve (the base reads that part of the prompt):
   a diagnostic of WHERE the predicted cache falls short, e.g. on the asked question of a closed-book prompt.
 """
@@ -18,32 +18,10 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from kv_prediction.inference import generate_on_kv, padded_prompts
 from kv_prediction.model import KVPModel
-from kv_prediction.scoring import continuation_nll_on_kv
+from kv_prediction.serving import GivenKVPath, padded_prompts
 from lm_core.attention import LayerKV
 from lm_core.errors import UserError
-from lm_core.generation import SamplingConfig
-from lm_core.model import Transformer
-
-
-def zero_kv(config, batch: int, length: int) -> tuple[LayerKV, ...]:
-    """Pre-RoPE K,V of zeros for `length` prompt slots in every layer."""
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
-    zeros = jnp.zeros(shape, config.compute_dtype)
-    return tuple(LayerKV(zeros, zeros) for _ in range(config.num_layers))
-
-
-def generate_null_cache(base: Transformer, prompts: Sequence[Sequence[int]], config: SamplingConfig) -> np.ndarray:
-    """New tokens [batch, max_new_tokens]: the base on zero K,V for every prompt token but the last."""
-    tokens, positions, segment_ids = padded_prompts(prompts, config.pad_id)
-    kv = zero_kv(base.config, tokens.shape[0], tokens.shape[1] - 1)
-    return generate_on_kv(base, tokens, positions, segment_ids, kv, config)
-
-
-def continuation_nll_null_cache(base: Transformer, windows: np.ndarray, prompt_len: int) -> np.ndarray:
-    """[n, C] NLL of windows[:, P:] when the base's cache holds zeros for windows[:, :P-1]."""
-    return continuation_nll_on_kv(base, windows, prompt_len, zero_kv(base.config, windows.shape[0], prompt_len - 1))
 
 
 def kept_tokens(length: int, keep_fraction: float) -> int:
@@ -65,10 +43,11 @@ def pruned_prompts(prompts: Sequence[Sequence[int]], keep_fraction: float, seed:
     return pruned
 
 
-def generate_with_true_suffix(model: KVPModel, prompts: Sequence[Sequence[int]], starts: Sequence[int],
-                              config: SamplingConfig) -> np.ndarray:
-    """New tokens: the base generating from KVP's predicted cache with its own K,V from prompt token starts[i] on."""
-    tokens, positions, segment_ids = padded_prompts(prompts, config.pad_id)
+def true_suffix_path(model: KVPModel, prompts: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int = 0
+                     ) -> GivenKVPath:
+    """The base on KVP's predicted cache with its own K,V from prompt token starts[i] on, for these prompts (as
+    `padded_prompts` lays them out; serve them with `kv_prediction.serving.generate`)."""
+    tokens, positions, segment_ids = padded_prompts(prompts, pad_id)
     read = (tokens[:, :-1], positions[:, :-1], segment_ids[:, :-1])
     predicted = model.predict_kv(read[0], positions=read[1], segment_ids=read[2])
     true = model.base(read[0], positions=read[1], segment_ids=read[2], return_kv=True).kv
@@ -76,4 +55,4 @@ def generate_with_true_suffix(model: KVPModel, prompts: Sequence[Sequence[int]],
     use_true = jnp.asarray(np.arange(read[0].shape[1])[None, :] >= first_true[:, None])[:, :, None, None]
     mixed = tuple(LayerKV(jnp.where(use_true, t.keys, p.keys), jnp.where(use_true, t.values, p.values))
                   for p, t in zip(predicted, true, strict=True))
-    return generate_on_kv(model.base, tokens, positions, segment_ids, mixed, config)
+    return GivenKVPath(model.base, mixed)

@@ -8,7 +8,7 @@ approximates these models; this module has their real shapes.
 The paper's FLOPs reductions are per-token forward costs, t_B(1) / t_A(1) with t(1) = 2 x (layer weights + output
 layer): computed from the shapes below they come out at 2.36 / 3.98 / 1.34 / 1.93 / 3.60 for KVP-C-450M,
 KVP-C-270M, KVP-LP-0.75 / 0.50 / 0.25, the paper's numbers (`PAPER_REDUCTIONS`). Our TTFT FLOPs
-(`kv_prediction.inference.ttft_flops`) count a prompt's actual path instead (the aux computes no logits, the
+(`kv_prediction.cost.ttft_flops`) count a prompt's actual path instead (the aux computes no logits, the
 predictor and the base's last token are added), so they differ from this convention by a few percent.
 """
 

@@ -117,7 +117,7 @@ def test_decode_counts_only_the_embedding_rows_it_looks_up():
 
 def test_ttft_benchmark_reports_json():
     from benchmarks.ttft import ttft_base_config
-    from kv_prediction.inference import ttft_flops
+    from kv_prediction.cost import ttft_flops
     from kv_prediction.variants import resolve_spec
     from lm_core.flops import param_counts
 

@@ -1,22 +1,17 @@
-"""KV prediction: the TTFT path (aux reads the prompt, base generates) and its FLOPs accounting."""
+"""KV prediction: the serving paths (the TTFT path: aux reads the prompt, base generates) and their FLOPs."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from kv_prediction.inference import (
-    generate_kvp,
-    generate_on_kv,
-    padded_prompts,
-    predictor_flops_per_token,
-    prefill_on_kv,
-    ttft_flops,
-)
+from kv_prediction.cost import predictor_flops_per_token, ttft_flops
 from kv_prediction.model import KVPModel
+from kv_prediction.serving import GivenKVPath, KVPPath, PlainPath, first_token, generate, padded_prompts, read_prompt
+from lm_core import generation
 from lm_core.config import ModelConfig
 from lm_core.errors import UserError
-from lm_core.generation import SamplingConfig, generate, prefill
+from lm_core.generation import SamplingConfig, prefill
 from lm_core.model import Transformer
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [42], [9, 8, 7, 6]]
@@ -38,16 +33,17 @@ def true_prompt_kv(base: Transformer, tokens, positions, segment_ids):
 def test_perfect_prediction_reproduces_base_generation(base):
     tokens, positions, segment_ids = padded_prompts(PROMPTS)
     kv = true_prompt_kv(base, tokens, positions, segment_ids)
-    np.testing.assert_array_equal(generate_on_kv(base, tokens, positions, segment_ids, kv, SAMPLING),
-                                  generate(base, PROMPTS, SAMPLING))
+    expected = generation.generate(base, PROMPTS, SAMPLING)  # lm_core's own plain generation
+    np.testing.assert_array_equal(generate(GivenKVPath(base, kv), PROMPTS, SAMPLING), expected)
+    np.testing.assert_array_equal(generate(PlainPath(base), PROMPTS, SAMPLING), expected)
 
 
 def test_perfect_prediction_gives_the_base_first_token(base):
     tokens, positions, segment_ids = padded_prompts(PROMPTS)
     kv = true_prompt_kv(base, tokens, positions, segment_ids)
-    graphdef, params = nnx.split(base)
-    first_logits, cache = prefill_on_kv(graphdef, params, tuple(kv), tokens, positions, segment_ids, cache_len=12)
-    base_logits, base_cache = prefill(graphdef, params, tokens, positions, segment_ids, 12)
+    first_logits, cache = read_prompt(*nnx.split(GivenKVPath(base, kv)), tokens, positions, segment_ids,
+                                      cache_len=12)
+    base_logits, base_cache = prefill(*nnx.split(base), tokens, positions, segment_ids, 12)
     np.testing.assert_allclose(first_logits, base_logits, atol=1e-5)
     np.testing.assert_array_equal(jnp.argmax(first_logits, -1), jnp.argmax(base_logits, -1))
     assert int(cache.index) == int(base_cache.index) == tokens.shape[1]
@@ -64,12 +60,22 @@ def test_one_token_prompts_get_a_padding_column():
 
 def test_kvp_generation_rows_are_independent(base):
     model = KVPModel.layer_pruned(base, 0.5, rngs=nnx.Rngs(0))
-    together = generate_kvp(model, PROMPTS, SAMPLING)
+    together = generate(KVPPath(model), PROMPTS, SAMPLING)
     assert together.shape == (4, 5) and together.min() >= 0 and together.max() < 64
-    alone = generate_kvp(model, PROMPTS[1:2], SAMPLING)  # 5 padding columns in the batch change nothing
+    alone = generate(KVPPath(model), PROMPTS[1:2], SAMPLING)  # 5 padding columns in the batch change nothing
     np.testing.assert_array_equal(alone[0], together[1])
     with pytest.raises(UserError, match="max_seq_len=32"):
-        generate_kvp(model, [[1] * 30], SAMPLING)
+        generate(KVPPath(model), [[1] * 30], SAMPLING)
+
+
+def test_first_token_is_the_first_generated_token_on_every_path(base):
+    # the compiled function TTFT is timed on computes what generation starts with
+    model = KVPModel.layer_pruned(base, 0.5, rngs=nnx.Rngs(0))
+    prompts = np.random.default_rng(0).integers(4, 64, (3, 9)).astype(np.int32)
+    for path in (PlainPath(base), KVPPath(model)):
+        token, cache = first_token(*nnx.split(path), prompts, 9 + 5)
+        np.testing.assert_array_equal(token, generate(path, prompts.tolist(), SAMPLING)[:, 0])
+        assert int(cache.index) == 9
 
 
 def test_ttft_flops_by_hand():

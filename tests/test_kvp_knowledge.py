@@ -10,12 +10,12 @@ from flax import nnx
 from experiments.kv_prediction import claims
 from experiments.kv_prediction.evaluation import task_sources, wilson_interval
 from kv_prediction import baselines, knowledge, openelm, retrieval
-from kv_prediction.inference import first_logits_on_kv, generate_kvp, padded_prompts
 from kv_prediction.model import KVPModel
+from kv_prediction.serving import KVPPath, NullCachePath, PlainPath, generate, padded_prompts, read_prompt
 from lm_core.config import ModelConfig
 from lm_core.data import get_text_source
 from lm_core.errors import UserError
-from lm_core.generation import SamplingConfig, generate
+from lm_core.generation import SamplingConfig
 from lm_core.model import Transformer
 
 CORPUS = ["alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau",
@@ -100,12 +100,12 @@ def test_the_null_cache_knows_only_the_last_prompt_token():
     rng = np.random.default_rng(0)
     prompts = [[1, *rng.integers(4, 64, 9), 9], [1, *rng.integers(4, 64, 9), 9]]  # same length and last token
     tokens, positions, segment_ids = padded_prompts(prompts)
-    zeros = baselines.zero_kv(CONFIG, 2, tokens.shape[1] - 1)
-    null_logits, _ = first_logits_on_kv(base, zeros, tokens, positions, segment_ids, 16)
+    null_logits, cache = read_prompt(*nnx.split(NullCachePath(base)), tokens, positions, segment_ids, 16)
+    assert not np.asarray(cache.layers[0].values[:, :tokens.shape[1] - 1]).any()  # zeros in every prompt slot
     np.testing.assert_allclose(null_logits[0], null_logits[1], atol=1e-6)
     full_logits = base(tokens).logits[:, -1]
     assert not np.allclose(full_logits[0], full_logits[1], atol=1e-3)  # the prompts do differ for the base
-    generated = baselines.generate_null_cache(base, prompts, SamplingConfig(max_new_tokens=4))
+    generated = generate(NullCachePath(base), prompts, SamplingConfig(max_new_tokens=4))
     np.testing.assert_array_equal(generated[0], generated[1])
 
 
@@ -115,10 +115,10 @@ def test_true_kv_from_a_position_on_interpolates_between_kvp_and_the_base():
     rng = np.random.default_rng(1)
     prompts = [[1, *rng.integers(4, 64, 9)], [1, *rng.integers(4, 64, 5)]]  # different lengths: left padding
     sampling = SamplingConfig(max_new_tokens=4)
-    all_true = baselines.generate_with_true_suffix(kvp, prompts, [0, 0], sampling)
-    np.testing.assert_array_equal(all_true, generate(base, prompts, sampling))
-    none_true = baselines.generate_with_true_suffix(kvp, prompts, [len(p) for p in prompts], sampling)
-    np.testing.assert_array_equal(none_true, generate_kvp(kvp, prompts, sampling))
+    all_true = generate(baselines.true_suffix_path(kvp, prompts, [0, 0]), prompts, sampling)
+    np.testing.assert_array_equal(all_true, generate(PlainPath(base), prompts, sampling))
+    none_true = generate(baselines.true_suffix_path(kvp, prompts, [len(p) for p in prompts]), prompts, sampling)
+    np.testing.assert_array_equal(none_true, generate(KVPPath(kvp), prompts, sampling))
 
 
 def test_random_pruning_keeps_the_ends_the_order_and_the_fraction():

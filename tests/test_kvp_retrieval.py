@@ -2,19 +2,15 @@
 
 import re
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from kv_prediction import retrieval
 from kv_prediction.model import KVPModel
-from kv_prediction.scoring import (
-    continuation_nll,
-    continuation_nll_kvp,
-    continuation_nll_on_kv,
-    exact_match_rate,
-    greedy_answers,
-)
+from kv_prediction.scoring import exact_match_rate, greedy_answers
+from kv_prediction.serving import GivenKVPath, KVPPath, NullCachePath, PlainPath, continuation_nll
 from kv_prediction.synthetic import Example, exact_match
 from lm_core.config import ModelConfig
 from lm_core.data import get_text_source
@@ -110,17 +106,23 @@ def test_base_continuation_on_its_own_kv_is_the_plain_forward(base):
     # The perfect-predictor reference: the KVP scoring path given the base's own K,V is the base's forward pass.
     tokens = windows()
     prompt_kv = base(tokens[:, :11], return_kv=True).kv
-    np.testing.assert_allclose(continuation_nll_on_kv(base, tokens, 12, prompt_kv), continuation_nll(base, tokens, 12),
-                               rtol=1e-4, atol=1e-4)
+    on_own_kv = continuation_nll(GivenKVPath(base, prompt_kv), tokens, 12)
+    np.testing.assert_allclose(on_own_kv, continuation_nll(PlainPath(base), tokens, 12), rtol=1e-4, atol=1e-4)
+    # and the plain path's scoring (prefill + cached continuation) is the full forward pass's NLL
+    log_probs = np.asarray(jax.nn.log_softmax(base(tokens[:, :-1]).logits[:, 11:]), np.float64)
+    full = -np.take_along_axis(log_probs, tokens[:, 12:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(continuation_nll(PlainPath(base), tokens, 12), full, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(continuation_nll(NullCachePath(base), tokens, 12), full, atol=1e-3)
 
 
 def test_kvp_continuation_differs_from_the_base_only_through_the_prompt(base):
     kvp = KVPModel.layer_pruned(base, 0.5, rngs=nnx.Rngs(0))
     tokens = windows()
     predicted = kvp.predict_kv(tokens[:, :11])
-    np.testing.assert_allclose(continuation_nll_kvp(kvp, tokens, 12),
-                               continuation_nll_on_kv(base, tokens, 12, predicted), rtol=1e-4, atol=1e-4)
-    assert not np.allclose(continuation_nll_kvp(kvp, tokens, 12), continuation_nll(base, tokens, 12), atol=1e-3)
+    np.testing.assert_allclose(continuation_nll(KVPPath(kvp), tokens, 12),
+                               continuation_nll(GivenKVPath(base, predicted), tokens, 12), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(continuation_nll(KVPPath(kvp), tokens, 12), continuation_nll(PlainPath(base), tokens, 12),
+                           atol=1e-3)
 
 
 def test_greedy_answers_are_the_generated_text(base):

@@ -213,7 +213,7 @@ def hand_kvp_loglikelihood(kvp, tokenizer, context, continuation):
 
 
 def test_kvp_scores_the_continuation_with_the_base_on_the_predicted_cache(workdir, base_lm):
-    from kv_prediction.inference import generate_kvp
+    from kv_prediction.serving import KVPPath, generate
 
     kvp_lm = harness.LMCoreLM(workdir=str(workdir), kvp="lp0.50", batch_size=4)
     kvp, tokenizer = kvp_lm.loaded.scorer.model, kvp_lm.loaded.tokenizer
@@ -225,7 +225,7 @@ def test_kvp_scores_the_continuation_with_the_base_on_the_predicted_cache(workdi
         assert abs(logprob - expected) < 1e-4, (context, logprob, expected)
         assert abs(logprob - base_logprob) > 1e-3, context  # the predicted cache is not the base's own
     outputs = kvp_lm.generate_until(instances("generate_until", GENERATIONS))
-    assert outputs == expected_generations(lambda prompts, config: generate_kvp(kvp, prompts, config), tokenizer)
+    assert outputs == expected_generations(lambda prompts, config: generate(KVPPath(kvp), prompts, config), tokenizer)
 
 
 def entrypoint(*args):

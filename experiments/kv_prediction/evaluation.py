@@ -9,14 +9,16 @@ Tasks, each scored by exact match of greedy answers with a 95% interval, plus co
   new words; the answer is in the weights, reached through the prompt;
 - `recall` (`kv_prediction.retrieval`): held-out documents whose answer is only in the prompt;
 - perplexity: P prompt tokens through the serving path, C continuation tokens scored as they would be generated.
-TTFT: FLOPs from `kv_prediction.inference.ttft_flops` / `prefill_flops`, and wall time of the compiled
-first-token functions on this machine (host prompt ids -> first token on the host, warmed up, median of repeats,
-the models timed in turn so background load hits them alike).
+Every model is scored through its serving path (`kv_prediction.serving`: the same generation and continuation
+scoring for all). TTFT: FLOPs from `kv_prediction.cost.ttft_flops` / `prefill_flops`, and wall time of the compiled
+first-token function (`kv_prediction.serving.first_token`) on this machine (host prompt ids -> first token on
+the host, warmed up, median of repeats, the models timed in turn so background load hits them alike).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -28,13 +30,21 @@ from flax import nnx
 
 from experiments.kv_prediction.models import Family
 from kv_prediction import baselines, knowledge, retrieval
-from kv_prediction.inference import generate_kvp, kvp_first_token, plain_first_token, prefill_flops, ttft_flops
+from kv_prediction.cost import prefill_flops, ttft_flops
 from kv_prediction.model import KVPModel
-from kv_prediction.scoring import GenerateFn, continuation_nll, continuation_nll_kvp, greedy_answers, perplexity
+from kv_prediction.scoring import GenerateFn, greedy_answers, perplexity
+from kv_prediction.serving import (
+    KVPPath,
+    PlainPath,
+    ServingPath,
+    continuation_nll,
+    first_token,
+    generate,
+)
 from kv_prediction.synthetic import Example, exact_match
 from lm_core.errors import UserError
 from lm_core.flops import param_counts
-from lm_core.generation import SamplingConfig, generate
+from lm_core.generation import SamplingConfig
 from lm_core.model import Transformer
 
 TTFT_NEW_TOKENS = 32  # cache room for decoding after the first token, as a server would allocate
@@ -135,30 +145,15 @@ def exact_match_score(texts: Sequence[str], questions: Sequence[Example]) -> dic
 
 def task_scores(generate_fn: GenerateFn, tokenizer: Any, data: EvalData, answer_tokens: int
                 ) -> dict[str, dict[str, Any]]:
-    """{task: {exact_match, exact_match_ci95, questions}} of one serving path."""
+    """{task: {exact_match, exact_match_ci95, questions}} of one way to generate."""
     return {task: exact_match_score(greedy_answers(generate_fn, tokenizer, questions, max_new_tokens=answer_tokens),
                                     questions) for task, questions in data.tasks.items()}
 
 
-def score_plain(model: Transformer, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, Any]:
-    """A model on its own (base-only or aux-only)."""
-    return {"tasks": task_scores(lambda prompts, sampling: generate(model, prompts, sampling), tokenizer, data,
-                                 answer_tokens),
-            "perplexity": perplexity(continuation_nll(model, data.windows, data.prompt_tokens))}
-
-
-def score_kvp(model: KVPModel, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, Any]:
-    """A KVP model through its TTFT path (aux + predictor read the prompt, the base answers)."""
-    return {"tasks": task_scores(lambda prompts, sampling: generate_kvp(model, prompts, sampling), tokenizer, data,
-                                 answer_tokens),
-            "perplexity": perplexity(continuation_nll_kvp(model, data.windows, data.prompt_tokens))}
-
-
-def score_null_cache(base: Transformer, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, Any]:
-    """The base from a cache of zeros: what needs no prompt."""
-    return {"tasks": task_scores(lambda prompts, sampling: baselines.generate_null_cache(base, prompts, sampling),
-                                 tokenizer, data, answer_tokens),
-            "perplexity": perplexity(baselines.continuation_nll_null_cache(base, data.windows, data.prompt_tokens))}
+def score_path(path: ServingPath, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, Any]:
+    """Exact match on every task and continuation perplexity, both through `path`."""
+    return {"tasks": task_scores(functools.partial(generate, path), tokenizer, data, answer_tokens),
+            "perplexity": perplexity(continuation_nll(path, data.windows, data.prompt_tokens))}
 
 
 def score_true_question(model: KVPModel, tokenizer: Any, data: EvalData, answer_tokens: int) -> dict[str, Any]:
@@ -169,7 +164,8 @@ def score_true_question(model: KVPModel, tokenizer: Any, data: EvalData, answer_
     sampling = SamplingConfig(max_new_tokens=answer_tokens, pad_id=tokenizer.pad_id)
     texts = []
     for i in range(0, len(prompts), 64):
-        new = baselines.generate_with_true_suffix(model, prompts[i:i + 64], starts[i:i + 64], sampling)
+        batch = prompts[i:i + 64]
+        new = generate(baselines.true_suffix_path(model, batch, starts[i:i + 64], tokenizer.pad_id), batch, sampling)
         texts += [tokenizer.decode([int(t) for t in row]) for row in new]
     return {"tasks": {"closed_book": exact_match_score(texts, examples)}, "perplexity": None}
 
@@ -177,8 +173,8 @@ def score_true_question(model: KVPModel, tokenizer: Any, data: EvalData, answer_
 def score_pruning(base: Transformer, tokenizer: Any, data: EvalData, answer_tokens: int, keep_fraction: float
                   ) -> dict[str, Any]:
     """The base reading a random `keep_fraction` of each prompt (no perplexity: the windows are not pruned)."""
-    def generate_pruned(prompts: Sequence[Sequence[int]], sampling) -> np.ndarray:
-        return generate(base, baselines.pruned_prompts(prompts, keep_fraction), sampling)
+    def generate_pruned(prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> np.ndarray:
+        return generate(PlainPath(base), baselines.pruned_prompts(prompts, keep_fraction), sampling)
 
     return {"tasks": task_scores(generate_pruned, tokenizer, data, answer_tokens), "perplexity": None}
 
@@ -186,8 +182,8 @@ def score_pruning(base: Transformer, tokenizer: Any, data: EvalData, answer_toke
 # --- time to first token ----------------------------------------------------------------------------------------
 
 
-def _first_token_timer(first_token: Callable, module: nnx.Module, prompt: np.ndarray) -> Callable[[], float]:
-    graphdef, state = nnx.split(module)
+def _first_token_timer(path: ServingPath, prompt: np.ndarray) -> Callable[[], float]:
+    graphdef, state = nnx.split(path)
     # A plain dict of arrays: jit flattens it in C++, ~0.13 ms less dispatch per call than an nnx.State here, which
     # is a visible share of a small auxiliary's few-millisecond first token (a server would hold it this way too).
     params = state.to_pure_dict()
@@ -222,10 +218,10 @@ def measure_ttft(family: Family, prompt_len: int, batch: int, repeats: int, seed
     flops = ttft_flops(base, aux, prompt_len)
     keep_fraction = min(1.0, flops.kvp / flops.base_only)
     pruned = prompt[:, :baselines.kept_tokens(prompt_len, keep_fraction)]  # timing depends on the length only
-    seconds = median_times({"base": _first_token_timer(plain_first_token, family.base, prompt),
-                            "aux": _first_token_timer(plain_first_token, family.aux_only, prompt),
-                            "kvp": _first_token_timer(kvp_first_token, family.kvp, prompt),
-                            "pruning": _first_token_timer(plain_first_token, family.base, pruned)}, repeats)
+    seconds = median_times({"base": _first_token_timer(PlainPath(family.base), prompt),
+                            "aux": _first_token_timer(PlainPath(family.aux_only), prompt),
+                            "kvp": _first_token_timer(KVPPath(family.kvp), prompt),
+                            "pruning": _first_token_timer(PlainPath(family.base), pruned)}, repeats)
     measured = seconds["base"] / seconds["kvp"]
     return {"variant": family.aux.spec, "prompt_len": prompt_len, "batch": batch, "repeats": repeats,
             "base_ttft_s": seconds["base"], "aux_ttft_s": seconds["aux"], "kvp_ttft_s": seconds["kvp"],

@@ -14,9 +14,7 @@ from experiments.kv_prediction.evaluation import (
     fmt_flops,
     measure_ttft,
     params_of,
-    score_kvp,
-    score_null_cache,
-    score_plain,
+    score_path,
     score_pruning,
     score_true_question,
 )
@@ -24,7 +22,8 @@ from experiments.kv_prediction.models import check_base_matches, load_family
 from experiments.kv_prediction.pipeline import resolve_variants
 from experiments.kv_prediction.task import base_dir
 from experiments.plots import plt  # headless matplotlib, configured there
-from kv_prediction.inference import prefill_flops
+from kv_prediction.cost import prefill_flops
+from kv_prediction.serving import KVPPath, NullCachePath, PlainPath
 from lm_core.atomic_files import write_json_atomically
 from lm_core.trained_runs import load_trained_model
 
@@ -64,15 +63,16 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: Path) -> tuple[
         timing = measure_ttft(family, n, kvp.ttft_batch, kvp.ttft_repeats)
         base_flops, base_s = timing["base_flops"], timing["base_ttft_s"]
         if index == 0:
-            rows.append(_row("base", "base", base.config, score_plain(base, tokenizer, data, answer_tokens),
+            rows.append(_row("base", "base", base.config, score_path(PlainPath(base), tokenizer, data, answer_tokens),
                              base_flops, base_flops, base_s, base_s))
             rows.append(_row("base", "null_cache", base.config,
-                             score_null_cache(base, tokenizer, data, answer_tokens), timing["null_cache_flops"],
+                             score_path(NullCachePath(base), tokenizer, data, answer_tokens),
+                             timing["null_cache_flops"],
                              base_flops, None, base_s))
         rows.append(_row(aux.name, "aux_only", aux.config,
-                         score_plain(family.aux_only, tokenizer, data, answer_tokens),
+                         score_path(PlainPath(family.aux_only), tokenizer, data, answer_tokens),
                          prefill_flops(aux.config, n), base_flops, timing["aux_ttft_s"], base_s))
-        rows.append(_row(aux.name, "kvp", aux.config, score_kvp(family.kvp, tokenizer, data, answer_tokens),
+        rows.append(_row(aux.name, "kvp", aux.config, score_path(KVPPath(family.kvp), tokenizer, data, answer_tokens),
                          timing["kvp_flops"], base_flops, timing["kvp_ttft_s"], base_s))
         pruning = score_pruning(base, tokenizer, data, answer_tokens, timing["pruning_keep_fraction"])
         rows.append({**_row(aux.name, "pruning", base.config, pruning, timing["pruning_flops"], base_flops,

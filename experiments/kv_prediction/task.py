@@ -22,7 +22,7 @@ import ml_collections
 from flax import nnx
 
 from kv_prediction.auxiliary import build_layer_pruned
-from kv_prediction.inference import predictor_flops_per_token
+from kv_prediction.cost import predictor_flops_per_token
 from kv_prediction.loss import kvp_loss
 from kv_prediction.optim import make_kvp_optimizer
 from kv_prediction.variants import AuxSpec, build_kvp_model

@@ -47,7 +47,7 @@ def flops_rows(base, variants, prompt_len: int) -> dict[str, dict]:
     """Per variant: our TTFT-path FLOPs reduction, the paper's per-token convention, and OpenELM's / the paper's
     numbers where the variant is one of the paper's."""
     from kv_prediction import openelm
-    from kv_prediction.inference import ttft_flops
+    from kv_prediction.cost import ttft_flops
     from lm_core.flops import flops_per_token
 
     rows = {}
