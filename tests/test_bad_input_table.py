@@ -36,6 +36,8 @@ CASES = [
      "--config.sweep.nothing"),
     ("unknown kvp field", "experiments.kv_prediction.train", ["--workdir={tmp}/w", "--config.kvp.nope=2"],
      "--config.kvp.nope"),
+    ("zero KVP steps", "experiments.kv_prediction.train", ["--workdir={tmp}/w", "--config.kvp.steps=0"],
+     "kvp.steps=0 is invalid; valid: an integer >= 1"),
     ("corrupt config.json", "experiments.sample", ["--workdir={tmp}/corrupt"], "config.json is not readable JSON"),
     ("a predicted V past the f(V) cap", "experiments.vocab_scaling.predict", ["--nnv=1e15"], "past 200,000"),
     ("a binary CSV", "experiments.vocab_scaling.fit", ["--csv={tmp}/binary.csv", "--form=vocab"],

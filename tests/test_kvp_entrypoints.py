@@ -1,5 +1,6 @@
 """The KV-prediction entrypoints end to end at micro size, and their one-line errors."""
 
+import dataclasses
 import json
 import os
 import pydoc_data.topics
@@ -117,6 +118,86 @@ def test_a_kvp_run_built_on_a_base_that_trained_on_is_refused_not_reused(tmp_pat
     assert longer.returncode == 2 and len(errors) == 1, longer.stderr[-3000:]
     assert "kvp_lp0.50 holds a checkpoint of a different setup (built_on:" in errors[0]
     assert "'step 6, loss" in errors[0] and "'step 8, loss" in errors[0] and "move the stale run away" in errors[0]
+
+
+# kvp_tiny's kvp.* section as the README's measurements were made with it
+TINY_KVP = dict(variants=("lp0.50", "lp0.25", "c96x2", "c64x2"), steps=500, learning_rate=1e-3,
+                pretrain_canonical=True, lambda_base=1.0, lambda_aux=1.0, lambda_consistency=None, eval_questions=0,
+                answer_tokens=8, eval_documents=32, prompt_tokens=64, continuation_tokens=32, ttft_prompt_len=256,
+                ttft_batch=1, ttft_repeats=20, demo_only=False, base="")
+
+
+def test_the_kvp_section_is_a_kvp_config_with_the_tiny_defaults_and_the_demo_overrides():
+    from experiments.configs import kvp_tiny
+    from experiments.kv_prediction.task import KVPConfig, kvp_config_from
+
+    tiny = kvp_tiny.get_config()
+    assert dataclasses.asdict(kvp_config_from(tiny)) == dataclasses.asdict(KVPConfig()) == TINY_KVP
+    assert sorted(tiny.kvp.keys()) == sorted(TINY_KVP)  # the section holds every field and nothing else
+    demo = dict(variants=("lp0.50",), steps=30, pretrain_canonical=False, ttft_repeats=3, eval_questions=16,
+                demo_only=True, eval_documents=4)
+    assert kvp_config_from(kvp_tiny.get_config("demo")) == KVPConfig(**demo)
+    tiny.kvp.lambda_consistency = 0  # what --config.kvp.lambda_consistency=0 sets: the consistency term off
+    assert kvp_config_from(tiny).lambda_consistency == 0.0
+    assert KVPConfig(variants="c64x2").variants == ("c64x2",)  # one spec given as a string
+
+
+def test_a_kvp_config_json_of_an_earlier_version_loads_with_the_missing_fields_defaulted(tmp_path):
+    from experiments.configs import kvp_tiny
+    from experiments.kv_prediction.pipeline import load_config
+    from experiments.kv_prediction.task import CONFIG_FILE, KVPConfig, kvp_config_from
+
+    values = kvp_tiny.get_config("demo").to_dict()
+    del values["kvp"]["base"], values["kvp"]["demo_only"], values["kvp"]["ttft_batch"]  # not written back then
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(values))
+    saved = kvp_config_from(kvp_tiny.get_config("demo"))
+    assert kvp_config_from(load_config(tmp_path)) == dataclasses.replace(saved, demo_only=KVPConfig().demo_only)
+
+
+def test_an_unknown_kvp_key_is_refused_naming_it():
+    from experiments.configs import kvp_tiny
+    from experiments.kv_prediction.task import kvp_config_from
+    from lm_core.errors import UserError
+
+    config = kvp_tiny.get_config()
+    config.kvp.unlock()
+    config.kvp.setps = 3
+    with pytest.raises(UserError, match=r"^kvp has unknown field\(s\) \['setps'\]; valid: \[.*'steps'") as refused:
+        kvp_config_from(config)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("steps", 0, "kvp.steps=0 is invalid; valid: an integer >= 1"),
+    ("steps", 2.5, "kvp.steps=2.5 is invalid; valid: an integer >= 1"),
+    ("steps", True, "kvp.steps=True is invalid; valid: an integer >= 1"),
+    ("eval_questions", -1, "kvp.eval_questions=-1 is invalid; valid: an integer >= 0 (0: every fact of the table"),
+    ("answer_tokens", 0, "kvp.answer_tokens=0 is invalid; valid: an integer >= 1"),
+    ("eval_documents", 0, "kvp.eval_documents=0 is invalid; valid: an integer >= 1"),
+    ("prompt_tokens", 1, "kvp.prompt_tokens=1 is invalid; valid: an integer >= 2 (the auxiliary reads all but"),
+    ("continuation_tokens", 0, "kvp.continuation_tokens=0 is invalid; valid: an integer >= 1"),
+    ("ttft_prompt_len", 1, "kvp.ttft_prompt_len=1 is invalid; valid: an integer >= 2"),
+    ("ttft_batch", 0, "kvp.ttft_batch=0 is invalid; valid: an integer >= 1"),
+    ("ttft_repeats", -3, "kvp.ttft_repeats=-3 is invalid; valid: an integer >= 1"),
+    ("learning_rate", 0.0, "kvp.learning_rate=0.0 is invalid; valid: a finite number > 0"),
+    ("learning_rate", float("inf"), "kvp.learning_rate=inf is invalid; valid: a finite number > 0"),
+    ("lambda_base", -0.5, "kvp.lambda_base=-0.5 is invalid; valid: a finite number >= 0"),
+    ("lambda_aux", float("nan"), "kvp.lambda_aux=nan is invalid; valid: a finite number >= 0"),
+    ("lambda_consistency", -1.0, "kvp.lambda_consistency=-1.0 is invalid; valid: a finite number >= 0 (0 turns the "
+                                 "consistency loss off), or None for the paper's 1/n_base_layers"),
+    ("lambda_consistency", float("nan"), "kvp.lambda_consistency=nan is invalid"),
+    ("variants", (), "kvp.variants is empty; valid: a tuple of auxiliary specs, e.g. ('lp0.50', 'c64x2')"),
+    ("variants", ("lp0.50", 3), "kvp.variants=('lp0.50', 3) is invalid; valid: a tuple of auxiliary specs"),
+    ("pretrain_canonical", "yes", "kvp.pretrain_canonical='yes' is invalid; valid: True or False"),
+    ("base", None, "kvp.base=None is invalid"),
+])
+def test_each_bad_kvp_value_is_one_line_naming_it_and_what_is_valid(field, value, message):
+    from experiments.kv_prediction.task import KVPConfig
+    from lm_core.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        KVPConfig(**{field: value})
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
 
 
 def test_every_stage_checkpoints_at_the_configured_cadence_or_at_its_end():

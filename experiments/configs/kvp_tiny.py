@@ -24,13 +24,24 @@ paper's KVP > aux alone holds for lp0.25 only); with the base's own K,V on the a
 answers 68-70%. Perplexity aux alone / KVP 32-47 / 28.1-28.6 (base 28.3). Recall: the base stays at chance (52.5%).
 """
 
+import dataclasses
+
 import ml_collections
 
+from experiments.kv_prediction.task import KVPConfig
 from lm_core.run_config import default_config
 
 # The fact table's documents are 35% of the characters, the recall documents (two facts with up to 20 characters
 # of corpus text after each: ~30 tokens, kept whole in a row) 32%, the corpus the rest.
 TASK_SOURCE = "knowledge:share=0.35,filler_chars=40:retrieval:share=0.5,facts=2,filler_chars=20:builtin"
+
+
+def kvp_section() -> ml_collections.ConfigDict:
+    """The `kvp.*` fields: KVPConfig's, with its defaults (each field's meaning is commented there)."""
+    values = dataclasses.asdict(KVPConfig())
+    # a float placeholder, not None: a field that is None takes no --config.kvp.lambda_consistency=... override
+    values["lambda_consistency"] = ml_collections.config_dict.placeholder(float)
+    return ml_collections.ConfigDict(values)
 
 
 def get_config(variant: str = "tiny"):
@@ -45,27 +56,7 @@ def get_config(variant: str = "tiny"):
     config.log_every = 50
     config.eval_every = 500
     config.checkpoint_every = 500
-    config.kvp = ml_collections.ConfigDict(dict(
-        variants=("lp0.50", "lp0.25", "c96x2", "c64x2"),
-        steps=500,  # auxiliary + predictor training steps (and the aux-only baseline's fine-tuning steps)
-        learning_rate=1e-3,
-        pretrain_canonical=True,  # canonical auxiliaries are first trained as LMs for `steps` (as in the paper)
-        lambda_base=1.0, lambda_aux=1.0,
-        # None: the paper's default 1/n_base_layers; 0 turns the consistency term off (the paper's ablation)
-        lambda_consistency=ml_collections.config_dict.placeholder(float),
-        eval_questions=0,  # questions per task (0: every fact of the table, and 512 recall documents)
-        answer_tokens=8,  # greedy tokens generated per question
-        eval_documents=32,  # held-out validation documents for continuation perplexity
-        prompt_tokens=64,  # prompt length of the perplexity evaluation (the rest of each window is continuation)
-        continuation_tokens=32,
-        ttft_prompt_len=256,
-        ttft_batch=1,
-        ttft_repeats=20,
-        demo_only=False,  # True: the report says the run is too small to show the paper's effect
-        # "" trains the base here (DIR/base); an lm_core workdir (e.g. from experiments.import_hf) is the frozen
-        # base instead, its model and tokenizer replacing config.model and config.data's tokenizer fields
-        base="",
-    ))
+    config.kvp = kvp_section()
     if variant == "demo":
         config.steps = 100
         config.eval_every = 100

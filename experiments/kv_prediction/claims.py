@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from experiments.kv_prediction.evaluation import Z_95
+from experiments.kv_prediction.task import kvp_config_from
 
 PAPER_MIN_GAIN = 1.15  # the paper's lower end: KVP 15-50% relative above its auxiliary alone (TriviaQA)
 
@@ -144,12 +145,13 @@ def ttft_line(rows: list[dict[str, Any]]) -> str:
 
 
 def fairness_line(config: ml_collections.ConfigDict) -> str:
-    if config.kvp.get("base", ""):
-        return (f"Fair baselines: the base is the pretrained model {config.kvp.base} (kvp.base), not trained "
+    kvp = kvp_config_from(config)
+    if kvp.base:
+        return (f"Fair baselines: the base is the pretrained model {kvp.base} (kvp.base), not trained "
                 "here; every aux-only baseline trains the KVP steps on the same data from the same weights.")
-    ok = config.steps >= 3 * config.kvp.steps
+    ok = config.steps >= 3 * kvp.steps
     return (f"Fair baselines: the base trained {config.steps} LM steps before it was frozen, "
-            f"{config.steps / config.kvp.steps:.1f}x the {config.kvp.steps} KVP steps (needed: >= 3x) "
+            f"{config.steps / kvp.steps:.1f}x the {kvp.steps} KVP steps (needed: >= 3x) "
             f"{'✓' if ok else '✗ (the base is under-trained next to its baselines)'}; every aux-only baseline "
             "trains the KVP steps on the same data from the same weights.")
 
@@ -171,7 +173,7 @@ def claim_lines(rows: list[dict[str, Any]], chance: dict[str, float], config: ml
     lines += recall_lines
     lines += [true_question_line(rows), perplexity_line(rows), null_cache_line(rows, chance), ttft_line(rows),
               fairness_line(config)]
-    if config.kvp.get("demo_only", False):
+    if kvp_config_from(config).demo_only:
         lines.insert(0, "This is the demo scale: too little training for any model to learn the fact table, so it "
                         "shows that the pipeline runs, not the paper's effect; the lines below are no evidence either "
                         "way (run --scale=tiny).")

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.kv_prediction.models import Family
+from experiments.kv_prediction.task import kvp_config_from
 from kv_prediction import baselines, knowledge, retrieval
 from kv_prediction.cost import prefill_flops, ttft_flops
 from kv_prediction.model import KVPModel
@@ -107,12 +108,13 @@ def task_questions(config: ml_collections.ConfigDict, sources: TaskSources, corp
                    ) -> tuple[dict[str, list[Example]], dict[str, float]]:
     """({task: questions}, {task: chance}) for the tasks config.data.source trains on; `corpus` is the validation
     split of the text source inside the task wrappers."""
+    questions = kvp_config_from(config).eval_questions  # 0: the whole fact table, and 512 recall documents
     tasks, chance = {}, {}
     if sources.knowledge is not None:
-        tasks["closed_book"] = knowledge.knowledge_examples(sources.knowledge, config.kvp.eval_questions or None)
+        tasks["closed_book"] = knowledge.knowledge_examples(sources.knowledge, questions or None)
         chance["closed_book"] = 1 / sources.knowledge.values
     if sources.retrieval is not None:
-        tasks["recall"] = retrieval.retrieval_examples(sources.retrieval, corpus, config.kvp.eval_questions or 512)
+        tasks["recall"] = retrieval.retrieval_examples(sources.retrieval, corpus, questions or 512)
         chance["recall"] = 1 / sources.retrieval.facts
     if not tasks:
         raise UserError(f"data.source={config.data.source!r} holds no evaluation task; valid: a source wrapped in "
@@ -123,7 +125,7 @@ def task_questions(config: ml_collections.ConfigDict, sources: TaskSources, corp
 def evaluation_data(config: ml_collections.ConfigDict, tokenizer: Any) -> EvalData:
     from lm_core.data import get_text_source
 
-    kvp = config.kvp
+    kvp = kvp_config_from(config)
     sources = task_sources(config.data.source)
     corpus = get_text_source(sources.corpus, data_dir=config.data.data_dir or None).split("validation")
     tasks, chance = task_questions(config, sources, corpus)

@@ -31,6 +31,7 @@ from experiments.kv_prediction.task import (
     aux_only_dir,
     aux_only_task,
     base_dir,
+    kvp_config_from,
     kvp_dir,
     kvp_task,
     pretrain_dir,
@@ -51,13 +52,10 @@ from lm_core.trainer import train_to_end
 
 
 def resolve_variants(config: ml_collections.ConfigDict) -> list[AuxSpec]:
-    """Every kvp.variants entry resolved against the base config (UserError on the first bad one)."""
+    """Every kvp.variants entry resolved against the base config (UserError on the first bad one; an empty or
+    non-string kvp.variants is KVPConfig's to refuse)."""
+    variants = kvp_config_from(config).variants
     base = model_config_from(config)
-    variants = config.kvp.variants
-    if isinstance(variants, str):
-        variants = (variants,)
-    if not variants:
-        raise UserError("kvp.variants is empty; valid: a tuple of auxiliary specs, e.g. ('lp0.50', 'c64x2')")
     resolved = [resolve_spec(base, spec) for spec in variants]
     names = [aux.name for aux in resolved]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -100,7 +98,11 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
                         f"--config=experiments/configs/kvp_tiny.py --workdir={workdir} (or pass --config)")
     try:
         values = json.loads(path.read_text())
-        values["kvp"]["variants"] = tuple(values["kvp"]["variants"])
+        kvp = values["kvp"]
+        if not isinstance(kvp, dict):
+            raise TypeError("its kvp section is not an object")
+        if "variants" in kvp:  # JSON has lists; a config.json of an earlier version may lack any field
+            kvp["variants"] = tuple(kvp["variants"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"{path} is not a readable KV-prediction config ({error}); valid: the {CONFIG_FILE} "
                         "experiments.kv_prediction.train writes") from None
@@ -126,7 +128,7 @@ def with_pretrained_base(config: ml_collections.ConfigDict) -> ml_collections.Co
 
     A sentencepiece base's tokenizer.model is read as a pretrained tokenizer (the same ids), since a tokenizer
     trained here on config.data.source would be another one."""
-    base = config.kvp.get("base", "")
+    base = kvp_config_from(config).base
     if not base:
         return config
     path = Path(base).expanduser().absolute()
@@ -149,7 +151,7 @@ def with_pretrained_base(config: ml_collections.ConfigDict) -> ml_collections.Co
 def link_pretrained_base(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """DIR/base -> the kvp.base workdir, so every later step finds the base where it always is. Process 0 checks
     and makes it; the others take its answer (so they read the link only once it is there)."""
-    link, target = base_dir(workdir), Path(config.kvp.base)
+    link, target = base_dir(workdir), Path(kvp_config_from(config).base)
     linked = True
     if jax.process_index() == 0 and not (link.is_symlink() and link.resolve() == target.resolve()):
         linked = not (link.exists() or link.is_symlink())
@@ -165,11 +167,10 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> list[tuple[str, Pa
                                                                           TrainTask]]:
     """(name, directory, stage config, task) of every run, in training order (no base run when kvp.base is set:
     that model is the base)."""
+    kvp = kvp_config_from(config)
     base_config = model_config_from(config)
     variants = resolve_variants(config)
-    kvp = config.kvp
-    runs = [] if kvp.get("base", "") else [("base", base_dir(workdir), stage_config(config, config.steps),
-                                            TrainTask())]
+    runs = [] if kvp.base else [("base", base_dir(workdir), stage_config(config, config.steps), TrainTask())]
     pretrained = set()
     for aux in variants:
         if aux.pretrained is None and not aux.layer_pruned and kvp.pretrain_canonical:
@@ -190,12 +191,14 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> list[tuple[str, Pa
 def train_all(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     """Base, canonical pretraining, then every (KVP, aux-only) pair; finished runs are skipped."""
     workdir = workdir.absolute()
+    kvp_config_from(config)  # a bad kvp.* field is refused first, before anything is read or written
     config = with_pretrained_base(config)
     runs = plan(config, workdir)  # validates every spec before anything is trained
     for _, directory, stage, task in runs:  # and refuses another setup's checkpoints up front
         is_finished(directory, stage, task)
-    if config.kvp.get("base", ""):
-        load_trained_model(config.kvp.base)  # a base that does not load is refused before anything is written
+    base = kvp_config_from(config).base  # made absolute by with_pretrained_base
+    if base:
+        load_trained_model(base)  # a base that does not load is refused before anything is written
         link_pretrained_base(config, workdir)
     save_config(config, workdir)
     results = {}

@@ -20,7 +20,7 @@ from experiments.kv_prediction.evaluation import (
 )
 from experiments.kv_prediction.models import check_base_matches, load_family
 from experiments.kv_prediction.pipeline import resolve_variants
-from experiments.kv_prediction.task import base_dir
+from experiments.kv_prediction.task import base_dir, kvp_config_from
 from experiments.plots import plt  # headless matplotlib, configured there
 from kv_prediction.cost import prefill_flops
 from kv_prediction.serving import KVPPath, NullCachePath, PlainPath
@@ -49,7 +49,7 @@ def _row(name: str, kind: str, config, scores: dict[str, Any], flops: float, bas
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: Path) -> tuple[list[dict[str, Any]], EvalData]:
     """One row per model: the base and its null-cache control, then per auxiliary aux only, KVP and random pruning
     at KVP's TTFT FLOPs; each with its task scores, perplexity and TTFT."""
-    kvp = config.kvp
+    kvp = kvp_config_from(config)
     workdir = workdir.absolute()
     check_base_matches(config, workdir)
     variants = resolve_variants(config)
@@ -167,7 +167,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def method_lines(config: ml_collections.ConfigDict, rows: list[dict[str, Any]], data: EvalData) -> list[str]:
-    kvp, model = config.kvp, config.model
+    kvp, model = kvp_config_from(config), config.model
     counts = ", ".join(f"{len(q)} {task}" for task, q in data.tasks.items())
     return [
         "A small auxiliary model reads the prompt, a linear predictor maps its K,V to the frozen base model's "
@@ -196,7 +196,7 @@ def method_lines(config: ml_collections.ConfigDict, rows: list[dict[str, Any]], 
 
 def write_report(workdir: Path, config: ml_collections.ConfigDict, rows: list[dict[str, Any]], data: EvalData
                  ) -> Path:
-    kvp = config.kvp
+    kvp = kvp_config_from(config)
     workdir = workdir.absolute()
     claims = claim_lines(rows, data.chance, config)
     results = {"models": models_list(rows), "rows": rows, "chance": data.chance, "claims": claims}

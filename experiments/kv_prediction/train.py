@@ -20,8 +20,9 @@ monotone). Rerunning resumes; finished runs are skipped ("run k of n" shows wher
 DIR/kvp_config.json, so the next steps need only the workdir:
     python -m experiments.kv_prediction.evaluate --workdir=DIR
     python -m experiments.kv_prediction.ttft --workdir=DIR --json
-Bad input (an auxiliary not smaller than the base, a layer map of the wrong length or order, an auxiliary with
-another vocabulary, a DIR/base checkpoint of another model) ends with one `error:` line and exit code 2.
+Bad input (a kvp.* field out of range or unknown, see experiments.kv_prediction.task.KVPConfig; an auxiliary not
+smaller than the base, a layer map of the wrong length or order, an auxiliary with another vocabulary, a DIR/base
+checkpoint of another model) ends with one `error:` line and exit code 2.
 """
 
 from __future__ import annotations
