@@ -115,7 +115,9 @@ def main() -> None:
         result["profile"] = {"trace_file": str(profile.trace_file), "busy_s": profile.busy_seconds_per_call,
                              "wall_s": profile.wall_seconds_per_call, "matmul_s": matmul_s, "other_s": other_s,
                              "top_ops": [dataclasses.asdict(op) for op in profile.ops[:15]],
-                             "top_matmul": dataclasses.asdict(matmuls[0]) if matmuls else None}
+                             "top_matmul": dataclasses.asdict(matmuls[0]) if matmuls else None,
+                             # matmuls the compiled HLO names (library fusions the runtime names have no HLO line)
+                             "described_matmuls": sum("dot" in op.description for op in matmuls)}
         profile_lines = op_profile.summary_lines(profile)
     emit(result, args.json, [
         f"bench model: 4 layers, d=256, d_ff={config.d_ff}, V=4096, seq {args.seq}, batch {args.batch}, {args.dtype}",

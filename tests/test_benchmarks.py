@@ -51,7 +51,9 @@ def test_train_step_benchmark_reports_json(tmp_path):
     assert profile["matmul_s"] > 0 and profile["other_s"] > 0
     top_matmul = profile["top_matmul"]
     assert top_matmul["is_matmul"] and top_matmul["seconds_per_call"] <= seconds[0]
-    assert "dot" in top_matmul["description"]  # named after the HLO dot or its JAX dot_general
+    # the HLO describes the step's dots (which matmul tops the list varies: a library fusion the runtime names,
+    # e.g. ynn_fusion, has no HLO line to describe it)
+    assert profile["described_matmuls"] > 0
 
 
 def test_op_profile_ranks_ops_and_measures_busy_time_by_hand():
