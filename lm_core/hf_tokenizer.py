@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +29,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from lm_core import tokenizer as tok
 from lm_core.atomic_files import write_bytes_atomically
 from lm_core.errors import UserError, brief
+from lm_core.staging import replaced_directory
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = tok.MODEL_FILENAME  # "tokenizer.model"
@@ -323,23 +322,11 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _write_directory_atomically(directory: Path, files: dict[str, bytes]) -> None:
-    """Write `files` into a temporary directory next to `directory`, then rename it into place (an existing one is
-    moved aside first and removed after, so a reader never sees a half-written tokenizer)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    old = None
-    try:
+    """Write `files` into a directory that replaces `directory` whole (a reader never sees a half-written
+    tokenizer)."""
+    with replaced_directory(directory) as staging:
         for name, data in files.items():
-            (tmp / name).write_bytes(data)
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
-            os.replace(directory, old / directory.name)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            (staging / name).write_bytes(data)
 
 
 # --- export to Hugging Face -------------------------------------------------------------------------------------

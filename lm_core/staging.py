@@ -1,7 +1,8 @@
 """Directories written whole or not at all: `staged_directory(target)` yields a temporary sibling to fill and
 renames it to `target` only when the block succeeds, so an interrupted or failed writer leaves `target` absent
 (or the empty directory it was), never half written. Used by every writer of a directory of outputs (a prepared
-dataset, a Hugging Face export, an imported workdir)."""
+dataset, a Hugging Face export, an imported workdir). `replaced_directory(target)` is the same for a directory
+that may already hold an older version (a saved tokenizer): the old one is replaced only by a complete new one."""
 
 from __future__ import annotations
 
@@ -33,3 +34,25 @@ def staged_directory(target: Path) -> Iterator[Path]:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replaced_directory(target: Path) -> Iterator[Path]:
+    """A temporary sibling of `target` to fill; when the block succeeds it replaces `target` (an existing one is
+    moved aside first and deleted after, so a reader never sees a half-written directory), when it fails or is
+    interrupted `target` is untouched."""
+    target = target.absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed writer that had this process id
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

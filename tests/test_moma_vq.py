@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from experiments import plots
 from lm_core.data.image_sources import image_batches
 from lm_core.errors import UserError
 from lm_core.tokenizer import ByteTokenizer
@@ -186,7 +187,7 @@ def test_encoded_pairs_feed_the_mixed_modal_loader(trained):
 
 def test_reconstruction_grid(tmp_path):
     images = glyph_images(0, 3)
-    path = vq.write_reconstruction_grid(tmp_path / "grid.png", images, images[::-1], columns=2, scale=2)
+    path = plots.write_reconstruction_grid(tmp_path / "grid.png", images, images[::-1], columns=2, scale=2)
     with Image.open(path) as grid:
         # 2 pair-rows of (original row + reconstruction row), 2 columns, 2-pixel gaps, doubled
         assert grid.size == ((2 * (16 + 2) + 2) * 2, (4 * (16 + 2) + 2) * 2)

@@ -21,6 +21,7 @@ import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from experiments import plots
 from experiments.moma.image_tokenizer import train_tokenizer
 from lm_core import tokenizer as tok
 from lm_core.checkpoint import Checkpointer, latest_meta
@@ -215,8 +216,8 @@ def ensure_image_tokenizer(config: ConfigDict, source: ImageCaptionSource) -> vq
                                      log_every=max(1, settings.steps // 4))
     vq.save_vq(model, directory)
     (directory / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
-    shown = vq.stack_images(source.split("validation"), 16)
-    vq.write_reconstruction_grid(directory / "reconstructions.png", shown, vq.reconstruct_images(model, shown)[1])
+    shown = plots.stack_images(source.split("validation"), 16)
+    plots.write_reconstruction_grid(directory / "reconstructions.png", shown, vq.reconstruct_images(model, shown)[1])
     return model
 
 

@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
     if source.skipped:
         print(f"skipped {len(source.skipped)} unreadable image(s): {', '.join(source.skipped[:10])}")
 
+    from experiments import plots
     from moma import vq
 
     vq_dir = workdir / "vq"
@@ -75,10 +76,10 @@ def main(argv: list[str]) -> None:
         vq.save_vq(model, vq_dir)
         write_jsonl_atomically(workdir / "metrics.jsonl", history)
     validation = source.split("validation")
-    images = vq.stack_images(validation, _EVAL_IMAGES.value)
+    images = plots.stack_images(validation, _EVAL_IMAGES.value)
     result = vq.evaluate(model, images)
     shown = images[:16]
-    vq.write_reconstruction_grid(workdir / "reconstructions.png", shown, vq.reconstruct_images(model, shown)[1])
+    plots.write_reconstruction_grid(workdir / "reconstructions.png", shown, vq.reconstruct_images(model, shown)[1])
     history = history or _read_jsonl(workdir / "metrics.jsonl")
     (workdir / "REPORT.md").write_text(_report(source.name, config, result, history))
     print(f"validation ({result.num_images} images): MSE {result.mse:.4f} (PSNR {result.psnr:.1f} dB), codebook "
