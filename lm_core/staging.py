@@ -49,10 +49,22 @@ def replaced_directory(target: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-        staging.rename(target)
+        _swap_in(staging, target, old)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, target: Path, old: Path) -> None:
+    """`staging` becomes `target`; an existing `target` is moved to `old` first, put back if the rename fails
+    (never lost), and deleted once the new one is in place."""
+    moved = target.exists()
+    if moved:
         shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    try:
+        staging.rename(target)
+    except BaseException:
+        if moved:
+            old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -21,9 +21,15 @@ columns, so both own a `Router`:
 Static shapes: under expert choice each chooser has `expert_slots` slots of which the first k, in score order, are
 valid. In the causal modes a chooser may receive any number of tokens, so it gets ceil(causal_capacity ·
 max_fraction · T) slots per routing group (T = tokens of the group) filled FIRST COME in the group's flattened
-token order. With the default causal_capacity 1.0 (and a modality bound that holds) every eligible token fits and
-routing is exactly per token; below 1 tokens past a chooser's slots are dropped, and first-come filling still
-means a token's routing never depends on any token after it (a later token can only lose a slot, never take one).
+token order (its first row's tokens in order, then the next row's, ...). With the default causal_capacity 1.0 (and
+a modality bound that holds) every eligible token fits and routing is exactly per token: the price is |group| times
+the expert compute of expert choice (every expert holds slots for all its modality's tokens; a causal MoD layer's
+sub-batch has seq slots per row, the layer's full attention cost), fine at research scale. Below 1, tokens past a
+chooser's slots are dropped (expert output 0, a MoD layer skipped) and reported as `<group>_slot_overflow` (MoD:
+`mod_causal_overflow`); first-come filling still means a token's routing never depends on any token after it (a
+later token can only lose a slot, never take one). Earlier ROWS of an expert's routing group can use up its slots,
+though, so only capacity 1.0 makes rows independent there; MoD's rows are its routing groups, always independent.
+At decode time (one token per row) the question does not arise.
 """
 
 from __future__ import annotations

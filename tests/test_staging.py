@@ -1,5 +1,7 @@
 """Directories written whole or not at all (lm_core.staging) and module state files (lm_core.state_files)."""
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,6 +25,23 @@ def test_a_replaced_directory_is_the_old_one_or_the_whole_new_one(tmp_path):
         (staging / "b.txt").write_text("third")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole, nothing of the old one left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    with replaced_directory(target) as staging:
+        (staging / "a.txt").write_text("first")
+    rename = Path.rename
+
+    def failing_rename(self, destination):
+        if self.name.startswith(".out.partial"):
+            raise OSError("disk full")
+        return rename(self, destination)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="disk full"), replaced_directory(target) as staging:
+        (staging / "a.txt").write_text("second")
+    assert (target / "a.txt").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_a_staged_directory_appears_only_when_complete(tmp_path):
