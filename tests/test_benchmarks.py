@@ -138,6 +138,9 @@ def test_ttft_benchmark_reports_json():
     assert row["kvp_ttft_s"] > 0 and row["base_ttft_s"] > 0 and row["aux_ttft_s"] > 0
     assert row["measured_reduction"] == pytest.approx(row["base_ttft_s"] / row["kvp_ttft_s"], rel=1e-12)
     assert row["measured_over_flops"] == pytest.approx(row["measured_reduction"] / row["flops_reduction"], rel=1e-12)
+    aux_part_s = row["base_ttft_s"] * (row["kvp_flops"] - row["null_cache_flops"]) / row["base_flops"]
+    assert row["null_cache_ttft_s"] > 0 and row["flops_and_base_token_prediction"] == pytest.approx(
+        row["base_ttft_s"] / (aux_part_s + row["null_cache_ttft_s"]) / row["flops_reduction"], rel=1e-12)
     weight_read_s = report["base_weight_bytes"] / report["copy_bandwidth_bytes_per_s"]
     assert row["flops_and_weight_read_prediction"] == pytest.approx(
         1 / (1 + weight_read_s * row["flops_reduction"] / row["base_ttft_s"]), rel=1e-12)

@@ -36,6 +36,7 @@ from kv_prediction.model import KVPModel
 from kv_prediction.scoring import GenerateFn, greedy_answers, perplexity
 from kv_prediction.serving import (
     KVPPath,
+    NullCachePath,
     PlainPath,
     ServingPath,
     continuation_nll,
@@ -213,8 +214,8 @@ def median_times(timers: dict[str, Callable[[], float]], repeats: int, warmup: i
 
 
 def measure_ttft(family: Family, prompt_len: int, batch: int, repeats: int, seed: int = 0) -> dict[str, Any]:
-    """Measured TTFT of base-only, aux-only, KVP and random pruning at KVP's FLOPs for one auxiliary, next to their
-    TTFT FLOPs."""
+    """Measured TTFT of base-only, aux-only, KVP, random pruning at KVP's FLOPs and the null cache (KVP's base part
+    alone) for one auxiliary, next to their TTFT FLOPs."""
     base, aux = family.base.config, family.aux_only.config
     prompt = np.random.default_rng(seed).integers(4, base.vocab_size, (batch, prompt_len)).astype(np.int32)
     flops = ttft_flops(base, aux, prompt_len)
@@ -223,11 +224,14 @@ def measure_ttft(family: Family, prompt_len: int, batch: int, repeats: int, seed
     seconds = median_times({"base": _first_token_timer(PlainPath(family.base), prompt),
                             "aux": _first_token_timer(PlainPath(family.aux_only), prompt),
                             "kvp": _first_token_timer(KVPPath(family.kvp), prompt),
-                            "pruning": _first_token_timer(PlainPath(family.base), pruned)}, repeats)
+                            "pruning": _first_token_timer(PlainPath(family.base), pruned),
+                            # KVP's base part alone: a cache of N-1 slots built, then the base on the last token
+                            "null_cache": _first_token_timer(NullCachePath(family.base), prompt)}, repeats)
     measured = seconds["base"] / seconds["kvp"]
     return {"variant": family.aux.spec, "prompt_len": prompt_len, "batch": batch, "repeats": repeats,
             "base_ttft_s": seconds["base"], "aux_ttft_s": seconds["aux"], "kvp_ttft_s": seconds["kvp"],
             "pruning_ttft_s": seconds["pruning"], "pruning_keep_fraction": keep_fraction,
+            "null_cache_ttft_s": seconds["null_cache"],
             "base_flops": flops.base_only, "aux_flops": prefill_flops(aux, prompt_len), "kvp_flops": flops.kvp,
             "pruning_flops": prefill_flops(base, pruned.shape[1]), "null_cache_flops": flops.base_last_token,
             "flops_reduction": flops.reduction, "measured_reduction": measured,
