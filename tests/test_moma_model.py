@@ -66,7 +66,7 @@ def block_on(block, x_row, positions, segments):
     return np.asarray(block.block(x_row[None], LayerInputs(context)).hidden[0])
 
 
-def test_select_tokens_by_hand():
+def test_row_selection_by_hand():
     scores = jnp.asarray(sigmoid10(np.concatenate([ROUTER_X0, ROUTER_X0[:1]])), jnp.float32)
     real = jnp.array([[True] * 8, [True] * 3 + [False] * 5, [False] * 8])  # row 1: 3 real tokens; row 2: padding
     scores = scores.at[1, 3:].set(1.0)  # padding's scores are the best, and still never picked
