@@ -84,7 +84,7 @@ def main() -> None:
     for spec in args.variants.split(","):
         models = family(base, spec)
         for prompt_len in prompt_lens:
-            r = measure_ttft(models, prompt_len, args.batch, args.repeats)
+            r = measure_ttft(models, prompt_len, args.batch, args.repeats, time_null_cache=True)
             r["flops_and_weight_read_prediction"] = 1 / (1 + weight_read_s * r["flops_reduction"] / r["base_ttft_s"])
             r["flops_and_base_token_prediction"] = base_token_prediction(r)
             results.append(r)

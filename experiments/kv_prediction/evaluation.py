@@ -213,31 +213,34 @@ def median_times(timers: dict[str, Callable[[], float]], repeats: int, warmup: i
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
-def measure_ttft(family: Family, prompt_len: int, batch: int, repeats: int, seed: int = 0) -> dict[str, Any]:
-    """Measured TTFT of base-only, aux-only, KVP, random pruning at KVP's FLOPs and the null cache (KVP's base part
-    alone) for one auxiliary, next to their TTFT FLOPs."""
+def measure_ttft(family: Family, prompt_len: int, batch: int, repeats: int, seed: int = 0, *,
+                 time_null_cache: bool = False) -> dict[str, Any]:
+    """Measured TTFT of base-only, aux-only, KVP and random pruning at KVP's FLOPs for one auxiliary, next to their
+    TTFT FLOPs; with `time_null_cache` also the null cache's (`null_cache_ttft_s`: KVP's base part alone, a cache of
+    N-1 slots built and the base on the last token; benchmarks.ttft's bound)."""
     base, aux = family.base.config, family.aux_only.config
     prompt = np.random.default_rng(seed).integers(4, base.vocab_size, (batch, prompt_len)).astype(np.int32)
     flops = ttft_flops(base, aux, prompt_len)
     keep_fraction = min(1.0, flops.kvp / flops.base_only)
     pruned = prompt[:, :baselines.kept_tokens(prompt_len, keep_fraction)]  # timing depends on the length only
-    seconds = median_times({"base": _first_token_timer(PlainPath(family.base), prompt),
-                            "aux": _first_token_timer(PlainPath(family.aux_only), prompt),
-                            "kvp": _first_token_timer(KVPPath(family.kvp), prompt),
-                            "pruning": _first_token_timer(PlainPath(family.base), pruned),
-                            # KVP's base part alone: a cache of N-1 slots built, then the base on the last token
-                            "null_cache": _first_token_timer(NullCachePath(family.base), prompt)}, repeats)
+    timers = {"base": _first_token_timer(PlainPath(family.base), prompt),
+              "aux": _first_token_timer(PlainPath(family.aux_only), prompt),
+              "kvp": _first_token_timer(KVPPath(family.kvp), prompt),
+              "pruning": _first_token_timer(PlainPath(family.base), pruned)}
+    if time_null_cache:
+        timers["null_cache"] = _first_token_timer(NullCachePath(family.base), prompt)
+    seconds = median_times(timers, repeats)
     measured = seconds["base"] / seconds["kvp"]
     return {"variant": family.aux.spec, "prompt_len": prompt_len, "batch": batch, "repeats": repeats,
             "base_ttft_s": seconds["base"], "aux_ttft_s": seconds["aux"], "kvp_ttft_s": seconds["kvp"],
             "pruning_ttft_s": seconds["pruning"], "pruning_keep_fraction": keep_fraction,
-            "null_cache_ttft_s": seconds["null_cache"],
             "base_flops": flops.base_only, "aux_flops": prefill_flops(aux, prompt_len), "kvp_flops": flops.kvp,
             "pruning_flops": prefill_flops(base, pruned.shape[1]), "null_cache_flops": flops.base_last_token,
             "flops_reduction": flops.reduction, "measured_reduction": measured,
             "aux_flops_reduction": flops.base_only / prefill_flops(aux, prompt_len),
             "aux_measured_reduction": seconds["base"] / seconds["aux"],
-            "measured_over_flops": measured / flops.reduction}
+            "measured_over_flops": measured / flops.reduction,
+            **({"null_cache_ttft_s": seconds["null_cache"]} if time_null_cache else {})}
 
 
 def params_of(config) -> int:
