@@ -2,15 +2,18 @@
 
     python -m benchmarks.data [--json] [--config=experiments/configs/vocab_sweep_small.py[:variant]]
         [--source=builtin] [--tokenizer=byte|WORKDIR] [--vocab_size=V] [--seq_len=S] [--batch_size=B]
-        [--prepared=DIR] [--device=h100] [--mfu=0.4] [--batches=N] [--warmup=2] [--repeats=3]
+        [--prepared=DIR] [--compression=none|zstd|snappy] [--loader_threads=-1] [--device=h100] [--mfu=0.4]
+        [--batches=N] [--warmup=2] [--repeats=3]
 
 Three rates, in tokens/s of this process (one host packing a global batch of --batch_size rows):
 - on the fly: an `LMDataLoader` on its first pass over the source's train split, so every batch pays for the
   tokenisation of its documents (a fresh single-pass loader per measurement: its cache never helps);
 - prepared: the grain pipeline training on `tokens:DIR` reads through (`GrainPackedLoader`, data.loader=grain) over
-  the same source and tokenizer, prepared once into a temporary directory (or --prepared=DIR, written by
-  experiments.prepare_data); the preparation is timed apart (`prepare_seconds`). `prepared_stream` is the same data
-  through `PreparedTokensLoader` (data.loader=stream), for comparison;
+  the same source and tokenizer, prepared once into a temporary directory with --compression (or --prepared=DIR,
+  written by experiments.prepare_data); the preparation is timed apart (`prepare_seconds`). Its prefetch threads
+  are what training picks (`prepared_threads`; data.loader_threads=-1: none on a CPU backend, 2 elsewhere) or
+  --loader_threads; with other than 2, `prepared_threads2` times it with 2 as well, for comparison.
+  `prepared_stream` is the same data through `PreparedTokensLoader` (data.loader=stream);
 - required: what a train step of --config's model consumes on ONE --device at --mfu: peak x mfu / training FLOPs
   per token (lm_core.flops) at the config's seq_len. A sweep config's model is its smallest group (fewest
   non-vocabulary parameters) at its smallest vocabulary: the fastest-stepping model, the hardest to feed.
@@ -93,6 +96,11 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--batch_size", type=positive_int, default=None, help="rows of each batch")
     parser.add_argument("--prepared", default="", help="a prepared dataset DIR to read instead of preparing one")
     parser.add_argument("--workers", type=positive_int, default=1, help="processes preparing the dataset")
+    parser.add_argument("--loader_threads", type=int, default=-1,
+                        help="grain prefetch threads of the prepared loader (data.loader_threads; -1: as training "
+                             "picks them, 0 on a CPU backend, else 2)")
+    parser.add_argument("--compression", choices=("none", "zstd", "snappy"), default="none",
+                        help="how the prepared records are stored (experiments.prepare_data --compression)")
     parser.add_argument("--device", type=peak_device, default="h100")
     parser.add_argument("--mfu", type=unit_fraction, default=0.4)
     parser.add_argument("--batches", type=positive_int, default=None, help=f"default: ~{TARGET_SECONDS:g} s worth")
@@ -105,6 +113,8 @@ def parse_args(parser: ArgumentParser, argv: Sequence[str] | None = None) -> arg
     args = parser.parse_args(argv)
     if args.vocab_size is not None and (args.tokenizer or args.prepared):
         parser.error("--vocab_size sizes the default BPE only; valid: leave it out with --tokenizer or --prepared")
+    if args.loader_threads < -1:
+        parser.error(f"--loader_threads={args.loader_threads} is invalid; valid: an integer >= 0, or -1")
     return args
 
 
@@ -195,7 +205,7 @@ def prepared_dataset(args: argparse.Namespace, data: Data, scratch: Path, given:
     out = scratch / "prepared"
     start = time.perf_counter()
     prepare(data.source, data.tokenizer_spec, out, workers=args.workers, data_dir=data.data_dir or None,
-            source_modules=TEXT_SOURCE_MODULES)
+            source_modules=TEXT_SOURCE_MODULES, compression=args.compression)
     return open_prepared(out), time.perf_counter() - start
 
 
@@ -231,8 +241,10 @@ def measure(make_loader: Callable[[int], Iterator[Batch]], warmup: int, batches:
             "batches": min(count for _, count, _ in runs)}
 
 
-def loader_factories(data: Data, dataset: Any, seq_len: int, batch_size: int
+def loader_factories(data: Data, dataset: Any, seq_len: int, batch_size: int, threads: int
                      ) -> dict[str, Callable[[int], Iterator[Batch]]]:
+    """The loaders to time, by result key: `threads` is the prepared loader's prefetch thread count; when it is
+    not 2, `prepared_threads2` times the same loader with 2 (what an accelerator host runs) for comparison."""
     from lm_core.data import LMDataLoader, PreparedTokensLoader
     from lm_core.data.grain_pipeline import GrainPackedLoader
 
@@ -241,17 +253,20 @@ def loader_factories(data: Data, dataset: Any, seq_len: int, batch_size: int
         return LMDataLoader(data.texts, data.tokenizer, seq_len=seq_len, global_batch_size=batch_size, seed=seed,
                             repeat=False)
 
-    def prepared(seed: int) -> Iterator[Batch]:
-        # what training on tokens:DIR reads through (data.loader=grain): rows built ahead in grain's threads
-        return GrainPackedLoader(dataset.split("train"), data.tokenizer, seq_len=seq_len,
-                                 global_batch_size=batch_size, seed=seed)
+    def grain_loader(prefetch_threads: int) -> Callable[[int], Iterator[Batch]]:
+        # what training on tokens:DIR reads through (data.loader=grain)
+        return lambda seed: GrainPackedLoader(dataset.split("train"), data.tokenizer, seq_len=seq_len,
+                                              global_batch_size=batch_size, seed=seed, threads=prefetch_threads)
 
     def prepared_stream(seed: int) -> Iterator[Batch]:
         # repeats freely: it keeps only the documents of the next batches, so a second epoch costs what the first did
         return PreparedTokensLoader(dataset.split("train"), data.tokenizer, seq_len=seq_len,
                                     global_batch_size=batch_size, seed=seed)
 
-    return {"on_the_fly": on_the_fly, "prepared": prepared, "prepared_stream": prepared_stream}
+    loaders = {"on_the_fly": on_the_fly, "prepared": grain_loader(threads), "prepared_stream": prepared_stream}
+    if threads != 2:
+        loaders["prepared_threads2"] = grain_loader(2)
+    return loaders
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,6 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batches": args.batches, "warmup": args.warmup, "repeats": args.repeats,
         **required_rate(model, config.data.seq_len, args.device, args.mfu)}
     with tempfile.TemporaryDirectory(prefix="benchmarks_data_") as scratch:
+        from lm_core.data.grain_pipeline import prefetch_threads
         from lm_core.data.prepared import open_prepared
 
         given = open_prepared(args.prepared) if args.prepared else None
@@ -282,7 +298,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dataset.check_tokenizer(data.tokenizer, f"--tokenizer={data.tokenizer_name}")  # before any timing
         result.update(source=data.source, tokenizer=data.tokenizer_name, vocab_size=data.tokenizer.vocab_size,
                       prepared=args.prepared or None, documents=len(data.texts))
-        for name, make_loader in loader_factories(data, dataset, seq_len, batch_size).items():
+        result["prepared_threads"] = prefetch_threads(args.loader_threads)
+        loaders = loader_factories(data, dataset, seq_len, batch_size, result["prepared_threads"])
+        for name, make_loader in loaders.items():
             rate = measure(make_loader, args.warmup, args.batches, args.repeats)
             result[f"{name}_tokens_per_s"], result[f"{name}_batches"] = rate["tokens_per_s"], rate["batches"]
     result["prepared_vs_on_the_fly"] = result["prepared_tokens_per_s"] / result["on_the_fly_tokens_per_s"]
@@ -299,8 +317,10 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     rows = [
         ("on the fly (LMDataLoader, first pass)", result["on_the_fly_tokens_per_s"],
          f"{result['on_the_fly_batches']} batches"),
-        ("prepared (grain: GrainPackedLoader)", result["prepared_tokens_per_s"],
+        (f"prepared (grain, {result['prepared_threads']} prefetch threads)", result["prepared_tokens_per_s"],
          f"{result['prepared_batches']} batches; {prepared_how}"),
+        *([("prepared (grain, 2 prefetch threads)", result["prepared_threads2_tokens_per_s"],
+            f"{result['prepared_threads2_batches']} batches")] if "prepared_threads2_tokens_per_s" in result else []),
         ("prepared (data.loader=stream)", result["prepared_stream_tokens_per_s"],
          f"{result['prepared_stream_batches']} batches"),
         (f"required by {result['model']} per device", result["required_tokens_per_s"],

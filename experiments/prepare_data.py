@@ -1,17 +1,18 @@
 """Tokenise a text source once into a pre-tokenised dataset that training reads as `--config.data.source=tokens:DIR`.
 
     python -m experiments.prepare_data --source=files:corpus/*.txt --tokenizer=runs/lm_tiny --out=DIR
-        [--workers=4] [--docs_per_shard=10000] [--data_dir=TFDS_DIR]
+        [--workers=4] [--docs_per_shard=10000] [--compression=none|zstd|snappy] [--data_dir=TFDS_DIR]
 
 --source is any text source training takes (builtin, files:<glob>, tfds:<name>[/<config>], the papers' prefixes);
 --tokenizer is `byte`, a run's workdir (its tokenizer.model or tokenizer/), a tokenizer directory (tokenizer.json
 and/or tokenizer.model with their configs) or one tokenizer.model / tokenizer.json file. Writes DIR/manifest.json,
 DIR/tokenizer/ (a copy of the tokenizer, which runs on DIR use) and ArrayRecord shards of token ids, one record per
-document, for the train and validation splits (lm_core.data.prepared). Worker processes each tokenise a contiguous
-range of documents; the shards are the same bytes for any --workers. Everything is written into a temporary sibling
-directory renamed to DIR at the end, so an interrupted run leaves no DIR (SIGTERM and Ctrl-C also remove the
-temporary directory; after kill -9 it stays, hidden next to DIR as .DIR.partial-<pid>); an --out that exists and is
-not an empty directory is refused.
+document, for the train and validation splits (lm_core.data.prepared); records are uncompressed unless
+--compression says otherwise (zstd: ~0.55x the disk, ~2.5x the CPU per record read). Worker processes each tokenise
+a contiguous range of documents; the shards are the same bytes for any --workers. Everything is written into a
+temporary sibling directory renamed to DIR at the end, so an interrupted run leaves no DIR (SIGTERM and Ctrl-C also
+remove the temporary directory; after kill -9 it stays, hidden next to DIR as .DIR.partial-<pid>); an --out that
+exists and is not an empty directory is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _OUT = flags.DEFINE_string("out", None, "The dataset directory to write (new or 
 _WORKERS = flags.DEFINE_integer("workers", 1, "Worker processes tokenising in parallel (1 = in this process).")
 _DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 10_000, "Documents per ArrayRecord shard file (the last "
                                        "shard of a split holds the rest).")
+_COMPRESSION = flags.DEFINE_enum("compression", "none", ["none", "zstd", "snappy"], "How the records are stored: "
+                                 "none reads fastest, zstd takes about half the disk, snappy is between.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Where TFDS-backed sources are prepared/read (as config.data.data_dir; "
                                 "'' = their default).")
 
@@ -46,7 +49,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     manifest = prepare(_SOURCE.value, _TOKENIZER.value, _OUT.value, workers=_WORKERS.value,
                        docs_per_shard=_DOCS_PER_SHARD.value, data_dir=_DATA_DIR.value or None,
-                       source_modules=TEXT_SOURCE_MODULES)
+                       source_modules=TEXT_SOURCE_MODULES, compression=_COMPRESSION.value)
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {split['characters']:,} "
               f"characters in {len(split['shards'])} shards")

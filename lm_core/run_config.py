@@ -48,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
         # every host packs the whole global batch when it is needed (needed for whole_documents).
         loader="grain",
         loader_workers=0,  # grain: worker processes that build the batches (0: threads of the training process)
+        # grain: prefetch threads building the batches ahead (-1: none on a CPU backend, where the train step keeps
+        # every core busy and a thread only adds GIL handoffs (benchmarks/data.py: 2x slower on 2 cores); 2 else)
+        loader_threads=-1,
     ))
     optimizer = OptimizerConfig()
     config.optimizer = ml_collections.ConfigDict(dataclasses.asdict(optimizer))

@@ -43,27 +43,34 @@ def test_pair_counts_are_tokens_plus_bos_and_eos_minus_one_with_or_without_a_len
     assert older.lengths() is None and pair_counts(older).tolist() == expected
 
 
-def test_a_loader_that_is_not_one_or_whole_documents_under_grain_is_one_line(bpe, dataset):  # noqa: F811
+def test_loader_and_prefetch_threads_from_the_config_and_bad_values_in_one_line(bpe, dataset):  # noqa: F811
     split = open_prepared(dataset).split("train")
     data = ml_collections.ConfigDict(dict(seq_len=16, global_batch_size=2, loader="grain", whole_documents=False))
     options = dict(seed=0, process_index=0, process_count=1)
     assert isinstance(training_stream(split, bpe[0], data, **options), GrainPackedLoader)
+    assert training_stream(split, bpe[0], data, **options)._threads == 0  # no loader_threads: none on a CPU backend
+    data.loader_threads = 1
+    assert training_stream(split, bpe[0], data, **options)._threads == 1
     data.loader = "stream"
     assert type(training_stream(split, bpe[0], data, **options)) is PreparedTokensLoader
     for changes, fragment in [(dict(loader="tf.data"), "data.loader='tf.data' is not a loader; valid: grain, stream"),
-                              (dict(loader="grain", whole_documents=True), "valid: data.loader=stream")]:
+                              (dict(loader="grain", loader_threads=-2),
+                               "data.loader_threads=-2 is invalid; valid: an integer >= 0"),
+                              (dict(loader_threads=-1, loader="grain", whole_documents=True),
+                               "valid: data.loader=stream")]:
         data.update(changes)
         with pytest.raises(UserError, match=re.escape(fragment)):
             training_stream(split, bpe[0], data, **options)
 
 
-@pytest.mark.parametrize("process_count", [1, 2])
-def test_batches_and_positions_equal_the_prepared_loaders_over_several_epochs(bpe, dataset, process_count):  # noqa: F811
+@pytest.mark.parametrize(("process_count", "threads"), [(1, 2), (2, 2), (1, 0)])
+def test_batches_and_positions_equal_the_prepared_loaders_over_several_epochs(bpe, dataset, process_count,  # noqa: F811
+                                                                              threads):
     tokenizer, split = bpe[0], open_prepared(dataset).split("train")
     options = dict(seq_len=48, global_batch_size=4, seed=5, process_count=process_count)
     for host in range(process_count):
         reference = PreparedTokensLoader(split, tokenizer, process_index=host, **options)
-        loader = GrainPackedLoader(split, tokenizer, process_index=host, **options)
+        loader = GrainPackedLoader(split, tokenizer, process_index=host, threads=threads, **options)
         for _ in range(30):  # the corpus's 33 documents are a few batches: many epochs
             assert same(loader.next(), reference.next())
             assert loader.state() == reference.state()

@@ -81,6 +81,23 @@ def test_shards_decode_to_the_tokenizers_encoding_in_order_and_any_worker_count_
     assert [p.name for p in tmp_path.iterdir()] == ["parallel"]  # the staging directory is gone
 
 
+def test_every_compression_reads_back_the_same_documents_and_the_manifest_names_it(tmp_path, corpus, bpe, dataset):
+    plain = open_prepared(dataset)
+    assert plain.manifest["compression"] == "none"  # the default: the fastest to read
+    expected = plain.split("train").read(range(len(plain.split("train"))))
+    for compression in ("zstd", "snappy"):
+        out = tmp_path / compression
+        prepare(corpus, str(bpe[1]), out, docs_per_shard=7, compression=compression)
+        data = open_prepared(out)
+        assert data.manifest["compression"] == compression
+        documents = data.split("train").read(range(len(data.split("train"))))
+        assert [(ids.tolist(), chars) for ids, chars in documents] == [(ids.tolist(), c) for ids, c in expected]
+        assert sum(map(len, shard_bytes(out).values())) < sum(map(len, shard_bytes(dataset).values()))
+    with pytest.raises(UserError, match=r"^compression='gzip' is not one; valid: none, zstd, snappy$"):
+        prepare(corpus, str(bpe[1]), tmp_path / "gzip", compression="gzip")
+    assert not (tmp_path / "gzip").exists()
+
+
 @pytest.mark.parametrize("whole_documents", [False, True])
 def test_loader_batches_equal_the_text_loaders_and_resume_exactly(corpus, bpe, dataset, whole_documents):
     tokenizer = bpe[0]
@@ -226,6 +243,8 @@ BAD_INPUTS = [
      "workers=0 is invalid"),
     ("missing tokenizer", ["--source=files:{tmp}/corpus/*.txt", "--tokenizer={tmp}/no_run", "--out={tmp}/out"],
      "no_run' does not exist"),
+    ("bad compression", ["--source=files:{tmp}/corpus/*.txt", "--tokenizer=byte", "--out={tmp}/out",
+                         "--compression=gzip"], "gzip"),
 ]
 
 

@@ -78,14 +78,17 @@ class PairIndex:
 
     def pieces(self, position: int, length: int) -> list[Piece]:
         """The documents (and their pair ranges) of the `length` pairs from `position`, in order."""
-        cursor, pieces = self.cursor(position), []
-        while length > 0:
-            epoch, place = divmod(cursor.document, self.num_documents)
-            document = int(self.order(epoch)[0][place])
-            take = min(int(self.counts[document]) - cursor.offset, length)
-            pieces.append((document, cursor.offset, take))
-            length -= take
-            cursor = PackCursor(cursor.document + 1, 0)
+        pieces: list[Piece] = []
+        while length > 0:  # one epoch's part of the range at a time
+            epoch, within = divmod(position, self.pairs_per_epoch)
+            order, before = self.order(epoch)
+            stop = min(within + length, self.pairs_per_epoch)
+            first, last = np.searchsorted(before, [within, stop - 1], side="right") - 1  # places of its ends
+            begins = before[first:last + 1]  # [places] pairs before each document
+            offsets = np.maximum(begins, within) - begins
+            takes = np.minimum(before[first + 1:last + 2], stop) - begins - offsets
+            pieces += zip(order[first:last + 1].tolist(), offsets.tolist(), takes.tolist(), strict=True)
+            position, length = position + stop - within, length - (stop - within)
         return pieces
 
 
@@ -127,28 +130,49 @@ def pack_pieces(pieces: list[Piece], documents: list[tuple[np.ndarray, int]], ro
     ids and characters), as `PackedBatch.place` fills them piece by piece, computed per segment instead of per
     pair: a piece cut by a row end continues in the next row as its first segment, positions restart at each
     segment, and a segment's characters are its pairs' integer shares (`packing._chars_of_pairs`)."""
+    total = rows * seq_len
+    inputs, targets = piece_tokens(pieces, [ids for ids, _ in documents], bos_id=bos_id, eos_id=eos_id)
     offsets = np.array([offset for _, offset, _ in pieces], np.int64)  # [pieces]
     takes = np.array([take for _, _, take in pieces], np.int64)  # [pieces]
-    piece_starts = np.concatenate([[0], np.cumsum(takes)[:-1]])  # [pieces] first pair of each piece in the range
-    tokens = [np.concatenate(([bos_id], ids, [eos_id]))[offset:offset + take + 1]  # the piece's pairs' tokens
-              for (ids, _), offset, take in zip(documents, offsets, takes, strict=True)]
+    piece_starts = np.cumsum(takes) - takes  # [pieces] first pair of each piece in the range
     # Segments: the pieces cut at row ends. Every row starts one; each lies in one piece.
-    starts = np.union1d(piece_starts, np.arange(0, rows * seq_len, seq_len))  # [segments]
-    lengths = np.diff(np.append(starts, rows * seq_len))  # [segments]
+    starts = np.union1d(piece_starts, np.arange(0, total, seq_len))  # [segments]
+    lengths = np.diff(starts, append=total)  # [segments]
     piece = np.searchsorted(piece_starts, starts, side="right") - 1  # [segments]
-    row = starts // seq_len  # [segments]
-    first_of_row = np.searchsorted(starts, np.arange(rows) * seq_len)  # [rows] its first segment
+    first_of_row = np.searchsorted(starts, np.arange(0, total, seq_len))  # [rows] its first segment
     chars = np.array([chars for _, chars in documents], np.int64)[piece]  # [segments] of the segment's document
     num_pairs = np.array([len(ids) + 1 for ids, _ in documents], np.int64)[piece]
     begin = starts - piece_starts[piece] + offsets[piece]  # [segments] first pair inside its document
     shares = chars * (begin + lengths) // num_pairs - chars * begin // num_pairs  # [segments]
+    segment_in_row = np.arange(len(starts)) - first_of_row[starts // seq_len] + 1  # [segments] 1, 2, ... per row
     shape = (rows, seq_len)
-    return {"inputs": np.concatenate([part[:-1] for part in tokens]).astype(np.int32).reshape(shape),
-            "targets": np.concatenate([part[1:] for part in tokens]).astype(np.int32).reshape(shape),
-            "segment_ids": np.repeat(np.arange(len(starts)) - first_of_row[row] + 1, lengths).astype(np.int32)
+    return {"inputs": inputs.reshape(shape), "targets": targets.reshape(shape),
+            "segment_ids": np.repeat(segment_in_row.astype(np.int32), lengths).reshape(shape),
+            "positions": (np.arange(total, dtype=np.int32) - np.repeat(starts.astype(np.int32), lengths))
             .reshape(shape),
-            "positions": (np.arange(rows * seq_len) - np.repeat(starts, lengths)).astype(np.int32).reshape(shape),
             "loss_mask": np.ones(shape, np.float32), "chars": np.add.reduceat(shares, first_of_row)}
+
+
+def piece_tokens(pieces: list[Piece], ids: list[np.ndarray], *, bos_id: int, eos_id: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) int32 [pairs of all pieces]: piece (document, offset, take) holds pairs offset .. offset +
+    take - 1 of its document's BOS + ids + EOS sequence (m ids: m + 1 pairs), i.e. inputs at sequence positions
+    [offset, offset + take) and targets one later. Sliced from the ids directly, so each output is one
+    concatenation: an input can be BOS (offset 0) but never EOS, a target EOS (the piece ends the document) but
+    never BOS."""
+    bos, eos = np.array([bos_id], np.int32), np.array([eos_id], np.int32)
+    input_parts: list[np.ndarray] = []
+    target_parts: list[np.ndarray] = []
+    for (_, offset, take), tokens in zip(pieces, ids, strict=True):
+        stop = offset + take  # one past the last pair; <= len(tokens) + 1
+        if offset == 0:
+            input_parts.append(bos)
+        input_parts.append(tokens[max(offset - 1, 0):stop - 1])
+        target_parts.append(tokens[offset:stop])
+        if stop == len(tokens) + 1:
+            target_parts.append(eos)
+    return (np.concatenate(input_parts).astype(np.int32, copy=False),
+            np.concatenate(target_parts).astype(np.int32, copy=False))
 
 
 class GrainPackedLoader(PreparedTokensLoader):
@@ -200,6 +224,7 @@ class GrainPackedLoader(PreparedTokensLoader):
 
 
 LOADERS = ("grain", "stream")
+AUTO_THREADS = -1  # data.loader_threads: chosen by the backend (prefetch_threads)
 
 
 def training_stream(split: PreparedSplit, tokenizer: Any, data: Any, *, seed: int, process_index: int,
@@ -212,10 +237,24 @@ def training_stream(split: PreparedSplit, tokenizer: Any, data: Any, *, seed: in
                    process_index=process_index, process_count=process_count)
     if loader == "stream":
         return PreparedTokensLoader(split, tokenizer, whole_documents=whole_documents, **options)
-    workers = data.get("loader_workers", 0)
+    workers, threads = data.get("loader_workers", 0), data.get("loader_threads", AUTO_THREADS)
     if not isinstance(workers, int) or workers < 0:
         raise UserError(f"data.loader_workers={workers!r} is invalid; valid: an integer >= 0 (0: threads)")
+    if not isinstance(threads, int) or threads < AUTO_THREADS:
+        raise UserError(f"data.loader_threads={threads!r} is invalid; valid: an integer >= 0, or -1 (0 on a CPU "
+                        "backend, else 2)")
     if whole_documents:
         raise UserError("data.loader=grain cannot keep whole_documents (its rows are planned from document lengths "
                         "alone); valid: data.loader=stream with data.whole_documents=True")
-    return GrainPackedLoader(split, tokenizer, workers=workers, **options)
+    return GrainPackedLoader(split, tokenizer, workers=workers, threads=prefetch_threads(threads), **options)
+
+
+def prefetch_threads(configured: int) -> int:
+    """grain's prefetch threads for `data.loader_threads`: AUTO_THREADS means none where JAX computes on the CPU
+    (the train step already uses every core; on 2 cores a prefetch thread halves the rate, benchmarks/data.py)
+    and 2 where an accelerator leaves the host's cores free to build the next batches during a step."""
+    if configured != AUTO_THREADS:
+        return configured
+    import jax
+
+    return 0 if jax.default_backend() == "cpu" else 2

@@ -9,8 +9,8 @@ validation splits in worker processes, each writing whole shards of a contiguous
     DIR/<split>-00000-of-0000n.array_record    one record per document, in the source's order
 It is staged in a temporary sibling directory renamed to DIR at the end, so an interrupted run leaves no DIR. A
 record is the document's character count (uint64) and its token ids (little-endian `token_dtype`: uint16 when the
-vocabulary fits, else int32). Shard boundaries depend only on `docs_per_shard`, so any number of workers writes the
-same bytes.
+vocabulary fits, else int32), stored uncompressed unless `compression` asks for zstd or snappy (the manifest says
+which). Shard boundaries depend only on `docs_per_shard`, so any number of workers writes the same bytes.
 
 `PreparedTokensLoader` packs these documents exactly as `LMDataLoader` packs the text they came from: same seed,
 same batches, byte for byte, and the same saved position (the manifest records the text loader's content digest of
@@ -57,8 +57,11 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 DEFAULT_DOCS_PER_SHARD = 10_000
 _RECORD_HEADER = struct.Struct("<Q")  # the document's character count, then its token ids
-# One record per chunk: reading a document decompresses that document only (random access, as TFDS writes them).
-_WRITER_OPTIONS = "group_size:1"
+# One record per chunk: reading a document reads that document only (random access, as TFDS writes them). Chunks
+# are written uncompressed by default: token ids compress ~1.8x (zstd, BPE ids of the builtin corpus), but a
+# zstd record takes ~9 us to read where an uncompressed one takes ~3.5 us, and the input pipeline's CPU is what
+# feeds the devices (benchmarks/data.py). `prepare(compression=...)` trades that for disk.
+COMPRESSIONS = {"none": "uncompressed", "zstd": "zstd:3", "snappy": "snappy"}  # name -> ArrayRecord option
 _READER_OPTIONS = "readahead_buffer_size:0"  # no sequential read-ahead: documents are read by index
 _OPEN_READERS = 8  # shard readers a split keeps open, the least recently used closed first
 _READ_AHEAD = 128  # documents a loader reads in one call per shard, and all it holds
@@ -269,18 +272,25 @@ class PreparedSplit:
         return lengths
 
     def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
-        """(token ids [m] int32 without BOS/EOS, characters) of documents `indices`, in their order; one read call
-        per shard touched."""
+        """(token ids [m] without BOS/EOS, characters) of documents `indices`, in their order. The ids are a
+        read-only view of the record in the dataset's `token_dtype` (uint16 or int32): every packer copies them
+        into int32 rows anyway, so they are not converted twice.
+
+        Shard by shard, one read call per record: ArrayRecord's many-index `read` hands the records to a thread
+        pool, which for the tens of small records of a batch is no faster on an idle machine and ~1.7x slower
+        when other threads keep the cores busy (measured on 2 cores next to a training job)."""
         positions = np.asarray(indices, np.int64)  # [n]
         if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
             raise IndexError(f"document indices {positions.min()}..{positions.max()} of a split of {len(self)}")
         shards = np.searchsorted(self._starts, positions, side="right") - 1  # [n]
+        local = (positions - self._starts[shards]).tolist()
         documents: list[Any] = [None] * len(positions)
-        for shard in np.unique(shards):
-            where = np.flatnonzero(shards == shard)
-            local = (positions[where] - self._starts[shard]).tolist()
-            for slot, record in zip(where, self._reader(int(shard)).read(local), strict=True):
-                documents[slot] = decode_record(record, self._dtype)
+        shard, reader = -1, None
+        for slot in np.argsort(shards, kind="stable").tolist():
+            if shards[slot] != shard:
+                shard = int(shards[slot])
+                reader = self._reader(shard)
+            documents[slot] = decode_record(reader.read([local[slot]])[0], self._dtype)
         return documents
 
     def _reader(self, shard: int) -> Any:
@@ -304,8 +314,9 @@ def encode_record(ids: Sequence[int], chars: int, dtype: np.dtype | str) -> byte
 
 
 def decode_record(record: bytes, dtype: np.dtype | str) -> tuple[np.ndarray, int]:
+    """(token ids [m] as a read-only `dtype` view of `record`, characters)."""
     (chars,) = _RECORD_HEADER.unpack_from(record)
-    return np.frombuffer(record, dtype, offset=_RECORD_HEADER.size).astype(np.int32), int(chars)
+    return np.frombuffer(record, dtype, offset=_RECORD_HEADER.size), int(chars)
 
 
 class PreparedTokensLoader(PackedStream):
@@ -449,16 +460,20 @@ class _Job:
     token_dtype: str
     out: str
     shards: tuple[_Shard, ...]
+    compression: str  # a key of COMPRESSIONS
 
 
 def prepare(source: str, tokenizer: str, out: str | os.PathLike, *, workers: int = 1,
             docs_per_shard: int = DEFAULT_DOCS_PER_SHARD, data_dir: str | None = None,
-            source_modules: Sequence[str] = ()) -> dict[str, Any]:
+            source_modules: Sequence[str] = (), compression: str = "none") -> dict[str, Any]:
     """Tokenise the train and validation splits of the text source `source` with `tokenizer` (see
     `load_source_tokenizer`) into the new dataset directory `out`; returns its manifest.
 
-    Every input is checked before anything is written; `workers` > 1 spawns that many processes."""
+    Every input is checked before anything is written; `workers` > 1 spawns that many processes; `compression`
+    is how the records are stored (COMPRESSIONS; readers handle any)."""
     check_positive(workers=workers, docs_per_shard=docs_per_shard)
+    if compression not in COMPRESSIONS:
+        raise UserError(f"compression={compression!r} is not one; valid: {', '.join(COMPRESSIONS)}")
     out = Path(out).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output directory '{out}' exists and is not an empty directory; valid: a new or empty "
@@ -476,7 +491,7 @@ def prepare(source: str, tokenizer: str, out: str | os.PathLike, *, workers: int
         copied = load_tokenizer_copy(tokenizer_dir, kind)  # what the workers and every later run encode with
         dtype = "<u2" if copied.vocab_size <= 1 << 16 else "<i4"
         job = _Job(source, data_dir, tuple(source_modules), os.fspath(tokenizer_dir), kind, dtype, os.fspath(staging),
-                   tuple(plan))
+                   tuple(plan), compression)
         stats = _run_jobs(job, workers, text_source, copied)
         origin = "byte" if tokenizer == "byte" else os.fspath(Path(tokenizer).expanduser().absolute())
         manifest = _manifest(job, copied, origin, docs_per_shard, stats,
@@ -537,7 +552,8 @@ def _write_shards(job: _Job, source: TextSource, tokenizer: Any) -> list[dict[st
     counts = []
     for shard in job.shards:
         texts = source.split(shard.split)
-        writer = ArrayRecordWriter(os.fspath(Path(job.out) / shard.file), _WRITER_OPTIONS)
+        options = f"group_size:1,{COMPRESSIONS[job.compression]}"
+        writer = ArrayRecordWriter(os.fspath(Path(job.out) / shard.file), options)
         lengths, chars = [], 0
         try:
             for start in range(shard.start, shard.stop, _ENCODE_CHUNK):
@@ -577,5 +593,6 @@ def _manifest(job: _Job, tokenizer: Any, origin: str, docs_per_shard: int, count
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "kind": job.tokenizer_kind, "origin": origin,
                       "files": sorted(tokenizer_files(tokenizer))},
         "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-        "token_dtype": job.token_dtype, "docs_per_shard": docs_per_shard, "splits": splits,
+        "token_dtype": job.token_dtype, "compression": job.compression, "docs_per_shard": docs_per_shard,
+        "splits": splits,
     }
