@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -43,10 +43,11 @@ def pruned_prompts(prompts: Sequence[Sequence[int]], keep_fraction: float, seed:
     return pruned
 
 
-def true_suffix_path(model: KVPModel, prompts: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int = 0
-                     ) -> GivenKVPath:
+def true_suffix_path(model: KVPModel, prompts: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int = 0,
+                     layers: Collection[int] | None = None) -> GivenKVPath:
     """The base on KVP's predicted cache with its own K,V from prompt token starts[i] on, for these prompts (as
-    `padded_prompts` lays them out; serve them with `kv_prediction.serving.generate`)."""
+    `padded_prompts` lays them out; serve them with `kv_prediction.serving.generate`). `layers`: only these base
+    layers get their own K,V there (None: every layer), to see which layers' K,V a prediction misses."""
     tokens, positions, segment_ids = padded_prompts(prompts, pad_id)
     read = (tokens[:, :-1], positions[:, :-1], segment_ids[:, :-1])
     predicted = model.predict_kv(read[0], positions=read[1], segment_ids=read[2])
@@ -54,5 +55,5 @@ def true_suffix_path(model: KVPModel, prompts: Sequence[Sequence[int]], starts: 
     first_true = np.asarray([tokens.shape[1] - len(p) + s for p, s in zip(prompts, starts, strict=True)])  # left pad
     use_true = jnp.asarray(np.arange(read[0].shape[1])[None, :] >= first_true[:, None])[:, :, None, None]
     mixed = tuple(LayerKV(jnp.where(use_true, t.keys, p.keys), jnp.where(use_true, t.values, p.values))
-                  for p, t in zip(predicted, true, strict=True))
+                  if layers is None or i in layers else p for i, (p, t) in enumerate(zip(predicted, true, strict=True)))
     return GivenKVPath(model.base, mixed)

@@ -119,6 +119,16 @@ def test_true_kv_from_a_position_on_interpolates_between_kvp_and_the_base():
     np.testing.assert_array_equal(all_true, generate(PlainPath(base), prompts, sampling))
     none_true = generate(baselines.true_suffix_path(kvp, prompts, [len(p) for p in prompts]), prompts, sampling)
     np.testing.assert_array_equal(none_true, generate(KVPPath(kvp), prompts, sampling))
+    no_layer = generate(baselines.true_suffix_path(kvp, prompts, [0, 0], layers=()), prompts, sampling)
+    np.testing.assert_array_equal(no_layer, generate(KVPPath(kvp), prompts, sampling))
+    every_layer = baselines.true_suffix_path(kvp, prompts, [0, 0], layers=range(CONFIG.num_layers))
+    np.testing.assert_array_equal(generate(every_layer, prompts, sampling), all_true)
+    true_kv = baselines.true_suffix_path(kvp, prompts, [0, 0]).prompt_kv
+    predicted = baselines.true_suffix_path(kvp, prompts, [0, 0], layers=()).prompt_kv
+    first_only = baselines.true_suffix_path(kvp, prompts, [0, 0], layers={0}).prompt_kv
+    np.testing.assert_array_equal(first_only[0].keys, true_kv[0].keys)
+    np.testing.assert_array_equal(first_only[1].values, predicted[1].values)
+    assert not np.allclose(first_only[1].values, true_kv[1].values)  # layer 1 really kept its prediction
 
 
 def test_random_pruning_keeps_the_ends_the_order_and_the_fraction():
