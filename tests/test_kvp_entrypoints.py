@@ -120,7 +120,8 @@ def test_a_kvp_run_built_on_a_base_that_trained_on_is_refused_not_reused(tmp_pat
     assert "'step 6, loss" in errors[0] and "'step 8, loss" in errors[0] and "move the stale run away" in errors[0]
 
 
-# KVPConfig's defaults: kvp_tiny's kvp.* section as the README's measurements were made with it (but variants)
+# KVPConfig's defaults: kvp_tiny's kvp.* section as the README's measurements were made with it (but variants and
+# learning_rate)
 TINY_KVP = dict(variants=("lp0.50", "lp0.25", "c96x2", "c64x2"), steps=500, learning_rate=1e-3,
                 pretrain_canonical=True, lambda_base=1.0, lambda_aux=1.0, lambda_consistency=None, eval_questions=0,
                 answer_tokens=8, eval_documents=32, prompt_tokens=64, continuation_tokens=32, ttft_prompt_len=256,
@@ -133,12 +134,15 @@ def test_the_kvp_section_is_a_kvp_config_with_the_tiny_defaults_and_the_demo_ove
 
     tiny = kvp_tiny.get_config()
     assert dataclasses.asdict(KVPConfig()) == TINY_KVP
-    # kvp_tiny keeps every default but the auxiliaries: layer maps for its 4-layer base (the config says why)
-    assert dataclasses.asdict(kvp_config_from(tiny)) == {**TINY_KVP, "variants": kvp_tiny.TINY_VARIANTS}
+    # kvp_tiny keeps every default but the auxiliaries (layer maps for its 4-layer base) and the KVP learning rate
+    # (the base's): the config says why
+    assert dataclasses.asdict(kvp_config_from(tiny)) == {**TINY_KVP, "variants": kvp_tiny.TINY_VARIANTS,
+                                                         "learning_rate": tiny.optimizer.learning_rate}
+    assert tiny.kvp.learning_rate == 3e-3
     assert kvp_tiny.TINY_VARIANTS == ("lp0.50@0,1,1,1", "lp0.25", "c96x2@0,1,1,1", "c64x2@0,1,1,1")
     assert sorted(tiny.kvp.keys()) == sorted(TINY_KVP)  # the section holds every field and nothing else
-    demo = dict(variants=("lp0.50",), steps=30, pretrain_canonical=False, ttft_repeats=3, eval_questions=16,
-                demo_only=True, eval_documents=4)
+    demo = dict(variants=("lp0.50",), steps=30, learning_rate=3e-3, pretrain_canonical=False, ttft_repeats=3,
+                eval_questions=16, demo_only=True, eval_documents=4)
     assert kvp_config_from(kvp_tiny.get_config("demo")) == KVPConfig(**demo)
     tiny.kvp.lambda_consistency = 0  # what --config.kvp.lambda_consistency=0 sets: the consistency term off
     assert kvp_config_from(tiny).lambda_consistency == 0.0
