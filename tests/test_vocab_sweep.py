@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lm_core.data import get_text_source
 from lm_core.errors import UserError
 from tests.helpers import pydoc_corpus, run_cli, step_line_after, sweep_config_text
 from vocab_scaling.sweep import ModelGroup, chars_for_budget, isoflop_points, plan_sweep
@@ -86,6 +87,12 @@ def test_micro_sweep_end_to_end_and_a_stop_resumes_to_the_same_results(tmp_path)
     assert rows[0].startswith("name,group,N_nv,V,d,N_v,budget,seed,") and len(rows) > 6
     seeds = {(row["V"], row["seed"]) for row in csv.DictReader(rows)}
     assert ("448", "1") in seeds and ("512", "1") not in seeds  # the seeded V's repeat, the others do not
+    # epochs: the characters trained so far over the training split's
+    train = get_text_source(f"files:{corpus}/*.txt").split("train")
+    train_chars = sum(len(train[i]) for i in range(len(train)))
+    for row in csv.DictReader(rows):
+        assert float(row["epochs"]) == pytest.approx(float(row["H"]) / train_chars, rel=1e-9)
+    assert "| epochs |" in text and "- Passes over the training split (the runs table's epochs): " in text
 
     # SIGTERM in the middle of the third run: exit 143, that run is not marked finished, later runs not started;
     # the rerun resumes it and ends with the uninterrupted sweep's results

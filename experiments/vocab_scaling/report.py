@@ -218,15 +218,16 @@ def _run_lines(config: ml_collections.ConfigDict, plan: Sequence[PlannedRun], fi
              "C is the paper's convention, 6 (N_nv + V·d) · H · f(V) with the characters H actually trained; "
              "lm_core's exact analytic count (attention scores and the untied output layer included, input "
              "embedding excluded) is shown next to it.", "",
-             "| run | N_nv | V | budget C | C trained | lm_core FLOPs | steps | L_u | loss/token | bits/char |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | N_nv | V | budget C | C trained | lm_core FLOPs | steps | epochs | L_u | loss/token "
+             "| bits/char |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_name = {run.name: run for run in plan}
     for p in sorted(finals, key=lambda p: (p["N_nv"], p["budget"], p["V"], p.get("seed", 0))):
         run = by_name[p["name"]]
         exact = training_flops(run.group.model_config(run.vocab_size, config.data.seq_len), config.data.seq_len,
                                p["D"])
         lines.append(f"| {p['name']} | {p['N_nv']:,} | {p['V']} | {p['budget']:.2e} | {p['C']:.2e} | {exact:.2e} | "
-                     f"{run.steps} | {p['L_u']:.4f} | {p['loss']:.4f} | {p['bpc']:.4f} |")
+                     f"{run.steps} | {p['epochs']:.2f} | {p['L_u']:.4f} | {p['loss']:.4f} | {p['bpc']:.4f} |")
     lines += ["", "![IsoFLOP curves](isoflop.png)", "", "## Best vocabulary per group and budget", "",
               "Seeds averaged.", "", "| group | budget C | best V by L_u | best V by bits/char |",
               "|---|---:|---:|---:|"]
@@ -237,6 +238,16 @@ def _run_lines(config: ml_collections.ConfigDict, plan: Sequence[PlannedRun], fi
             lines.append(f"| {group} | {budget:.2e} | {min(same, key=lambda p: p['L_u'])['V']} | "
                          f"{min(same, key=lambda p: p['bpc'])['V']} |")
     return lines
+
+
+def _repetition_line(finals: list[dict[str, Any]]) -> str:
+    """How often the runs of each budget saw the training text: repeats are what a small corpus adds."""
+    by_budget: dict[float, list[float]] = {}
+    for p in finals:
+        by_budget.setdefault(p["budget"], []).append(p["epochs"])
+    spans = [f"{min(e):.2f}-{max(e):.2f} at C = {budget:.2e}" for budget, e in sorted(by_budget.items())]
+    return ("- Passes over the training split (the runs table's epochs): " + "; ".join(spans) + ". A run above 1 "
+            "repeats text, which a larger budget gets less from than from new text; the paper's runs do not repeat.")
 
 
 def _constant_lines(fits: Fits, coefficients_name: str) -> list[str]:
@@ -288,5 +299,5 @@ def _scale_lines(finals: list[dict[str, Any]], fits: Fits) -> list[str]:
             "of text, so our fitted constants are not expected to match the paper's, and extrapolating them to "
             "billions of parameters is not meaningful. What this scale can test is the shape: whether, at a fixed "
             "budget, L_u has an interior optimum in V, and whether that optimum moves up with the budget.",
-            f"- Observed here: {_shape_summary(claims.seed_means(finals))}",
+            f"- Observed here: {_shape_summary(claims.seed_means(finals))}", _repetition_line(finals),
             f"- Fitted: {', '.join(fits.fitted) or 'nothing'}; failures are listed above with the reason."]

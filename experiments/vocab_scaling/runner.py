@@ -28,8 +28,9 @@ from vocab_scaling.sweep import ModelGroup, PlannedRun, isoflop_points, plan_swe
 from vocab_scaling.tokenization_curve import PAPER_F, FCurve, fit_tokens_per_char, measure_tokens_per_char
 from vocab_scaling.unigram_loss import unigram_distribution
 
-POINT_COLUMNS = ["name", "group", "N_nv", "V", "d", "N_v", "budget", "seed", "step", "C", "H", "D", "L_u", "loss",
-                 "bpc", "final"]
+# epochs: characters trained so far / characters of the training split (above 1, the run has repeated text)
+POINT_COLUMNS = ["name", "group", "N_nv", "V", "d", "N_v", "budget", "seed", "step", "C", "H", "D", "epochs", "L_u",
+                 "loss", "bpc", "final"]
 
 
 def parse_groups(specs: Sequence[Mapping[str, Any] | Sequence[Any]]) -> list[ModelGroup]:
@@ -115,6 +116,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     budgets = sorted(float(c) for c in config.sweep.budgets)
     source = get_text_source(config.data.source, data_dir=config.data.data_dir or None)
     train_texts, validation_texts = source.split("train"), source.split("validation")
+    train_chars = sum(len(train_texts[i]) for i in range(len(train_texts)))
 
     print(f"training {len(vocab_sizes)} tokenizers (cached) and measuring f(V)", flush=True)
     tokenizers = vocabulary_tokenizers(config, vocab_sizes, train_texts)
@@ -137,7 +139,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         rows = train_run(config, planned, workdir / "runs" / planned.name, log_p)
         run_points = isoflop_points(rows, planned.n_nv, planned.vocab_size, planned.group.d_model, f_curve)
         for i, point in enumerate(run_points):
-            points.append({**planned.as_row(), **point, "N_v": planned.n_v, "final": int(i == len(run_points) - 1)})
+            points.append({**planned.as_row(), **point, "N_v": planned.n_v, "epochs": point["H"] / train_chars,
+                           "final": int(i == len(run_points) - 1)})
     if not is_main_process():
         return workdir / "REPORT.md"  # written by process 0
     write_points(workdir / "results.csv", points)
